@@ -1,0 +1,358 @@
+"""Shoal's runtime configuration: frozen dataclasses the proxy runs on.
+
+Built from Envoy v3 protos by :mod:`shoal.config.envoy` (static bootstrap and xDS share
+that one path). Everything here is already validated and compiled (regexes compiled,
+durations in seconds, names lower-cased) so the hot path never re-parses anything.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+Seconds = float
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAddress:
+    host: str
+    port: int
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+
+
+# --- matching -------------------------------------------------------------------------
+
+StringMatchKind = Literal["exact", "prefix", "suffix", "contains", "regex", "present"]
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """One string test; ``regex`` is compiled once (full match, as Envoy's safe_regex)."""
+
+    kind: StringMatchKind
+    value: str = ""
+    ignore_case: bool = False
+    regex: re.Pattern[str] | None = None
+
+    def matches(self, candidate: str) -> bool:
+        kind = self.kind
+        if kind == "present":
+            return True
+        if kind == "regex":
+            assert self.regex is not None
+            return self.regex.fullmatch(candidate) is not None
+        value = self.value
+        if self.ignore_case:
+            candidate = candidate.lower()
+            value = value.lower()
+        if kind == "exact":
+            return candidate == value
+        if kind == "prefix":
+            return candidate.startswith(value)
+        if kind == "suffix":
+            return candidate.endswith(value)
+        return value in candidate
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatcher:
+    """Envoy HeaderMatcher: ``name`` lower-cased; ``match`` None means present_match."""
+
+    name: str
+    match: StringMatch
+    invert: bool = False
+    present: bool = True  # for present_match: false means "must be absent"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParameterMatcher:
+    name: str
+    match: StringMatch  # kind "present" for present_match
+
+
+PathMatchKind = Literal["prefix", "path", "regex"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    kind: PathMatchKind
+    value: str = ""
+    regex: re.Pattern[str] | None = None
+    case_sensitive: bool = True
+    headers: tuple[HeaderMatcher, ...] = ()
+    query_parameters: tuple[QueryParameterMatcher, ...] = ()
+
+
+# --- route actions ----------------------------------------------------------------------
+
+AppendAction = Literal[
+    "append_if_exists_or_add", "add_if_absent", "overwrite_if_exists_or_add", "overwrite_if_exists"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderValueOption:
+    """A header to add; ``key`` lower-cased."""
+
+    key: str
+    value: str
+    action: AppendAction = "append_if_exists_or_add"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMutations:
+    request_add: tuple[HeaderValueOption, ...] = ()
+    request_remove: frozenset[str] = frozenset()
+    response_add: tuple[HeaderValueOption, ...] = ()
+    response_remove: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.request_add or self.request_remove or self.response_add or self.response_remove
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    name: str
+    weight: int
+    headers: HeaderMutations = HeaderMutations()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Envoy retry policy. ``retry_on`` holds Envoy's condition names."""
+
+    retry_on: frozenset[str]
+    num_retries: int = 1
+    per_try_timeout: Seconds | None = None
+    retriable_status_codes: frozenset[int] = frozenset()
+    base_interval: Seconds = 0.025
+    max_interval: Seconds = 0.25
+    retry_other_host: bool = False  # retry_host_predicate: previous_hosts
+    host_selection_retry_max_attempts: int = 1
+
+
+HashPolicyKind = Literal["header", "cookie", "source_ip", "query_parameter"]
+
+
+@dataclass(frozen=True, slots=True)
+class HashPolicy:
+    kind: HashPolicyKind
+    name: str = ""  # header name (lower-cased), cookie or query parameter name
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAction:
+    cluster: str = ""
+    weighted_clusters: tuple[WeightedCluster, ...] = ()
+    total_weight: int = 0
+    prefix_rewrite: str | None = None
+    regex_rewrite: tuple[re.Pattern[str], str] | None = None
+    host_rewrite_literal: str | None = None
+    auto_host_rewrite: bool = False
+    timeout: Seconds = 15.0  # 0 disables
+    idle_timeout: Seconds | None = None
+    max_stream_duration: Seconds | None = None
+    retry_policy: RetryPolicy | None = None
+    hash_policy: tuple[HashPolicy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    prefix_rewrite: str | None = None
+    status: int = 301
+    strip_query: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Exactly one of ``action``, ``direct_response`` and ``redirect`` is set."""
+
+    match: RouteMatch
+    name: str = ""
+    action: RouteAction | None = None
+    direct_response: DirectResponse | None = None
+    redirect: Redirect | None = None
+    headers: HeaderMutations = HeaderMutations()
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]  # lower-cased, as configured (wildcards "*", "*.x", "x.*")
+    routes: tuple[Route, ...]
+    headers: HeaderMutations = HeaderMutations()
+    retry_policy: RetryPolicy | None = None
+    hash_policy: tuple[HashPolicy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfiguration:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+    headers: HeaderMutations = HeaderMutations()
+
+
+# --- listeners ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    """File access log; ``text_format`` uses Envoy's command operators, ``json_format`` maps
+    keys to format strings; neither set means Envoy's default text format."""
+
+    path: str
+    text_format: str | None = None
+    json_format: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConnectionManager:
+    stat_prefix: str
+    route_config: RouteConfiguration
+    access_logs: tuple[AccessLog, ...] = ()
+    idle_timeout: Seconds | None = 3600.0
+    request_timeout: Seconds | None = None
+    request_headers_timeout: Seconds | None = None
+    stream_idle_timeout: Seconds | None = 300.0
+    max_stream_duration: Seconds | None = None
+    max_request_headers_kb: int = 60
+    max_request_bytes: int | None = None  # from envoy.filters.http.buffer; 413 beyond
+    use_remote_address: bool = False
+    xff_num_trusted_hops: int = 0
+    skip_xff_append: bool = False
+    generate_request_id: bool = True
+    server_name: str = "envoy"
+    strip_matching_host_port: bool = False
+    upgrade_types: frozenset[str] = frozenset()  # lower-cased, e.g. {"websocket"}
+    drain_timeout: Seconds = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TcpProxy:
+    stat_prefix: str
+    cluster: str = ""
+    weighted_clusters: tuple[WeightedCluster, ...] = ()
+    idle_timeout: Seconds | None = 3600.0
+    access_logs: tuple[AccessLog, ...] = ()
+    max_connect_attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    address: SocketAddress
+    filter: HttpConnectionManager | TcpProxy
+    per_connection_buffer_limit_bytes: int = 1024 * 1024
+
+
+# --- clusters --------------------------------------------------------------------------------
+
+
+class LbPolicy(Enum):
+    ROUND_ROBIN = "ROUND_ROBIN"
+    LEAST_REQUEST = "LEAST_REQUEST"
+    RANDOM = "RANDOM"
+    RING_HASH = "RING_HASH"
+    MAGLEV = "MAGLEV"
+
+
+class DiscoveryType(Enum):
+    STATIC = "STATIC"
+    STRICT_DNS = "STRICT_DNS"
+    LOGICAL_DNS = "LOGICAL_DNS"
+    EDS = "EDS"
+
+
+@dataclass(frozen=True, slots=True)
+class Locality:
+    region: str = ""
+    zone: str = ""
+    sub_zone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: SocketAddress
+    weight: int = 1
+    priority: int = 0
+    locality: Locality = Locality()
+    locality_weight: int = 0  # 0: not set
+    healthy: bool = True  # health_status from load_assignment (UNHEALTHY/DRAINING → False)
+    hostname: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerThresholds:
+    """Envoy defaults."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    type: DiscoveryType = DiscoveryType.STATIC
+    endpoints: tuple[Endpoint, ...] = ()
+    connect_timeout: Seconds = 5.0
+    lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+    circuit_breakers: CircuitBreakerThresholds = CircuitBreakerThresholds()
+    high_priority_breakers: CircuitBreakerThresholds = CircuitBreakerThresholds()
+    dns_refresh_rate: Seconds = 5.0
+    dns_lookup_family: Literal["auto", "v4_only", "v6_only", "v4_preferred", "all"] = "auto"
+    ring_hash_min_size: int = 1024
+    ring_hash_max_size: int = 8 * 1024 * 1024
+    maglev_table_size: int = 65537
+    least_request_choice_count: int = 2
+    per_connection_buffer_limit_bytes: int = 1024 * 1024
+    idle_timeout: Seconds | None = 3600.0  # upstream connection idle timeout
+    max_requests_per_connection: int | None = None
+    overprovisioning_factor: int = 140  # percent, as Envoy's default
+
+
+# --- bootstrap ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    address: SocketAddress
+    access_log_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    id: str = ""
+    cluster: str = ""
+    metadata: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Bootstrap:
+    listeners: tuple[Listener, ...] = ()
+    clusters: tuple[Cluster, ...] = ()
+    admin: Admin | None = None
+    node: Node = Node()
+    source: str = ""  # file the config came from, for error messages and config_dump
