@@ -1,0 +1,175 @@
+"""Envoy v3 configuration → :mod:`shoal.config.model`.
+
+The static bootstrap (YAML/JSON) and, later, xDS resources go through this one path: the
+input is parsed into the real Envoy protos (``xds-protos``), every set field is checked
+against the table in :mod:`shoal.config.envoy_check` so that nothing which would change
+behaviour is silently ignored, and then the protos are translated into frozen,
+pre-compiled model objects. Every error is a :class:`ConfigError` naming the source and
+the dotted field path. The supported subset is documented in ``docs/config.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from shoal.config.envoy_check import check
+from shoal.config.envoy_clusters import build_cluster
+from shoal.config.envoy_fields import Ctx, socket_address, unique
+from shoal.config.envoy_listeners import access_logs, build_listener
+from shoal.config.envoy_routes import build_route_configuration
+from shoal.config.model import (
+    Admin,
+    Bootstrap,
+    Cluster,
+    Listener,
+    Node,
+    RouteConfiguration,
+)
+from shoal.errors import ConfigError
+
+__all__ = [
+    "bootstrap_from_dict",
+    "load_bootstrap",
+    "translate_cluster",
+    "translate_listener",
+    "translate_route_configuration",
+]
+
+
+def load_bootstrap(path: str) -> Bootstrap:
+    """Read an Envoy v3 bootstrap file (.yaml, .yml or .json) into the runtime model."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError("expected a .yaml, .yml or .json file", source=path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file: {exc}", source=path) from exc
+    try:
+        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        kind = "JSON" if suffix == ".json" else "YAML"
+        raise ConfigError(f"invalid {kind}: {exc}", source=path) from exc
+    if not isinstance(data, dict):
+        raise ConfigError("the bootstrap must be a mapping", source=path)
+    return bootstrap_from_dict(data, source=path)
+
+
+def bootstrap_from_dict(data: dict[str, Any], source: str = "<dict>") -> Bootstrap:
+    """Translate an already-loaded bootstrap (YAML/JSON shape, snake or camel case)."""
+    proto = bootstrap_pb2.Bootstrap()
+    try:
+        json_format.ParseDict(data, proto)
+    except json_format.ParseError as exc:
+        raise _parse_error(exc, source) from exc
+    except (KeyError, TypeError, ValueError) as exc:  # protobuf does not wrap every case
+        raise ConfigError(f"cannot parse the config: {exc!r}", source=source) from exc
+    ctx = Ctx(source, "")
+    check(proto, ctx)
+    return _bootstrap(proto, ctx)
+
+
+def translate_listener(
+    proto: Message, source: str = "", field: str = "", *, clusters: Iterable[str] | None = None
+) -> Listener:
+    """An Envoy Listener (bootstrap or LDS); ``clusters``, if given, are the names routes
+    may refer to (Envoy checks inline route configs against the cluster manager)."""
+    ctx = Ctx(source, field, None if clusters is None else frozenset(clusters))
+    check(proto, ctx)
+    return build_listener(proto, ctx)
+
+
+def translate_cluster(proto: Message, source: str = "", field: str = "") -> Cluster:
+    """An Envoy Cluster (bootstrap or CDS)."""
+    ctx = Ctx(source, field)
+    check(proto, ctx)
+    return build_cluster(proto, ctx)
+
+
+def translate_route_configuration(
+    proto: Message, source: str = "", field: str = ""
+) -> RouteConfiguration:
+    """An Envoy RouteConfiguration (RDS; like Envoy, cluster names are not checked here)."""
+    ctx = Ctx(source, field)
+    check(proto, ctx)
+    return build_route_configuration(proto, ctx)
+
+
+_PARSE_PREFIX = re.compile(r"Failed to parse (\S+) field: ")
+_PARSE_AT = re.compile(r'\.? at "?\w+(?:\.(?P<path>[^"\s]*?))?"?\.*$')
+
+
+def _parse_error(exc: json_format.ParseError, source: str) -> ConfigError:
+    """Turn protobuf's nested "Failed to parse x field: ... at Bootstrap.a[0].b" message into
+    a reason and a dotted field path."""
+    text = str(exc).split("\n", 1)[0]
+    field = ".".join(_PARSE_PREFIX.findall(text))  # fallback path, without list indexes
+    reason = _PARSE_PREFIX.sub("", text)
+    located = _PARSE_AT.search(reason)
+    if located:
+        field = located["path"] or ""
+        reason = reason[: located.start()]
+    reason = reason.rstrip(".")
+    if unknown := re.search(r'has no field named "([^"]+)"', reason):
+        field = f"{field}.{unknown[1]}" if field else unknown[1]
+        reason = "unknown field (not in the Envoy v3 API)"
+    elif type_url := re.search(r"Can not find message descriptor by type_url: (\S+)", reason):
+        reason = f"unsupported extension type {type_url[1].rsplit('/', 1)[-1]}"
+    return ConfigError(reason, field=field, source=source)
+
+
+def _bootstrap(proto: Message, ctx: Ctx) -> Bootstrap:
+    """Clusters first, so that routes and TCP proxies can be checked against their names."""
+    static_ctx = ctx.at("static_resources")
+    clusters_ctx = static_ctx.at("clusters")
+    clusters = tuple(
+        build_cluster(c, clusters_ctx.at(i)) for i, c in enumerate(proto.static_resources.clusters)
+    )
+    unique((c.name for c in clusters), clusters_ctx, "name", "cluster name")
+    listeners_ctx = replace(
+        static_ctx.at("listeners"), clusters=frozenset(c.name for c in clusters)
+    )
+    listeners = tuple(
+        build_listener(item, listeners_ctx.at(i))
+        for i, item in enumerate(proto.static_resources.listeners)
+    )
+    unique((item.name for item in listeners), listeners_ctx, "name", "listener name")
+    unique(
+        (str(item.address) if item.address.port else "" for item in listeners),
+        listeners_ctx,
+        "address",
+        "listener address",
+    )
+    node = proto.node
+    return Bootstrap(
+        listeners=listeners,
+        clusters=clusters,
+        admin=_admin(proto.admin, ctx.at("admin")),
+        node=Node(
+            id=str(node.id),
+            cluster=str(node.cluster),
+            metadata=dict(json_format.MessageToDict(node.metadata)),
+        ),
+        source=ctx.source,
+    )
+
+
+def _admin(admin: Message, ctx: Ctx) -> Admin | None:
+    """No admin address means no admin listener, as in Envoy; the first file log is used."""
+    if not admin.HasField("address"):
+        return None
+    logs = access_logs(admin.access_log, ctx.at("access_log"))
+    return Admin(
+        address=socket_address(admin.address, ctx.at("address")),
+        access_log_path=str(admin.access_log_path) or (logs[0].path if logs else None),
+    )

@@ -1,0 +1,223 @@
+"""The strictness rule: every set field must be one shoal implements.
+
+Internal to :mod:`shoal.config.envoy`. One table lists, per Envoy message, the fields shoal
+implements (or safely ignores, like names and stat prefixes); :func:`check` walks a parsed
+message, including every ``typed_config``, and raises for anything else, so a config never
+means more than shoal does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf.message import Message
+
+from shoal.config.envoy_fields import NOT_YET, Ctx, unpack
+
+_ANY = "google.protobuf.Any"
+
+# Message full name → the fields shoal implements (or safely ignores: names, stat prefixes).
+# A set field missing here is an error, so a config never means more than shoal does.
+# Messages not listed accept no fields at all; google.protobuf.* values are leaves.
+_SUPPORTED: dict[str, frozenset[str]] = {
+    name: frozenset(fields.split())
+    for name, fields in {
+        "envoy.config.bootstrap.v3.Bootstrap": "node static_resources admin",
+        "envoy.config.bootstrap.v3.Bootstrap.StaticResources": "listeners clusters",
+        "envoy.config.bootstrap.v3.Admin": "address access_log access_log_path",
+        "envoy.config.core.v3.Node": (
+            "id cluster metadata locality user_agent_name user_agent_version"
+        ),
+        "envoy.config.core.v3.Locality": "region zone sub_zone",
+        "envoy.config.core.v3.Address": "socket_address",
+        "envoy.config.core.v3.SocketAddress": "address port_value",
+        "envoy.config.core.v3.DataSource": "inline_string inline_bytes",
+        "envoy.config.core.v3.HeaderValueOption": "header append append_action",
+        "envoy.config.core.v3.HeaderValue": "key value",
+        "envoy.config.core.v3.SubstitutionFormatString": (
+            "text_format text_format_source json_format"
+        ),
+        "envoy.config.accesslog.v3.AccessLog": "name typed_config",
+        "envoy.extensions.access_loggers.file.v3.FileAccessLog": (
+            "path format json_format log_format"
+        ),
+        # listeners
+        "envoy.config.listener.v3.Listener": (
+            "name address stat_prefix filter_chains per_connection_buffer_limit_bytes"
+        ),
+        "envoy.config.listener.v3.FilterChain": "name filters",
+        "envoy.config.listener.v3.Filter": "name typed_config",
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager": (
+            "codec_type stat_prefix route_config http_filters common_http_protocol_options"
+            " server_name max_request_headers_kb stream_idle_timeout request_timeout"
+            " request_headers_timeout drain_timeout access_log use_remote_address"
+            " xff_num_trusted_hops skip_xff_append generate_request_id"
+            " strip_matching_host_port upgrade_configs"
+        ),
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter": (
+            "name typed_config"
+        ),
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+        ".UpgradeConfig": "upgrade_type enabled",
+        "envoy.extensions.filters.http.router.v3.Router": "dynamic_stats start_child_span",
+        "envoy.extensions.filters.http.buffer.v3.Buffer": "max_request_bytes",
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": (
+            "stat_prefix cluster weighted_clusters idle_timeout access_log max_connect_attempts"
+        ),
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster": "clusters",
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight": (
+            "name weight"
+        ),
+        # routes
+        "envoy.config.route.v3.RouteConfiguration": (
+            "name virtual_hosts request_headers_to_add request_headers_to_remove"
+            " response_headers_to_add response_headers_to_remove"
+        ),
+        "envoy.config.route.v3.VirtualHost": (
+            "name domains routes retry_policy request_headers_to_add request_headers_to_remove"
+            " response_headers_to_add response_headers_to_remove"
+        ),
+        "envoy.config.route.v3.Route": (
+            "name match route redirect direct_response request_headers_to_add"
+            " request_headers_to_remove response_headers_to_add response_headers_to_remove"
+        ),
+        "envoy.config.route.v3.RouteMatch": (
+            "prefix path safe_regex case_sensitive headers query_parameters"
+        ),
+        "envoy.config.route.v3.HeaderMatcher": (
+            "name exact_match prefix_match suffix_match contains_match safe_regex_match"
+            " present_match string_match invert_match"
+        ),
+        "envoy.config.route.v3.QueryParameterMatcher": "name string_match present_match",
+        "envoy.type.matcher.v3.StringMatcher": (
+            "exact prefix suffix contains safe_regex ignore_case"
+        ),
+        "envoy.type.matcher.v3.RegexMatcher": "regex google_re2",
+        "envoy.type.matcher.v3.RegexMatcher.GoogleRE2": "max_program_size",
+        "envoy.type.matcher.v3.RegexMatchAndSubstitute": "pattern substitution",
+        "envoy.config.route.v3.RouteAction": (
+            "cluster weighted_clusters prefix_rewrite regex_rewrite host_rewrite_literal"
+            " auto_host_rewrite timeout idle_timeout max_stream_duration retry_policy hash_policy"
+        ),
+        "envoy.config.route.v3.RouteAction.MaxStreamDuration": "max_stream_duration",
+        "envoy.config.route.v3.WeightedCluster": "clusters total_weight",
+        "envoy.config.route.v3.WeightedCluster.ClusterWeight": (
+            "name weight request_headers_to_add request_headers_to_remove"
+            " response_headers_to_add response_headers_to_remove"
+        ),
+        "envoy.config.route.v3.RetryPolicy": (
+            "retry_on num_retries per_try_timeout retriable_status_codes retry_back_off"
+            " retry_host_predicate host_selection_retry_max_attempts"
+        ),
+        "envoy.config.route.v3.RetryPolicy.RetryBackOff": "base_interval max_interval",
+        "envoy.config.route.v3.RetryPolicy.RetryHostPredicate": "name typed_config",
+        "envoy.config.route.v3.RouteAction.HashPolicy": (
+            "header cookie connection_properties query_parameter terminal"
+        ),
+        "envoy.config.route.v3.RouteAction.HashPolicy.Header": "header_name",
+        "envoy.config.route.v3.RouteAction.HashPolicy.Cookie": "name",
+        "envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties": "source_ip",
+        "envoy.config.route.v3.RouteAction.HashPolicy.QueryParameter": "name",
+        "envoy.config.route.v3.DirectResponseAction": "status body",
+        "envoy.config.route.v3.RedirectAction": (
+            "scheme_redirect https_redirect host_redirect port_redirect path_redirect"
+            " prefix_rewrite response_code strip_query"
+        ),
+        # clusters
+        "envoy.config.cluster.v3.Cluster": (
+            "name alt_stat_name type connect_timeout lb_policy ring_hash_lb_config"
+            " maglev_lb_config least_request_lb_config load_assignment circuit_breakers"
+            " dns_refresh_rate dns_lookup_family per_connection_buffer_limit_bytes"
+            " typed_extension_protocol_options max_requests_per_connection common_lb_config"
+        ),
+        "envoy.config.cluster.v3.Cluster.RingHashLbConfig": "minimum_ring_size maximum_ring_size",
+        "envoy.config.cluster.v3.Cluster.MaglevLbConfig": "table_size",
+        "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig": "choice_count",
+        "envoy.config.cluster.v3.CircuitBreakers": "thresholds",
+        "envoy.config.cluster.v3.CircuitBreakers.Thresholds": (
+            "priority max_connections max_pending_requests max_requests max_retries track_remaining"
+        ),
+        "envoy.config.endpoint.v3.ClusterLoadAssignment": "cluster_name endpoints policy",
+        "envoy.config.endpoint.v3.ClusterLoadAssignment.Policy": "overprovisioning_factor",
+        "envoy.config.endpoint.v3.LocalityLbEndpoints": (
+            "locality lb_endpoints load_balancing_weight priority"
+        ),
+        "envoy.config.endpoint.v3.LbEndpoint": "endpoint health_status load_balancing_weight",
+        "envoy.config.endpoint.v3.Endpoint": "address hostname",
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": (
+            "common_http_protocol_options explicit_http_config"
+        ),
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig": (
+            "http_protocol_options"
+        ),
+    }.items()
+}
+
+# Where one message type means different things in different places: (parent, field) → fields.
+_SUPPORTED_AT: dict[tuple[str, str], frozenset[str]] = {
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "common_http_protocol_options",
+    ): frozenset({"idle_timeout", "max_stream_duration"}),
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "common_http_protocol_options",
+    ): frozenset({"idle_timeout", "max_requests_per_connection"}),
+}
+
+# Better reasons than "field not supported by shoal" for fields people often set.
+_WHY_NOT: dict[tuple[str, str], str] = {
+    ("envoy.config.bootstrap.v3.Bootstrap", "dynamic_resources"): "dynamic resources need xDS",
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "rds",
+    ): "rds needs xDS; use an inline route_config",
+    (
+        "envoy.config.listener.v3.FilterChain",
+        "filter_chain_match",
+    ): f"filter chain match {NOT_YET}",
+    ("envoy.config.listener.v3.FilterChain", "transport_socket"): f"TLS {NOT_YET}",
+    ("envoy.config.cluster.v3.Cluster", "transport_socket"): f"TLS {NOT_YET}",
+    ("envoy.config.cluster.v3.Cluster", "eds_cluster_config"): "EDS needs xDS",
+    ("envoy.config.cluster.v3.Cluster", "health_checks"): f"active health checking {NOT_YET}",
+    ("envoy.config.cluster.v3.Cluster", "outlier_detection"): f"outlier detection {NOT_YET}",
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
+        "http2_protocol_options",
+    ): "HTTP/2 upstreams not yet supported",
+}
+
+
+def check(msg: Message, ctx: Ctx, allowed: frozenset[str] | None = None) -> None:
+    """Raise for the first set field shoal does not implement, walking every sub-message and
+    every typed_config, so that no behaviour-changing setting is silently dropped."""
+    name = msg.DESCRIPTOR.full_name
+    if allowed is None:
+        allowed = _SUPPORTED.get(name, frozenset())
+    for fd, value in msg.ListFields():
+        if fd.name not in allowed:
+            reason = _WHY_NOT.get((name, fd.name), "field not supported by shoal")
+            raise ctx.at(fd.name).error(reason)
+        if fd.message_type is None:
+            continue
+        for child, where in _children(fd, value, ctx):
+            child_name = child.DESCRIPTOR.full_name
+            if child_name == _ANY:
+                check(unpack(child, where), where)
+            elif not child_name.startswith("google.protobuf."):
+                check(child, where, _SUPPORTED_AT.get((name, fd.name)))
+
+
+def _children(fd: Any, value: Any, ctx: Ctx) -> Iterator[tuple[Message, Ctx]]:
+    """The sub-messages held by one set field (singular, repeated or map), with paths."""
+    entry = fd.message_type
+    if entry.GetOptions().map_entry:
+        if entry.fields_by_name["value"].message_type is not None:
+            for key, item in value.items():
+                yield item, ctx.at(f"{fd.name}[{key}]")
+    elif fd.is_repeated:
+        for index, item in enumerate(value):
+            yield item, ctx.at(fd.name, index)
+    else:
+        yield value, ctx.at(fd.name)

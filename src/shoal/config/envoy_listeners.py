@@ -1,0 +1,197 @@
+"""Envoy Listener (HTTP connection manager or TCP proxy) → :class:`shoal.config.model.Listener`.
+
+Internal to :mod:`shoal.config.envoy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf.message import Message
+
+from shoal.config.envoy_fields import (
+    Ctx,
+    choice,
+    cluster_ref,
+    data_source,
+    flag,
+    required,
+    seconds,
+    socket_address,
+    timeout,
+    total_weight,
+    typed_config,
+    uint,
+)
+from shoal.config.envoy_routes import build_route_configuration
+from shoal.config.model import (
+    AccessLog,
+    HttpConnectionManager,
+    Listener,
+    TcpProxy,
+    WeightedCluster,
+)
+
+_CODEC_TYPES = {
+    hcm_pb2.HttpConnectionManager.AUTO: "auto",
+    hcm_pb2.HttpConnectionManager.HTTP1: "http1",
+}
+
+
+def access_logs(logs: Iterable[Message], ctx: Ctx) -> tuple[AccessLog, ...]:
+    return tuple(
+        _file_access_log(
+            typed_config(log, ctx.at(i), file_pb2.FileAccessLog), ctx.at(i, "typed_config")
+        )
+        for i, log in enumerate(logs)
+    )
+
+
+def _file_access_log(log: Message, ctx: Ctx) -> AccessLog:
+    """Neither format set means Envoy's default text format (both left None)."""
+    path = required(str(log.path), ctx.at("path"), "path")
+    kind = log.WhichOneof("access_log_format")
+    if kind == "format":
+        return AccessLog(path, text_format=str(log.format))
+    if kind == "json_format":
+        return AccessLog(path, json_format=_json_format(log.json_format, ctx.at(kind)))
+    if kind is None:
+        return AccessLog(path)
+    fmt = log.log_format
+    ctx = ctx.at("log_format")
+    which = fmt.WhichOneof("format")
+    if which == "text_format":
+        return AccessLog(path, text_format=str(fmt.text_format))
+    if which == "text_format_source":
+        return AccessLog(path, text_format=data_source(fmt.text_format_source).decode())
+    if which == "json_format":
+        return AccessLog(path, json_format=_json_format(fmt.json_format, ctx.at(which)))
+    raise ctx.error("one of text_format, text_format_source or json_format is required")
+
+
+def _json_format(struct: Message, ctx: Ctx) -> tuple[tuple[str, str], ...]:
+    """Flat key → format string pairs, sorted by key (nested objects are not supported)."""
+    pairs = []
+    for key, value in sorted(struct.fields.items()):
+        if value.WhichOneof("kind") != "string_value":
+            raise ctx.at(key).error("only string values are supported in json_format")
+        pairs.append((str(key), str(value.string_value)))
+    return tuple(pairs)
+
+
+def build_listener(proto: Message, ctx: Ctx) -> Listener:
+    if not proto.HasField("address"):
+        raise ctx.at("address").error("address is required")
+    if len(proto.filter_chains) != 1:
+        raise ctx.at("filter_chains").error(
+            f"exactly one filter chain is supported, got {len(proto.filter_chains)}"
+        )
+    chain_ctx = ctx.at("filter_chains", 0)
+    filters = proto.filter_chains[0].filters
+    if len(filters) != 1:
+        raise chain_ctx.at("filters").error(
+            "exactly one network filter is supported (http_connection_manager or tcp_proxy)"
+        )
+    filter_ctx = chain_ctx.at("filters", 0)
+    config = typed_config(
+        filters[0], filter_ctx, hcm_pb2.HttpConnectionManager, tcp_proxy_pb2.TcpProxy
+    )
+    config_ctx = filter_ctx.at("typed_config")
+    return Listener(
+        name=str(proto.name),
+        address=socket_address(proto.address, ctx.at("address")),
+        filter=(
+            _http_connection_manager(config, config_ctx)
+            if isinstance(config, hcm_pb2.HttpConnectionManager)
+            else _tcp_proxy(config, config_ctx)
+        ),
+        per_connection_buffer_limit_bytes=uint(
+            proto, "per_connection_buffer_limit_bytes", 1024 * 1024, ctx
+        ),
+    )
+
+
+def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
+    choice(_CODEC_TYPES, hcm, "codec_type", ctx)
+    if not hcm.HasField("route_config"):
+        raise ctx.at("route_config").error("route_config is required (rds needs xDS)")
+    common = hcm.common_http_protocol_options
+    common_ctx = ctx.at("common_http_protocol_options")
+    return HttpConnectionManager(
+        stat_prefix=required(str(hcm.stat_prefix), ctx.at("stat_prefix"), "stat_prefix"),
+        route_config=build_route_configuration(hcm.route_config, ctx.at("route_config")),
+        access_logs=access_logs(hcm.access_log, ctx.at("access_log")),
+        idle_timeout=timeout(common, "idle_timeout", 3600.0, common_ctx),
+        request_timeout=timeout(hcm, "request_timeout", None, ctx),
+        request_headers_timeout=timeout(hcm, "request_headers_timeout", None, ctx),
+        stream_idle_timeout=timeout(hcm, "stream_idle_timeout", 300.0, ctx),
+        max_stream_duration=timeout(common, "max_stream_duration", None, common_ctx),
+        max_request_headers_kb=uint(hcm, "max_request_headers_kb", 60, ctx, lo=1, hi=8192),
+        max_request_bytes=_http_filters(hcm.http_filters, ctx.at("http_filters")),
+        use_remote_address=flag(hcm, "use_remote_address", False),
+        xff_num_trusted_hops=int(hcm.xff_num_trusted_hops),
+        skip_xff_append=bool(hcm.skip_xff_append),
+        generate_request_id=flag(hcm, "generate_request_id", True),
+        server_name=str(hcm.server_name) or "envoy",
+        strip_matching_host_port=bool(hcm.strip_matching_host_port),
+        upgrade_types=frozenset(
+            str(u.upgrade_type).lower() for u in hcm.upgrade_configs if flag(u, "enabled", True)
+        ),
+        drain_timeout=seconds(hcm, "drain_timeout", 5.0, ctx),
+    )
+
+
+def _http_filters(filters: Any, ctx: Ctx) -> int | None:
+    """Check the router is present and last; return the buffer filter's limit, if any."""
+    if not filters:
+        raise ctx.error("the router filter (envoy.filters.http.router) is required")
+    last = len(filters) - 1
+    max_request_bytes = None
+    for index, item in enumerate(filters):
+        here = ctx.at(index)
+        config = typed_config(item, here, router_pb2.Router, buffer_pb2.Buffer)
+        is_router = isinstance(config, router_pb2.Router)
+        if is_router and index != last:
+            raise here.error("the router filter must be the last HTTP filter")
+        if index == last and not is_router:
+            raise here.error("the last HTTP filter must be the router (envoy.filters.http.router)")
+        if isinstance(config, buffer_pb2.Buffer):
+            if max_request_bytes is not None:
+                raise here.error("the buffer filter is configured twice")
+            config_ctx = here.at("typed_config")
+            max_request_bytes = uint(config, "max_request_bytes", 0, config_ctx, lo=1)
+            if not max_request_bytes:
+                raise config_ctx.at("max_request_bytes").error("max_request_bytes is required")
+    return max_request_bytes
+
+
+def _tcp_proxy(proxy: Message, ctx: Ctx) -> TcpProxy:
+    kind = proxy.WhichOneof("cluster_specifier")
+    weighted: tuple[WeightedCluster, ...] = ()
+    if kind == "cluster":
+        cluster_ref(str(proxy.cluster), ctx.at("cluster"))
+    elif kind == "weighted_clusters":
+        clusters_ctx = ctx.at("weighted_clusters", "clusters")
+        weighted = tuple(
+            WeightedCluster(cluster_ref(str(c.name), clusters_ctx.at(i, "name")), int(c.weight))
+            for i, c in enumerate(proxy.weighted_clusters.clusters)
+        )
+        total_weight(weighted, clusters_ctx)
+    else:
+        raise ctx.error("one of cluster or weighted_clusters is required")
+    return TcpProxy(
+        stat_prefix=required(str(proxy.stat_prefix), ctx.at("stat_prefix"), "stat_prefix"),
+        cluster=str(proxy.cluster),
+        weighted_clusters=weighted,
+        idle_timeout=timeout(proxy, "idle_timeout", 3600.0, ctx),
+        access_logs=access_logs(proxy.access_log, ctx.at("access_log")),
+        max_connect_attempts=uint(proxy, "max_connect_attempts", 1, ctx, lo=1),
+    )

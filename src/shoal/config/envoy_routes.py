@@ -1,0 +1,353 @@
+"""Envoy RouteConfiguration → :class:`shoal.config.model.RouteConfiguration`.
+
+Internal to :mod:`shoal.config.envoy`. Regexes are compiled and header names lower-cased
+here, once per config version.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from google.protobuf.message import Message
+
+from shoal.config.envoy_fields import (
+    Ctx,
+    choice,
+    cluster_ref,
+    compile_regex,
+    data_source,
+    duration,
+    flag,
+    required,
+    seconds,
+    timeout,
+    total_weight,
+    typed_config,
+    uint,
+)
+from shoal.config.model import (
+    AppendAction,
+    DirectResponse,
+    HashPolicy,
+    HeaderMatcher,
+    HeaderMutations,
+    HeaderValueOption,
+    QueryParameterMatcher,
+    Redirect,
+    RetryPolicy,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    StringMatch,
+    VirtualHost,
+    WeightedCluster,
+)
+
+# x-envoy-retry-on and x-envoy-retry-grpc-on conditions
+_RETRY_ON = frozenset({
+    "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure",
+    "envoy-ratelimited", "retriable-4xx", "refused-stream", "retriable-status-codes",
+    "retriable-headers", "http3-post-connect-failure", "cancelled", "deadline-exceeded",
+    "internal", "resource-exhausted", "unavailable",
+})  # fmt: skip
+_APPEND_ACTIONS: dict[int, AppendAction] = {
+    base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD: "append_if_exists_or_add",
+    base_pb2.HeaderValueOption.ADD_IF_ABSENT: "add_if_absent",
+    base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD: "overwrite_if_exists_or_add",
+    base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS: "overwrite_if_exists",
+}
+_REDIRECT_CODES = {
+    route_components_pb2.RedirectAction.MOVED_PERMANENTLY: 301,
+    route_components_pb2.RedirectAction.FOUND: 302,
+    route_components_pb2.RedirectAction.SEE_OTHER: 303,
+    route_components_pb2.RedirectAction.TEMPORARY_REDIRECT: 307,
+    route_components_pb2.RedirectAction.PERMANENT_REDIRECT: 308,
+}
+_HEADER_MATCH_KINDS: dict[str, Literal["exact", "prefix", "suffix", "contains"]] = {
+    "exact_match": "exact",
+    "prefix_match": "prefix",
+    "suffix_match": "suffix",
+    "contains_match": "contains",
+}
+_PRESENT = StringMatch("present")
+
+
+def build_route_configuration(config: Message, ctx: Ctx) -> RouteConfiguration:
+    hosts_ctx = ctx.at("virtual_hosts")
+    hosts = tuple(_virtual_host(v, hosts_ctx.at(i)) for i, v in enumerate(config.virtual_hosts))
+    owner: dict[str, str] = {}
+    for index, host in enumerate(hosts):
+        for domain in host.domains:
+            if domain in owner:
+                raise hosts_ctx.at(index, "domains").error(
+                    f"domain {domain!r} is already used by virtual host {owner[domain]!r}"
+                )
+            owner[domain] = host.name
+    return RouteConfiguration(
+        name=str(config.name), virtual_hosts=hosts, headers=_header_mutations(config, ctx)
+    )
+
+
+def _virtual_host(host: Message, ctx: Ctx) -> VirtualHost:
+    if not host.domains:
+        raise ctx.at("domains").error("at least one domain is required")
+    routes_ctx = ctx.at("routes")
+    return VirtualHost(
+        name=required(str(host.name), ctx.at("name"), "name"),
+        domains=tuple(str(d).lower() for d in host.domains),
+        routes=tuple(_route(r, routes_ctx.at(i)) for i, r in enumerate(host.routes)),
+        headers=_header_mutations(host, ctx),
+        retry_policy=_retry_policy(host, ctx),
+    )
+
+
+def _route(route: Message, ctx: Ctx) -> Route:
+    if not route.HasField("match"):
+        raise ctx.at("match").error("match is required")
+    kind = route.WhichOneof("action")
+    if kind is None:
+        raise ctx.error("one of route, redirect or direct_response is required")
+    here = ctx.at(kind)
+    return Route(
+        match=_route_match(route.match, ctx.at("match")),
+        name=str(route.name),
+        action=_route_action(route.route, here) if kind == "route" else None,
+        direct_response=_direct_response(route.direct_response, here)
+        if kind == "direct_response"
+        else None,
+        redirect=_redirect(route.redirect, here) if kind == "redirect" else None,
+        headers=_header_mutations(route, ctx),
+    )
+
+
+def _route_match(match: Message, ctx: Ctx) -> RouteMatch:
+    kind = match.WhichOneof("path_specifier")
+    if kind is None:
+        raise ctx.error("one of prefix, path or safe_regex is required")
+    regex = compile_regex(match.safe_regex, ctx.at(kind)) if kind == "safe_regex" else None
+    return RouteMatch(
+        kind="regex" if regex else kind,
+        value=regex.pattern if regex else str(getattr(match, kind)),
+        regex=regex,
+        case_sensitive=flag(match, "case_sensitive", True),
+        headers=tuple(
+            _header_matcher(h, ctx.at("headers", i)) for i, h in enumerate(match.headers)
+        ),
+        query_parameters=tuple(
+            _query_parameter_matcher(q, ctx.at("query_parameters", i))
+            for i, q in enumerate(match.query_parameters)
+        ),
+    )
+
+
+def _header_matcher(matcher: Message, ctx: Ctx) -> HeaderMatcher:
+    """No match specifier means "header present", as in Envoy."""
+    name = required(str(matcher.name).lower(), ctx.at("name"), "name")
+    kind = matcher.WhichOneof("header_match_specifier")
+    invert = bool(matcher.invert_match)
+    if kind in _HEADER_MATCH_KINDS:
+        match = StringMatch(_HEADER_MATCH_KINDS[kind], str(getattr(matcher, kind)))
+    elif kind == "safe_regex_match":
+        regex = compile_regex(matcher.safe_regex_match, ctx.at(kind))
+        match = StringMatch("regex", regex.pattern, regex=regex)
+    elif kind == "string_match":
+        match = _string_match(matcher.string_match, ctx.at(kind))
+    else:
+        return HeaderMatcher(name, _PRESENT, invert, kind is None or bool(matcher.present_match))
+    return HeaderMatcher(name, match, invert)
+
+
+def _query_parameter_matcher(matcher: Message, ctx: Ctx) -> QueryParameterMatcher:
+    """Only a presence test or a string match; ``present_match: false`` (must be absent) is
+    not supported."""
+    name = required(str(matcher.name), ctx.at("name"), "name")
+    if matcher.HasField("string_match"):
+        return QueryParameterMatcher(
+            name, _string_match(matcher.string_match, ctx.at("string_match"))
+        )
+    if matcher.HasField("present_match") and not matcher.present_match:
+        raise ctx.at("present_match").error("present_match: false is not supported")
+    return QueryParameterMatcher(name, _PRESENT)
+
+
+def _string_match(matcher: Message, ctx: Ctx) -> StringMatch:
+    """Envoy ignores ``ignore_case`` for safe_regex; so does the model."""
+    kind = matcher.WhichOneof("match_pattern")
+    if kind is None:
+        raise ctx.error("one of exact, prefix, suffix, contains or safe_regex is required")
+    ignore_case = bool(matcher.ignore_case)
+    if kind == "safe_regex":
+        regex = compile_regex(matcher.safe_regex, ctx.at(kind))
+        return StringMatch("regex", regex.pattern, ignore_case, regex)
+    return StringMatch(kind, str(getattr(matcher, kind)), ignore_case)
+
+
+def _route_action(action: Message, ctx: Ctx) -> RouteAction:
+    kind = action.WhichOneof("cluster_specifier")
+    weighted: tuple[WeightedCluster, ...] = ()
+    total = 0
+    if kind == "cluster":
+        cluster_ref(str(action.cluster), ctx.at("cluster"))
+    elif kind == "weighted_clusters":
+        weighted, total = _weighted_clusters(action.weighted_clusters, ctx.at(kind))
+    else:
+        raise ctx.error("one of cluster or weighted_clusters is required")
+    if action.prefix_rewrite and action.HasField("regex_rewrite"):
+        raise ctx.at("regex_rewrite").error("prefix_rewrite and regex_rewrite are exclusive")
+    rewrite = action.regex_rewrite
+    max_stream = action.max_stream_duration
+    return RouteAction(
+        cluster=str(action.cluster),
+        weighted_clusters=weighted,
+        total_weight=total,
+        prefix_rewrite=str(action.prefix_rewrite) or None,
+        regex_rewrite=(
+            (
+                compile_regex(rewrite.pattern, ctx.at("regex_rewrite", "pattern")),
+                str(rewrite.substitution),
+            )
+            if action.HasField("regex_rewrite")
+            else None
+        ),
+        host_rewrite_literal=str(action.host_rewrite_literal) or None,
+        auto_host_rewrite=flag(action, "auto_host_rewrite", False),
+        timeout=seconds(action, "timeout", 15.0, ctx),
+        # None inherits the connection manager's value; 0 disables it for this route.
+        idle_timeout=duration(action, "idle_timeout", ctx),
+        max_stream_duration=duration(
+            max_stream, "max_stream_duration", ctx.at("max_stream_duration")
+        ),
+        retry_policy=_retry_policy(action, ctx),
+        hash_policy=tuple(
+            _hash_policy(p, ctx.at("hash_policy", i)) for i, p in enumerate(action.hash_policy)
+        ),
+    )
+
+
+def _weighted_clusters(config: Message, ctx: Ctx) -> tuple[tuple[WeightedCluster, ...], int]:
+    """The clusters and their weight sum; a deprecated total_weight must equal the sum."""
+    clusters_ctx = ctx.at("clusters")
+    clusters = tuple(
+        WeightedCluster(
+            name=cluster_ref(str(c.name), clusters_ctx.at(i, "name")),
+            weight=uint(c, "weight", 0, clusters_ctx.at(i)),
+            headers=_header_mutations(c, clusters_ctx.at(i)),
+        )
+        for i, c in enumerate(config.clusters)
+    )
+    total = total_weight(clusters, clusters_ctx)
+    if config.HasField("total_weight") and config.total_weight.value != total:
+        raise ctx.at("total_weight").error(
+            f"total_weight {config.total_weight.value} is not the sum of the weights ({total})"
+        )
+    return clusters, total
+
+
+def _retry_policy(owner: Message, ctx: Ctx) -> RetryPolicy | None:
+    if not owner.HasField("retry_policy"):
+        return None
+    policy = owner.retry_policy
+    ctx = ctx.at("retry_policy")
+    retry_on = frozenset(part.strip() for part in str(policy.retry_on).split(",") if part.strip())
+    if unknown := sorted(retry_on - _RETRY_ON):
+        raise ctx.at("retry_on").error(f"unknown retry condition(s): {', '.join(unknown)}")
+    for index, code in enumerate(policy.retriable_status_codes):
+        if not 100 <= code <= 599:
+            raise ctx.at("retriable_status_codes", index).error(f"{code} is not an HTTP status")
+    base, most = 0.025, 0.25
+    if policy.HasField("retry_back_off"):
+        back_off = policy.retry_back_off
+        back_off_ctx = ctx.at("retry_back_off")
+        if not back_off.HasField("base_interval"):
+            raise back_off_ctx.at("base_interval").error("base_interval is required")
+        base = seconds(back_off, "base_interval", 0.0, back_off_ctx, positive=True)
+        most = seconds(back_off, "max_interval", 10 * base, back_off_ctx, positive=True)
+        if most < base:
+            raise back_off_ctx.at("max_interval").error("max_interval is less than base_interval")
+    predicates_ctx = ctx.at("retry_host_predicate")
+    for index, predicate in enumerate(policy.retry_host_predicate):
+        typed_config(predicate, predicates_ctx.at(index), previous_hosts_pb2.PreviousHostsPredicate)
+    return RetryPolicy(
+        retry_on=retry_on,
+        num_retries=uint(policy, "num_retries", 1, ctx),
+        per_try_timeout=timeout(policy, "per_try_timeout", None, ctx),
+        retriable_status_codes=frozenset(int(c) for c in policy.retriable_status_codes),
+        base_interval=base,
+        max_interval=most,
+        retry_other_host=bool(policy.retry_host_predicate),
+        host_selection_retry_max_attempts=int(policy.host_selection_retry_max_attempts) or 1,
+    )
+
+
+def _hash_policy(policy: Message, ctx: Ctx) -> HashPolicy:
+    kind = policy.WhichOneof("policy_specifier")
+    terminal = bool(policy.terminal)
+    if kind == "connection_properties":
+        if not policy.connection_properties.source_ip:
+            raise ctx.at(kind, "source_ip").error("source_ip must be true")
+        return HashPolicy("source_ip", terminal=terminal)
+    if kind == "header":
+        name = str(policy.header.header_name).lower()
+        return HashPolicy(
+            "header", required(name, ctx.at(kind, "header_name"), "header_name"), terminal
+        )
+    if kind in ("cookie", "query_parameter"):
+        name = required(str(getattr(policy, kind).name), ctx.at(kind, "name"), "name")
+        return HashPolicy(kind, name, terminal)
+    raise ctx.error("one of header, cookie, connection_properties or query_parameter is required")
+
+
+def _direct_response(response: Message, ctx: Ctx) -> DirectResponse:
+    status = int(response.status)
+    if not 200 <= status <= 599:
+        raise ctx.at("status").error(f"status {status} is out of range [200, 599]")
+    return DirectResponse(status, data_source(response.body))
+
+
+def _redirect(redirect: Message, ctx: Ctx) -> Redirect:
+    scheme = str(redirect.scheme_redirect).lower() or ("https" if redirect.https_redirect else None)
+    port = int(redirect.port_redirect)
+    if port > 65535:
+        raise ctx.at("port_redirect").error(f"port {port} is out of range [1, 65535]")
+    path_kind = redirect.WhichOneof("path_rewrite_specifier")
+    return Redirect(
+        scheme=scheme,
+        host=str(redirect.host_redirect) or None,
+        port=port or None,
+        path=str(redirect.path_redirect) if path_kind == "path_redirect" else None,
+        prefix_rewrite=str(redirect.prefix_rewrite) if path_kind == "prefix_rewrite" else None,
+        status=choice(_REDIRECT_CODES, redirect, "response_code", ctx),
+        strip_query=bool(redirect.strip_query),
+    )
+
+
+def _header_mutations(owner: Message, ctx: Ctx) -> HeaderMutations:
+    """The four *_headers_to_add/remove fields shared by route config, vhost, route and
+    weighted cluster; header names are lower-cased."""
+    return HeaderMutations(
+        request_add=_headers_to_add(owner, "request_headers_to_add", ctx),
+        request_remove=frozenset(str(h).lower() for h in owner.request_headers_to_remove),
+        response_add=_headers_to_add(owner, "response_headers_to_add", ctx),
+        response_remove=frozenset(str(h).lower() for h in owner.response_headers_to_remove),
+    )
+
+
+def _headers_to_add(owner: Message, field: str, ctx: Ctx) -> tuple[HeaderValueOption, ...]:
+    """HeaderValueOption list; the deprecated ``append`` bool maps to append_action."""
+    options = []
+    for index, option in enumerate(getattr(owner, field)):
+        here = ctx.at(field, index)
+        key = required(str(option.header.key).lower(), here.at("header", "key"), "header key")
+        action = choice(_APPEND_ACTIONS, option, "append_action", here)
+        if option.HasField("append"):
+            if action != "append_if_exists_or_add":
+                raise here.at("append").error("append and append_action are exclusive")
+            action = (
+                "append_if_exists_or_add" if option.append.value else "overwrite_if_exists_or_add"
+            )
+        options.append(HeaderValueOption(key, str(option.header.value), action))
+    return tuple(options)

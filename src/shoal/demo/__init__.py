@@ -1,0 +1,1 @@
+"""The demo mesh and its sample service (also the upstream the test suite proxies to)."""

@@ -1,0 +1,279 @@
+"""Envoy-style stats: latency histograms, scrape snapshots, and their two renderings.
+
+Counters and gauges are plain ints on the objects that own them (the proxy does
+``cluster.stats.upstream_rq_2xx += 1``); only at scrape time are they gathered into a
+:class:`Snapshot` keyed by Envoy's dotted stat names.  The hot path touches this module
+only through :meth:`Histogram.record`, one ``bisect`` and two additions.
+
+Worker processes send snapshots over a pipe (:meth:`Snapshot.to_json`) and the admin
+process sums them with :func:`merge`, then renders Envoy's ``/stats`` text
+(:func:`render_text`) or ``/stats/prometheus`` (:func:`render_prometheus`, with Envoy's
+tag extraction so dashboards built for Envoy work unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import pairwise
+from typing import Any
+
+# Envoy's default histogram bucket upper bounds, in milliseconds.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+)  # fmt: skip
+
+# The quantiles of Envoy's /stats summary line (P0 ... P100).
+QUANTILES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
+
+
+class Histogram:
+    """Counts per bucket (``le`` semantics, plus an overflow bucket), and the sum.
+
+    Cumulative since start, as Envoy's Prometheus output is; picklable, and mergeable
+    across processes with :meth:`merge`.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float] = DEFAULT_BUCKETS) -> None:
+        bounds = tuple(bounds)
+        if not bounds or any(a >= b for a, b in pairwise(bounds)):
+            raise ValueError(f"histogram bounds must be increasing: {bounds}")
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # counts[i]: bounds[i-1] < v <= bounds[i]
+        self.sum = 0.0
+
+    def record(self, value_ms: float) -> None:
+        """Count one value (milliseconds for latency histograms)."""
+        self.counts[bisect_left(self.bounds, value_ms)] += 1
+        self.sum += value_ms
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def merge(self, other: Histogram) -> None:
+        """Add ``other``'s samples to this histogram (same bounds required)."""
+        if other.bounds != self.bounds:
+            raise ValueError("cannot merge histograms with different bounds")
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.sum += other.sum
+
+    def copy(self) -> Histogram:
+        clone = Histogram(self.bounds)
+        clone.counts = list(self.counts)
+        clone.sum = self.sum
+        return clone
+
+    def cumulative(self) -> list[int]:
+        """Samples ``<= bounds[i]`` for each bound (Prometheus ``_bucket`` values)."""
+        out = []
+        running = 0
+        for n in self.counts[:-1]:
+            running += n
+            out.append(running)
+        return out
+
+    def quantile(self, q: float) -> float:
+        """Estimate the ``q`` quantile (0..1) by linear interpolation inside its bucket.
+
+        The first bucket starts at 0; a quantile that falls in the overflow bucket is the
+        last bound, as Prometheus' ``histogram_quantile`` does.  NaN when empty.
+        """
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be within [0, 1]: {q}")
+        total = self.count
+        if not total:
+            return math.nan
+        rank = q * total
+        below = 0
+        lower = 0.0
+        for upper, n in zip(self.bounds, self.counts, strict=False):
+            if n and below + n >= rank:
+                return lower + (upper - lower) * (rank - below) / n
+            below += n
+            lower = upper
+        return self.bounds[-1]
+
+    def quantile_summary(self) -> str:
+        """Envoy's /stats histogram line: ``P0(interval,cumulative) ... P100(...)``.
+
+        Only cumulative values are kept, so the interval column is ``nan``.
+        """
+        if not self.count:
+            return "No recorded values"
+        return " ".join(f"P{q * 100:g}(nan,{_short(self.quantile(q))})" for q in QUANTILES)
+
+    def __repr__(self) -> str:
+        return f"Histogram(count={self.count}, sum={self.sum}, counts={self.counts})"
+
+
+def _short(value: float) -> str:
+    """A float as Envoy's fmt ``{}`` prints it (shortest form, no trailing ``.0``), after
+    rounding to 12 significant digits so interpolation noise (``9.995000000000001``) goes."""
+    text = repr(float(f"{value:.12g}"))
+    return text[:-2] if text.endswith(".0") else text
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """All stats of one process (or the merge of several), keyed by Envoy's dotted names."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    gauges: dict[str, int] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Compact JSON for sending a worker's snapshot over a pipe."""
+        return json.dumps(
+            {
+                "counters": self.counters,
+                "gauges": self.gauges,
+                "histograms": {
+                    name: {"bounds": h.bounds, "counts": h.counts, "sum": h.sum}
+                    for name, h in self.histograms.items()
+                },
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Snapshot:
+        """Inverse of :meth:`to_json`; ``ValueError`` on a malformed snapshot."""
+        data: dict[str, Any] = json.loads(text)
+        histograms = {}
+        for name, fields in data["histograms"].items():
+            histogram = Histogram(fields["bounds"])
+            counts = [int(n) for n in fields["counts"]]
+            if len(counts) != len(histogram.counts):
+                raise ValueError(f"histogram {name!r}: counts do not match bounds")
+            histogram.counts = counts
+            histogram.sum = float(fields["sum"])
+            histograms[name] = histogram
+        return cls(
+            counters={name: int(v) for name, v in data["counters"].items()},
+            gauges={name: int(v) for name, v in data["gauges"].items()},
+            histograms=histograms,
+        )
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """Sum snapshots (e.g. one per worker process) into a new one; inputs are unchanged.
+
+    Gauges are summed too, which is right for per-process quantities (active
+    connections) but not for ones every process holds a copy of (cluster membership):
+    report those from one process only.
+    """
+    out = Snapshot()
+    for snapshot in snapshots:
+        for name, value in snapshot.counters.items():
+            out.counters[name] = out.counters.get(name, 0) + value
+        for name, value in snapshot.gauges.items():
+            out.gauges[name] = out.gauges.get(name, 0) + value
+        for name, histogram in snapshot.histograms.items():
+            mine = out.histograms.get(name)
+            if mine is None:
+                out.histograms[name] = histogram.copy()
+            else:
+                mine.merge(histogram)
+    return out
+
+
+# --- /stats ----------------------------------------------------------------------------------
+
+
+def render_text(snapshot: Snapshot) -> str:
+    """Envoy's ``/stats``: counters and gauges sorted together, then histograms."""
+    values = {**snapshot.counters, **snapshot.gauges}
+    lines = [f"{name}: {values[name]}\n" for name in sorted(values)]
+    lines += [
+        f"{name}: {snapshot.histograms[name].quantile_summary()}\n"
+        for name in sorted(snapshot.histograms)
+    ]
+    return "".join(lines)
+
+
+# --- /stats/prometheus -------------------------------------------------------------------------
+
+# Envoy's default tag extractors for the common stats, in Envoy's order.  Each regex runs
+# on the full dotted name; group 1 is cut out of the name, group 2 (else 1) is the value.
+_TAG_EXTRACTORS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (tag, re.compile(regex, re.ASCII))
+    for tag, regex in (
+        ("envoy_response_code", r"_rq(_(\d{3}))$"),
+        ("envoy_response_code_class", r"_rq_(\d)xx$"),
+        ("envoy_tcp_prefix", r"^tcp\.((.*?)\.)\w+?$"),
+        ("envoy_cluster_name", r"^cluster\.(([^.]+)\.)"),
+        ("envoy_http_conn_manager_prefix", r"^listener(?=\.).*?\.http\.((.*?)\.)"),
+        ("envoy_http_conn_manager_prefix", r"^http\.((.*?)\.)"),
+        ("envoy_listener_address", r"^listener\.(((?:[_.\d]*|[_\[\]a-fA-F\d]*))\.)"),
+    )
+)
+_INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", '"': '\\"'})
+
+
+@lru_cache(maxsize=65536)
+def prometheus_name(stat: str) -> tuple[str, str]:
+    """``cluster.web.upstream_rq_200`` → ``envoy_cluster_upstream_rq`` and its labels,
+    ``envoy_response_code="200",envoy_cluster_name="web"`` (Envoy's tag extraction)."""
+    cuts: list[tuple[int, int]] = []
+    labels: list[str] = []
+    for tag, regex in _TAG_EXTRACTORS:
+        match = regex.search(stat)
+        if match is None:
+            continue
+        cuts.append(match.span(1))
+        value = match[2] if regex.groups >= 2 else match[1]
+        labels.append(f'{tag}="{value.translate(_LABEL_ESCAPES)}"')
+    kept = []
+    pos = 0
+    for start, end in sorted(cuts):
+        kept.append(stat[pos:start])
+        pos = max(pos, end)
+    kept.append(stat[pos:])
+    return "envoy_" + _INVALID_NAME_CHARS.sub("_", "".join(kept)), ",".join(labels)
+
+
+def render_prometheus(snapshot: Snapshot) -> str:
+    """Envoy's ``/stats/prometheus`` text exposition.
+
+    Counters, then gauges, then histograms; within each, one group per metric name
+    (sorted) with its ``# TYPE`` line, series sorted by stat name, and a blank line after.
+    """
+    out: list[str] = []
+
+    def groups(stats: Iterable[str]) -> list[tuple[str, list[tuple[str, str]]]]:
+        """(metric, [(stat, labels)]) grouped by metric name, both levels sorted."""
+        by_metric: dict[str, list[tuple[str, str]]] = {}
+        for stat in sorted(stats):
+            metric, labels = prometheus_name(stat)
+            by_metric.setdefault(metric, []).append((stat, labels))
+        return sorted(by_metric.items())
+
+    for kind, values in (("counter", snapshot.counters), ("gauge", snapshot.gauges)):
+        for metric, series in groups(values):
+            out.append(f"# TYPE {metric} {kind}\n")
+            out.extend(f"{metric}{{{labels}}} {values[stat]}\n" for stat, labels in series)
+            out.append("\n")
+
+    for metric, series in groups(snapshot.histograms):
+        out.append(f"# TYPE {metric} histogram\n")
+        for stat, labels in series:
+            histogram = snapshot.histograms[stat]
+            prefix = labels + "," if labels else ""
+            for bound, below in zip(histogram.bounds, histogram.cumulative(), strict=True):
+                out.append(f'{metric}_bucket{{{prefix}le="{bound:.32g}"}} {below}\n')
+            count = histogram.count
+            out.append(f'{metric}_bucket{{{prefix}le="+Inf"}} {count}\n')
+            out.append(f"{metric}_sum{{{labels}}} {histogram.sum:.32g}\n")
+            out.append(f"{metric}_count{{{labels}}} {count}\n")
+        out.append("\n")
+    return "".join(out)

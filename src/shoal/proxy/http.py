@@ -1,0 +1,1223 @@
+"""The HTTP/1.1 sidecar path: a downstream connection and its exchanges.
+
+``HttpConnection`` is the asyncio Protocol for one downstream socket. It feeds bytes to
+the codec and turns each request into an ``Exchange``, which routes it, takes an upstream
+connection from the cluster's pool, streams both bodies with backpressure, retries and
+times out, and writes the access log. No coroutine runs per request: everything is a
+callback, timers are ``call_later`` handles cancelled on completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+from shoal.codec.http1 import (
+    CONTINUE_RESPONSE,
+    END,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    Headers,
+    RequestDecoder,
+    RequestHead,
+    ResponseHead,
+    Upgrade,
+    connection_tokens,
+    encode_chunk,
+    no_body_status,
+    status_line,
+)
+from shoal.config.model import (
+    HashPolicy,
+    HeaderMutations,
+    HeaderValueOption,
+    Redirect,
+    RetryPolicy,
+    Route,
+    RouteAction,
+    VirtualHost,
+)
+from shoal.errors import RemoteProtocolError
+from shoal.proxy.routes import header_value
+from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
+from shoal.upstream.lb import hash_key_of
+
+if TYPE_CHECKING:
+    from shoal.proxy.listeners import HttpListenerContext
+    from shoal.upstream.cluster import ClusterRuntime
+    from shoal.upstream.host import Host
+
+log = logging.getLogger("shoal.http")
+
+_connection_ids = itertools.count(1)
+_REQUEST_ID_PREFIX = os.urandom(8).hex()
+_request_ids = itertools.count(random.getrandbits(32))
+
+# retry_on conditions that a failure before response headers satisfies
+_RESET_CONDITIONS = frozenset({"5xx", "gateway-error", "reset", "reset-before-request"})
+_CONNECT_CONDITIONS = frozenset({"5xx", "gateway-error", "connect-failure", "reset"})
+_GATEWAY_ERRORS = frozenset({502, 503, 504})
+
+
+def _new_request_id() -> bytes:
+    """A UUID4-shaped id: random per process, a counter within it (no urandom per request)."""
+    n = next(_request_ids) & 0xFFFFFFFFFFFF
+    p = _REQUEST_ID_PREFIX
+    return f"{p[:8]}-{p[8:12]}-4{p[13:16]}-a{n >> 36 & 0xFFF:03x}-{n & 0xFFFFFFFFF:012x}".encode()
+
+
+def _retry_on_status(policy: RetryPolicy, status: int) -> bool:
+    on = policy.retry_on
+    if status >= 500 and "5xx" in on:
+        return True
+    if status in _GATEWAY_ERRORS and "gateway-error" in on:
+        return True
+    if status == 409 and "retriable-4xx" in on:
+        return True
+    return "retriable-status-codes" in on and status in policy.retriable_status_codes
+
+
+class _Discard:
+    """Drains the rest of a response nobody wants (a retried 5xx) and returns the
+    connection to its pool when the response ends."""
+
+    __slots__ = ("cluster", "conn", "host")
+
+    def __init__(self, cluster: ClusterRuntime, host: Host, conn: UpstreamConnection) -> None:
+        self.cluster, self.host, self.conn = cluster, host, conn
+
+    def upstream_head(self, head: ResponseHead) -> None:
+        pass
+
+    def upstream_data(self, data: bytes) -> None:
+        pass
+
+    def upstream_end(self) -> None:
+        self.cluster.release(self.host, self.conn)
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        self.conn.close()
+
+    def upstream_reset(self, reason: str) -> None:
+        pass
+
+    def upstream_pause(self) -> None:
+        pass
+
+    def upstream_resume(self) -> None:
+        pass
+
+
+class Exchange:
+    """One request and its response; the unit of routing, retry, timeout and logging."""
+
+    __slots__ = (
+        "_chunked_response",
+        "_per_try_timer",
+        "_retry_timer",
+        "_timeout_timer",
+        "attempt_start",
+        "body_buffer",
+        "body_buffered_bytes",
+        "bytes_received",
+        "bytes_sent",
+        "cluster",
+        "conn",
+        "connection",
+        "done",
+        "duration",
+        "hash_key",
+        "head",
+        "host",
+        "original_path",
+        "path_bytes",
+        "pending",
+        "request_complete",
+        "request_id",
+        "response_complete",
+        "response_flags",
+        "response_code_details",
+        "response_headers",
+        "response_started",
+        "retries_left",
+        "route",
+        "route_action",
+        "start",
+        "start_time",
+        "status",
+        "tried_hosts",
+        "tunnel",
+        "unsent",
+        "upstream_head_bytes",
+        "vhost",
+    )
+
+    def __init__(self, connection: HttpConnection, head: RequestHead) -> None:
+        self.connection = connection
+        self.head = head
+        self.start_time = time.time()
+        self.start = connection.loop.time()
+        self.duration = 0.0
+        self.status = 0
+        self.response_flags = "-"
+        self.response_code_details = ""
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.route: Route | None = None
+        self.vhost: VirtualHost | None = None
+        self.route_action: RouteAction | None = None
+        self.cluster: ClusterRuntime | None = None
+        self.host: Host | None = None
+        self.conn: UpstreamConnection | None = None
+        self.pending = False
+        self.request_complete = False
+        self.response_started = False
+        self.response_complete = False
+        self.done = False
+        self.tunnel = False
+        self._chunked_response = False
+        self.unsent: list[bytes] = []
+        self.body_buffer: list[bytes] | None = None
+        self.body_buffered_bytes = 0
+        self.retries_left = 0
+        self.tried_hosts: list[Host] = []
+        self.hash_key: int | None = None
+        self.upstream_head_bytes = b""
+        self.response_headers: Headers = []
+        self.request_id = b""
+        self.original_path = b""
+        self.path_bytes = head.target
+        self.attempt_start = 0.0
+        self._timeout_timer: asyncio.TimerHandle | None = None
+        self._per_try_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+
+    # access-log record view ------------------------------------------------------------------
+
+    @property
+    def protocol(self) -> str:
+        return "HTTP/1.1" if self.head.version == b"1.1" else "HTTP/1.0"
+
+    @property
+    def method(self) -> str:
+        return self.head.method.decode("latin-1")
+
+    @property
+    def path(self) -> str:
+        return self.path_bytes.decode("latin-1")
+
+    @property
+    def authority(self) -> str:
+        return self.head.host.decode("latin-1")
+
+    @property
+    def upstream_host(self) -> str:
+        return self.host.key if self.host is not None else ""
+
+    @property
+    def upstream_cluster(self) -> str:
+        return self.cluster.config.name if self.cluster is not None else ""
+
+    @property
+    def route_name(self) -> str:
+        return self.route.name if self.route is not None else ""
+
+    @property
+    def downstream_remote(self) -> str:
+        return self.connection.remote
+
+    @property
+    def downstream_local(self) -> str:
+        return self.connection.local
+
+    @property
+    def connection_id(self) -> int:
+        return self.connection.id
+
+    def request_header(self, name: str) -> str | None:
+        if name == "x-request-id" and self.request_id:
+            return self.request_id.decode("latin-1")
+        if name == "x-envoy-original-path":
+            return self.original_path.decode("latin-1") if self.original_path else None
+        return header_value(self.head.headers, name.encode("latin-1"))
+
+    def response_header(self, name: str) -> str | None:
+        return header_value(self.response_headers, name.encode("latin-1"))
+
+    # request side --------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Route the request and send it upstream (or answer it locally)."""
+        connection = self.connection
+        ctx = connection.ctx
+        head = self.head
+        ctx.stats.downstream_rq_total += 1
+        ctx.stats.downstream_rq_active += 1
+        target = head.target
+        if not target.startswith(b"/"):
+            if not self._absolute_form(target):
+                return
+        if head.upgrade:
+            if head.upgrade == b"connect":
+                self.local_reply(404, b"", "NR", "route_not_found")
+                return
+            if head.upgrade.decode("latin-1") not in ctx.config.upgrade_types:
+                self.local_reply(403, b"", "-", "upgrade_failed")
+                return
+            self.tunnel = True
+        matched = ctx.routes.match(head.host.decode("latin-1"), self.path, head.headers)
+        if matched is None:
+            self.local_reply(404, b"", "NR", "route_not_found")
+            return
+        self.vhost, route = matched
+        self.route = route
+        if route.direct_response is not None:
+            self.local_reply(
+                route.direct_response.status,
+                route.direct_response.body,
+                "-",
+                "direct_response",
+                content_type=b"text/plain",
+            )
+            return
+        if route.redirect is not None:
+            self._redirect(route.redirect)
+            return
+        action = route.action
+        assert action is not None
+        self.route_action = action
+        cluster = ctx.clusters.get(self._pick_cluster(action))
+        if cluster is None:
+            self.local_reply(503, b"", "NC", "cluster_not_found")
+            return
+        self.cluster = cluster
+        limits = cluster.config.circuit_breakers
+        if cluster.rq_active >= limits.max_requests:
+            self.local_reply(
+                503, b"upstream connect error or disconnect/reset before headers. reset "
+                b"reason: overflow", "UO", "upstream_reset_before_response_started{overflow}",
+                overloaded=True,
+            )
+            return
+        cluster.rq_active += 1
+        cluster.stats.upstream_rq_total += 1
+        policy = action.retry_policy or self.vhost.retry_policy
+        if policy is not None and not self.tunnel:
+            self.retries_left = policy.num_retries
+            self.body_buffer = []
+        if action.hash_policy:
+            self.hash_key = self._hash(action.hash_policy)
+        if head.expect_continue and not connection.closing:
+            connection.write(CONTINUE_RESPONSE)
+        self.upstream_head_bytes = self._upstream_head(action)
+        if not head.has_body:
+            self.request_complete = True
+            self._start_timeout()
+        self._attempt()
+
+    def _absolute_form(self, target: bytes) -> bool:
+        """``GET http://host/path``: the target names the authority (HTTP_PROXY use)."""
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            self.local_reply(400, b"", "DPE", "invalid_request_target", close=True)
+            return False
+        authority, slash, path = rest.partition(b"/")
+        self.head.host = authority
+        for index, (name, _) in enumerate(self.head.headers):
+            if name == b"host":
+                self.head.headers[index] = (b"host", authority)
+                break
+        else:
+            self.head.headers.append((b"host", authority))
+        self.path_bytes = slash + path if slash else b"/"
+        self.head.target = self.path_bytes
+        return True
+
+    def _pick_cluster(self, action: RouteAction) -> str:
+        if action.cluster:
+            return action.cluster
+        point = random.randrange(action.total_weight)
+        for weighted in action.weighted_clusters:
+            point -= weighted.weight
+            if point < 0:
+                return weighted.name
+        return action.weighted_clusters[-1].name
+
+    def _hash(self, policies: tuple[HashPolicy, ...]) -> int | None:
+        combined: int | None = None
+        for policy in policies:
+            value: str | None
+            if policy.kind == "header":
+                value = header_value(self.head.headers, policy.name.encode("latin-1"))
+            elif policy.kind == "source_ip":
+                value = self.connection.remote_ip
+            elif policy.kind == "cookie":
+                value = _cookie(self.head.headers, policy.name)
+            else:
+                value = _query_param(self.path, policy.name)
+            if value is None:
+                continue
+            key = hash_key_of(value)
+            combined = key if combined is None else ((combined << 1 | combined >> 63) ^ key)
+            combined &= 0xFFFFFFFFFFFFFFFF
+            if policy.terminal:
+                break
+        return combined
+
+    def _upstream_head(self, action: RouteAction) -> bytes:
+        """The request head sent upstream, built once and reused by retries."""
+        ctx = self.connection.ctx
+        head = self.head
+        path = self.path_bytes
+        if action.prefix_rewrite is not None and self.route is not None:
+            prefix = self.route.match.value.encode("latin-1")
+            if path.startswith(prefix):
+                self.original_path = path
+                path = action.prefix_rewrite.encode("latin-1") + path[len(prefix) :]
+        elif action.regex_rewrite is not None:
+            pattern, substitution = action.regex_rewrite
+            bare, sep, query = path.decode("latin-1").partition("?")
+            rewritten = pattern.sub(substitution, bare).encode("latin-1")
+            self.original_path = path
+            path = rewritten + (b"?" + query.encode("latin-1") if sep else b"")
+        remove = _removals(ctx.config_headers, self)
+        tokens = connection_tokens(head.headers) if head.keep_alive is not None else frozenset()
+        lines = [b"%s %s HTTP/1.1\r\n" % (head.method, path)]
+        append = lines.append
+        host = head.host
+        if action.host_rewrite_literal is not None:
+            host = action.host_rewrite_literal.encode("latin-1")
+        elif action.auto_host_rewrite and self.cluster is not None:
+            endpoints = self.cluster.config.endpoints
+            if endpoints:
+                host = endpoints[0].address.host.encode("latin-1")
+        request_id = b""
+        forwarded_proto = False
+        xff: bytes | None = None
+        for name, value in head.headers:
+            if name in HOP_BY_HOP or name in tokens or name in remove:
+                continue
+            if name == b"host":
+                value = host
+            elif name == b"x-request-id":
+                request_id = value
+            elif name == b"x-forwarded-proto":
+                forwarded_proto = True
+            elif name == b"x-forwarded-for":
+                xff = value if xff is None else xff + b"," + value
+                continue
+            elif name == b"expect" or name == b"x-envoy-original-path":
+                continue
+            append(b"%s: %s\r\n" % (name, value))
+        config = ctx.config
+        if config.use_remote_address and not config.skip_xff_append:
+            remote = self.connection.remote_ip.encode("latin-1")
+            xff = remote if xff is None else xff + b", " + remote
+        if xff is not None:
+            append(b"x-forwarded-for: %s\r\n" % xff)
+        if not forwarded_proto:
+            append(b"x-forwarded-proto: http\r\n")
+        if not request_id and config.generate_request_id:
+            request_id = _new_request_id()
+            append(b"x-request-id: %s\r\n" % request_id)
+        self.request_id = request_id
+        if self.original_path:
+            append(b"x-envoy-original-path: %s\r\n" % self.original_path)
+        if action.timeout:
+            append(b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(action.timeout * 1000))
+        for option in _additions(ctx.config_headers, self, request=True):
+            append(b"%s: %s\r\n" % (option.key.encode(), option.value.encode()))
+        if self.tunnel:
+            append(b"connection: upgrade\r\nupgrade: %s\r\n" % head.header(b"upgrade"))
+        elif head.chunked:
+            append(b"transfer-encoding: chunked\r\n")
+        append(b"\r\n")
+        return b"".join(lines)
+
+    def request_data(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.bytes_received += len(data)
+        limit = self.connection.ctx.config.max_request_bytes
+        if limit is not None and self.bytes_received > limit and not self.response_started:
+            self.reset_upstream()
+            self.local_reply(413, b"Payload Too Large", "-", "request_payload_too_large",
+                             close=True)
+            return
+        if self.head.chunked and not self.tunnel:
+            data = encode_chunk(data)
+        buffer = self.body_buffer
+        if buffer is not None:
+            self.body_buffered_bytes += len(data)
+            if self.body_buffered_bytes > self.connection.ctx.buffer_limit:
+                self.body_buffer = None  # too big to replay: no more retries
+                self.retries_left = 0
+            else:
+                buffer.append(data)
+        conn = self.conn
+        if conn is not None:
+            conn.write(data)
+        else:
+            self.unsent.append(data)
+
+    def request_end(self) -> None:
+        if self.done or self.request_complete:
+            return
+        self.request_complete = True
+        if self.head.chunked:
+            self.request_data_raw(LAST_CHUNK)
+        self._start_timeout()
+
+    def request_data_raw(self, data: bytes) -> None:
+        if self.body_buffer is not None:
+            self.body_buffer.append(data)
+        if self.conn is not None:
+            self.conn.write(data)
+        else:
+            self.unsent.append(data)
+
+    # upstream attempts -----------------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        exclude = self.tried_hosts[-1] if self.tried_hosts else None
+        host = cluster.lb.choose(self.hash_key, exclude)
+        if host is None:
+            self.local_reply(503, b"no healthy upstream", "UH", "no_healthy_upstream")
+            return
+        self.host = host
+        self.tried_hosts.append(host)
+        host.active_requests += 1
+        self.attempt_start = self.connection.loop.time()
+        conn = cluster.acquire(host, self)
+        if conn is None:
+            self.pending = True
+        elif conn is False:
+            host.active_requests -= 1
+            self.local_reply(
+                503, b"upstream connect error or disconnect/reset before headers. reset "
+                b"reason: overflow", "UO", "upstream_reset_before_response_started{overflow}",
+                overloaded=True,
+            )
+        else:
+            assert isinstance(conn, UpstreamConnection)
+            self.pool_ready(conn)
+
+    def pool_ready(self, conn: UpstreamConnection) -> None:
+        self.pending = False
+        if self.done:
+            assert self.cluster is not None and self.host is not None
+            self.cluster.release(self.host, conn)
+            return
+        self.conn = conn
+        parts = self.body_buffer if self.body_buffer is not None else self.unsent
+        data = self.upstream_head_bytes
+        if parts:
+            data += b"".join(parts)
+        self.unsent = []
+        conn.start(self, data, self.head.method == b"HEAD")
+        policy = self._policy()
+        if policy is not None and policy.per_try_timeout:
+            self._per_try_timer = self.connection.loop.call_later(
+                policy.per_try_timeout, self._on_per_try_timeout
+            )
+        if self.connection.paused_by_upstream:
+            conn.pause_reading()
+
+    def pool_failure(self, reason: str) -> None:
+        self.pending = False
+        self._end_attempt()
+        if self._maybe_retry(_CONNECT_CONDITIONS):
+            return
+        self.local_reply(
+            503,
+            b"upstream connect error or disconnect/reset before headers. reset reason: "
+            b"connection failure, transport failure reason: " + reason.encode(),
+            "UF" if self.retries_left == self._num_retries() else "UF,URX",
+            "upstream_reset_before_response_started{connection_failure}",
+        )
+
+    def _policy(self) -> RetryPolicy | None:
+        action = self.route_action
+        if action is None:
+            return None
+        if action.retry_policy is not None:
+            return action.retry_policy
+        return self.vhost.retry_policy if self.vhost is not None else None
+
+    def _num_retries(self) -> int:
+        policy = self._policy()
+        return policy.num_retries if policy is not None else 0
+
+    def _maybe_retry(self, conditions: frozenset[str], status: int = 0) -> bool:
+        policy = self._policy()
+        if policy is None or self.retries_left <= 0 or self.response_started or self.done:
+            return False
+        if status:
+            if not _retry_on_status(policy, status):
+                return False
+        elif not conditions & policy.retry_on:
+            return False
+        cluster = self.cluster
+        assert cluster is not None
+        if cluster.retries_active >= cluster.config.circuit_breakers.max_retries:
+            cluster.stats.upstream_rq_retry_overflow += 1
+            return False
+        self.retries_left -= 1
+        cluster.retries_active += 1
+        cluster.stats.upstream_rq_retry += 1
+        attempt = policy.num_retries - self.retries_left
+        ceiling = min(policy.base_interval * ((1 << attempt) - 1), policy.max_interval)
+        delay = random.uniform(0, max(ceiling, policy.base_interval))
+        self._retry_timer = self.connection.loop.call_later(delay, self._retry)
+        return True
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        assert self.cluster is not None
+        self.cluster.retries_active -= 1
+        if not self.done:
+            self._attempt()
+
+    def _end_attempt(self) -> None:
+        """Forget the current upstream attempt (its connection is gone or handed off)."""
+        if self._per_try_timer is not None:
+            self._per_try_timer.cancel()
+            self._per_try_timer = None
+        if self.host is not None:
+            self.host.active_requests -= 1
+        self.conn = None
+
+    def _on_per_try_timeout(self) -> None:
+        self._per_try_timer = None
+        assert self.cluster is not None
+        self.cluster.stats.upstream_rq_per_try_timeout += 1
+        conn = self.conn
+        if conn is not None:
+            conn.abort()
+        self._end_attempt()
+        if self._maybe_retry(frozenset({"5xx", "gateway-error", "reset"})):
+            return
+        self.local_reply(504, b"upstream request timeout", "UT", "upstream_per_try_timeout")
+
+    def _start_timeout(self) -> None:
+        action = self.route_action
+        if action is not None and action.timeout and self._timeout_timer is None and not self.done:
+            self._timeout_timer = self.connection.loop.call_later(action.timeout, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        self._timeout_timer = None
+        if self.done:
+            return
+        assert self.cluster is not None
+        self.cluster.stats.upstream_rq_timeout += 1
+        self.reset_upstream()
+        if self.response_started:
+            self.response_flags = "UT"
+            self.connection.abort()
+            return
+        self.local_reply(504, b"upstream request timeout", "UT", "upstream_response_timeout")
+
+    def reset_upstream(self) -> None:
+        """Abandon the upstream side (timeout, downstream gone): its connection can't be
+        reused mid-exchange, so it is closed."""
+        if self.pending and self.cluster is not None and self.host is not None:
+            self.cluster.cancel(self.host, self)
+            self.pending = False
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+            assert self.cluster is not None
+            self.cluster.retries_active -= 1
+        conn = self.conn
+        if conn is not None:
+            conn.abort()
+            self._end_attempt()
+
+    # response side (called by the upstream connection) ------------------------------------
+
+    def upstream_head(self, head: ResponseHead) -> None:
+        status = head.status
+        conn = self.conn
+        assert conn is not None and self.cluster is not None and self.host is not None
+        if status >= 500 or status == 409 or status in self._retriable_codes():
+            if self._maybe_retry(frozenset(), status):
+                conn.sink = _Discard(self.cluster, self.host, conn)
+                self._end_attempt()
+                return
+        self.status = status
+        self.response_started = True
+        if self.tried_hosts and len(self.tried_hosts) > 1:
+            self.cluster.stats.upstream_rq_retry_success += status < 500
+        connection = self.connection
+        ctx = connection.ctx
+        elapsed = connection.loop.time() - self.attempt_start
+        upstream_ms = int(elapsed * 1000)
+        self.cluster.stats.upstream_rq_time.record(elapsed * 1000.0)
+        remove = _removals(ctx.config_headers, self, request=False)
+        tokens = connection_tokens(head.headers) if status != 101 else frozenset()
+        headers = self.response_headers
+        lines = [status_line(status)]
+        append = lines.append
+        has_length = False
+        for name, value in head.headers:
+            if name in HOP_BY_HOP:
+                if status == 101 and name in (b"connection", b"upgrade"):
+                    headers.append((name, value))
+                    append(b"%s: %s\r\n" % (name, value))
+                continue
+            if name in tokens or name in remove or name == b"server":
+                continue
+            if name == b"content-length":
+                has_length = True
+            headers.append((name, value))
+            append(b"%s: %s\r\n" % (name, value))
+        append(b"x-envoy-upstream-service-time: %d\r\n" % upstream_ms)
+        headers.append((b"x-envoy-upstream-service-time", b"%d" % upstream_ms))
+        append(ctx.server_header)
+        for option in _additions(ctx.config_headers, self, request=False):
+            key, value = option.key.encode(), option.value.encode()
+            headers.append((key, value))
+            append(b"%s: %s\r\n" % (key, value))
+        bodyless = no_body_status(status) or self.head.method == b"HEAD"
+        close = connection.must_close(self.head)
+        if status == 101:
+            pass
+        elif not bodyless and not has_length:
+            if self.head.version == b"1.1":
+                self._chunked_response = True
+                append(b"transfer-encoding: chunked\r\n")
+            else:
+                close = True  # an HTTP/1.0 client learns the end from the close
+        if close:
+            connection.closing = True
+            append(b"connection: close\r\n")
+        append(b"\r\n")
+        data = b"".join(lines)
+        self.bytes_sent_head(len(data))
+        connection.write(data)
+
+    def bytes_sent_head(self, size: int) -> None:
+        self.connection.ctx.stats.downstream_cx_tx_bytes_total += size
+
+    def _retriable_codes(self) -> frozenset[int]:
+        policy = self._policy()
+        return policy.retriable_status_codes if policy is not None else frozenset()
+
+    def upstream_data(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        if self._chunked_response:
+            data = encode_chunk(data)
+        self.connection.write(data)
+
+    def upstream_end(self) -> None:
+        conn = self.conn
+        cluster = self.cluster
+        host = self.host
+        assert conn is not None and cluster is not None and host is not None
+        if self.tunnel and self.response_started and self.status == 101:
+            self._end_attempt()
+            self.connection.abort()
+            self.finish()
+            return
+        self._end_attempt()
+        if self.request_complete and not conn.closed:
+            cluster.release(host, conn)
+        else:
+            conn.close()
+        if self._chunked_response:
+            self.connection.write(LAST_CHUNK)
+        self.response_complete = True
+        self.finish()
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        """101 from upstream: from now on both sides are a byte tunnel."""
+        self.connection.start_tunnel(self)
+        if rest:
+            self.upstream_data(rest)
+
+    def upstream_reset(self, reason: str) -> None:
+        reused = self.conn is not None and self.conn.requests > 1
+        self._end_attempt()
+        if self.done:
+            return
+        if self.response_started:
+            self.response_flags = "UC"
+            self.connection.abort()
+            self.finish()
+            return
+        assert self.cluster is not None
+        self.cluster.stats.upstream_rq_rx_reset += 1
+        if reused and not self.bytes_sent and self.request_complete and self._idempotent():
+            # A kept-alive connection the upstream had closed: not the request's fault.
+            self._attempt()
+            return
+        if self._maybe_retry(_RESET_CONDITIONS):
+            return
+        flags = "UC" if self._num_retries() == self.retries_left else "UC,URX"
+        self.local_reply(
+            503,
+            b"upstream connect error or disconnect/reset before headers. reset reason: "
+            + reason.encode(),
+            flags,
+            "upstream_reset_before_response_started{" + reason.replace(" ", "_") + "}",
+        )
+
+    def _idempotent(self) -> bool:
+        return self.head.method in (b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE")
+
+    def upstream_pause(self) -> None:
+        self.connection.pause_reading_for_upstream()
+
+    def upstream_resume(self) -> None:
+        self.connection.resume_reading_for_upstream()
+
+    # local replies and completion --------------------------------------------------------------
+
+    def _redirect(self, redirect: Redirect) -> None:
+        scheme = redirect.scheme or "http"
+        host = redirect.host or self.authority.rsplit(":", 1)[0] if redirect.port else (
+            redirect.host or self.authority
+        )
+        if redirect.port:
+            host = f"{host}:{redirect.port}"
+        path = self.path
+        bare, sep, query = path.partition("?")
+        if redirect.path is not None:
+            bare = redirect.path
+        elif redirect.prefix_rewrite is not None and self.route is not None:
+            bare = redirect.prefix_rewrite + bare[len(self.route.match.value) :]
+        if redirect.strip_query or not sep:
+            location = f"{scheme}://{host}{bare}"
+        else:
+            location = f"{scheme}://{host}{bare}?{query}"
+        self.local_reply(
+            redirect.status, b"", "-", "via_redirect", extra=[(b"location", location.encode())]
+        )
+
+    def local_reply(
+        self,
+        status: int,
+        body: bytes,
+        flags: str,
+        details: str,
+        *,
+        close: bool = False,
+        overloaded: bool = False,
+        content_type: bytes = b"text/plain",
+        extra: Headers | None = None,
+    ) -> None:
+        """Envoy-style locally generated response (no route, no upstream, timeout...)."""
+        if self.done:
+            return
+        self.response_flags = flags
+        self.response_code_details = details
+        connection = self.connection
+        if self.response_started:
+            connection.abort()
+            self.finish()
+            return
+        self.reset_upstream()
+        self.status = status
+        self.response_started = True
+        headers: Headers = list(extra) if extra else []
+        if body:
+            headers.append((b"content-type", content_type))
+        headers.append((b"content-length", b"%d" % len(body)))
+        if overloaded:
+            headers.append((b"x-envoy-overloaded", b"true"))
+        if self.route is not None:
+            for option in _additions(connection.ctx.config_headers, self, request=False):
+                headers.append((option.key.encode(), option.value.encode()))
+        if close or not self.request_complete or connection.must_close(self.head):
+            connection.closing = True
+            headers.append((b"connection", b"close"))
+        self.response_headers = headers
+        lines = [status_line(status)]
+        lines.extend(b"%s: %s\r\n" % pair for pair in headers)
+        lines.append(connection.ctx.server_header)
+        lines.append(b"\r\n")
+        if self.head.method != b"HEAD" and not no_body_status(status):
+            lines.append(body)
+            self.bytes_sent = len(body)
+        connection.write(b"".join(lines))
+        self.response_complete = True
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        connection = self.connection
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+            self._timeout_timer = None
+        if self._retry_timer is not None:
+            self.reset_upstream()
+        if self.pending:
+            self.reset_upstream()
+        if self._per_try_timer is not None:
+            self._per_try_timer.cancel()
+            self._per_try_timer = None
+        self.duration = connection.loop.time() - self.start
+        ctx = connection.ctx
+        stats = ctx.stats
+        stats.downstream_rq_active -= 1
+        status = self.status
+        stats.count_status(status)
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.rq_active -= 1
+            if status:
+                codes = cluster.stats.codes
+                codes[status] = codes.get(status, 0) + 1
+        for access_log in ctx.access_logs:
+            access_log(self)
+        connection.exchange_done(self)
+
+
+def _removals(headers: tuple[HeaderMutations, ...], exchange: Exchange, request: bool = True
+              ) -> frozenset[bytes]:
+    names: set[bytes] = set()
+    for mutations in _mutation_chain(headers, exchange):
+        chosen = mutations.request_remove if request else mutations.response_remove
+        names.update(name.encode("latin-1") for name in chosen)
+    return frozenset(names)
+
+
+def _additions(headers: tuple[HeaderMutations, ...], exchange: Exchange, request: bool
+               ) -> list[HeaderValueOption]:
+    found: list[HeaderValueOption] = []
+    for mutations in _mutation_chain(headers, exchange):
+        found.extend(mutations.request_add if request else mutations.response_add)
+    return found
+
+
+def _mutation_chain(config_headers: tuple[HeaderMutations, ...], exchange: Exchange
+                    ) -> list[HeaderMutations]:
+    """Route, then virtual host, then route configuration — most specific first."""
+    chain: list[HeaderMutations] = []
+    if exchange.route is not None and exchange.route.headers:
+        chain.append(exchange.route.headers)
+    if exchange.vhost is not None and exchange.vhost.headers:
+        chain.append(exchange.vhost.headers)
+    chain.extend(h for h in config_headers if h)
+    return chain
+
+
+def _cookie(headers: Headers, name: str) -> str | None:
+    raw = header_value(headers, b"cookie")
+    if raw is None:
+        return None
+    for part in raw.replace(",", ";").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None
+
+
+def _query_param(path: str, name: str) -> str | None:
+    from urllib.parse import parse_qsl
+
+    for key, value in parse_qsl(path.partition("?")[2], keep_blank_values=True):
+        if key == name:
+            return value
+    return None
+
+
+class HttpConnection(asyncio.Protocol):
+    """One downstream HTTP/1.1 connection: keep-alive, pipelining, tunnels, drain."""
+
+    __slots__ = (
+        "_head_timer",
+        "_idle_timer",
+        "_paused_for_pipeline",
+        "_paused_for_upstream",
+        "active",
+        "closing",
+        "ctx",
+        "decoder",
+        "id",
+        "local",
+        "loop",
+        "queue",
+        "receiving",
+        "remote",
+        "remote_ip",
+        "transport",
+        "tunnel",
+        "last_activity",
+        "paused_writing",
+    )
+
+    def __init__(self, ctx: HttpListenerContext) -> None:
+        self.ctx = ctx
+        self.loop = asyncio.get_running_loop()
+        self.decoder = RequestDecoder(ctx.config.max_request_headers_kb * 1024)
+        self.transport: asyncio.Transport | None = None
+        self.id = next(_connection_ids)
+        self.active: Exchange | None = None
+        self.receiving: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.closing = False
+        self.tunnel: Exchange | None = None
+        self.remote = self.local = self.remote_ip = ""
+        self._paused_for_pipeline = False
+        self._paused_for_upstream = False
+        self.paused_writing = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.last_activity = 0.0
+
+    @property
+    def paused_by_upstream(self) -> bool:
+        return self.paused_writing
+
+    # asyncio callbacks -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        ctx = self.ctx
+        ctx.connections.add(self)
+        ctx.stats.downstream_cx_total += 1
+        ctx.stats.downstream_cx_active += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        if peer:
+            self.remote_ip = str(peer[0])
+            self.remote = _format_address(peer)
+        if local:
+            self.local = _format_address(local)
+        transport.set_write_buffer_limits(high=HIGH_WATERMARK)
+        idle = ctx.config.idle_timeout
+        if idle:
+            self.last_activity = self.loop.time()
+            self._idle_timer = self.loop.call_later(idle, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            if tunnel.conn is not None:
+                tunnel.conn.write(data)
+            return
+        try:
+            events = self.decoder.feed(data)
+        except RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        for event in events:
+            if event.__class__ is bytes:
+                if self.receiving is not None:
+                    self.receiving.request_data(event)  # type: ignore[arg-type]
+            elif event is END:
+                receiving = self.receiving
+                if receiving is not None:
+                    self.receiving = None
+                    receiving.request_end()
+            elif event.__class__ is RequestHead:
+                self._cancel_head_timer()
+                exchange = Exchange(self, event)  # type: ignore[arg-type]
+                self.receiving = exchange
+                if self.active is None and not self.closing:
+                    self.active = exchange
+                    exchange.begin()
+                else:
+                    self.queue.append(exchange)
+                    if len(self.queue) > 8 and not self._paused_for_pipeline:
+                        self._paused_for_pipeline = True
+                        self._pause_reading()
+            elif isinstance(event, Upgrade):
+                receiving = self.receiving or self.active
+                if receiving is not None and receiving.tunnel:
+                    receiving.request_complete = True
+                    if event.rest:
+                        receiving.request_data_raw(event.rest)
+        if self.decoder.in_head and self._head_timer is None:
+            timeout = self.ctx.config.request_headers_timeout
+            if timeout:
+                self._head_timer = self.loop.call_later(timeout, self._on_head_timeout)
+
+    def eof_received(self) -> bool | None:
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.conn is not None:
+            tunnel.conn.write_eof()
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        ctx.stats.downstream_cx_active -= 1
+        self._cancel_head_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self.closing = True
+        for exchange in (self.active, self.receiving, *self.queue):
+            if exchange is not None and not exchange.done:
+                if exchange.tunnel and exchange.status == 101:
+                    exchange.reset_upstream()
+                    exchange.finish()
+                    continue
+                exchange.reset_upstream()
+                exchange.response_flags = "DC"
+                exchange.finish()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+        active = self.active
+        if active is not None and active.conn is not None:
+            active.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        active = self.active
+        if active is not None and active.conn is not None:
+            active.conn.resume_reading()
+
+    # used by exchanges ----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def must_close(self, head: RequestHead) -> bool:
+        return self.closing or not head.keep_alive or self.ctx.draining
+
+    def start_tunnel(self, exchange: Exchange) -> None:
+        self.tunnel = exchange
+        exchange.tunnel = True
+
+    def pause_reading_for_upstream(self) -> None:
+        if not self._paused_for_upstream:
+            self._paused_for_upstream = True
+            self._pause_reading()
+
+    def resume_reading_for_upstream(self) -> None:
+        if self._paused_for_upstream:
+            self._paused_for_upstream = False
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if (
+            self.transport is not None
+            and not self._paused_for_upstream
+            and not self._paused_for_pipeline
+            and not self.transport.is_closing()
+        ):
+            self.transport.resume_reading()
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        if exchange is not self.active:
+            return
+        self.active = None
+        self.last_activity = self.loop.time()
+        if self.closing or self.transport is None:
+            self.queue.clear()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.tunnel is exchange:
+            self.tunnel = None
+        if self._paused_for_upstream:
+            self.resume_reading_for_upstream()
+        queue = self.queue
+        while queue and self.active is None and not self.closing:
+            self.active = queue.popleft()
+            self.active.begin()
+        if self._paused_for_pipeline and len(queue) <= 1:
+            self._paused_for_pipeline = False
+            self._resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closing = True
+            self.transport.abort()
+
+    def drain(self) -> None:
+        """Stop keep-alive: close now if idle, else after the current response."""
+        if self.active is None and self.receiving is None and self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    # errors and timers -------------------------------------------------------------------------
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        self.ctx.stats.downstream_cx_protocol_error += 1
+        self.closing = True
+        log.debug("downstream protocol error from %s: %s", self.remote, exc)
+        target = self.receiving if self.receiving is not None else self.active
+        if target is not None and not target.response_started:
+            target.local_reply(exc.status, str(exc).encode(), "DPE", "codec_error", close=True)
+            self.abort_after_write()
+            return
+        if target is None or target.done:
+            self._reply_without_exchange(exc.status, str(exc).encode())
+        else:
+            self.abort()
+
+    def _reply_without_exchange(self, status: int, body: bytes) -> None:
+        """A request too broken to become an exchange still gets a proper answer."""
+        head = RequestHead()
+        head.method = b"GET"
+        exchange = Exchange(self, head)
+        self.ctx.stats.downstream_rq_total += 1
+        self.ctx.stats.downstream_rq_active += 1
+        self.active = exchange
+        exchange.local_reply(status, body, "DPE", "codec_error", close=True)
+        self.abort_after_write()
+
+    def abort_after_write(self) -> None:
+        """Close once the error response is flushed; stop reading what can't be trusted."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.transport.close()
+
+    def _on_head_timeout(self) -> None:
+        self._head_timer = None
+        if self.decoder.in_head and self.active is None:
+            self.ctx.stats.downstream_rq_header_timeout += 1
+            self._reply_without_exchange(408, b"request header timeout")
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _check_idle(self) -> None:
+        idle = self.ctx.config.idle_timeout
+        assert idle
+        self._idle_timer = None
+        if self.active is None and self.receiving is None and self.tunnel is None:
+            remaining = self.last_activity + idle - self.loop.time()
+            if remaining <= 0:
+                self.ctx.stats.downstream_cx_idle_timeout += 1
+                self.closing = True
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._idle_timer = self.loop.call_later(remaining, self._check_idle)
+        else:
+            self._idle_timer = self.loop.call_later(idle, self._check_idle)
+
+
+def _format_address(address: tuple[object, ...] | str) -> str:
+    if isinstance(address, str):
+        return address
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -1,0 +1,152 @@
+"""Per-listener contexts: what a connection needs, fixed for one config version.
+
+A connection captures its context when accepted, so a reload never changes the config
+under an in-flight request; the old context is marked draining and its keep-alive
+connections close after their current response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from shoal.config.model import AccessLog, HttpConnectionManager, Listener, TcpProxy
+from shoal.observe.accesslog import (
+    DEFAULT_FORMAT,
+    AccessLogRecord,
+    AccessLogWriter,
+    compile_json_format,
+    compile_text_format,
+)
+from shoal.proxy.routes import RouteTable
+from shoal.proxy.tcp import TcpStats
+from shoal.upstream.cluster import ClusterRuntime
+
+LogSink = Callable[[Any], None]
+
+
+class Drainable(Protocol):
+    def drain(self) -> None: ...
+
+
+class HttpStats:
+    """``http.<stat_prefix>.*`` counters of one connection manager."""
+
+    __slots__ = (
+        "downstream_cx_active",
+        "downstream_cx_idle_timeout",
+        "downstream_cx_protocol_error",
+        "downstream_cx_total",
+        "downstream_cx_tx_bytes_total",
+        "downstream_rq_active",
+        "downstream_rq_header_timeout",
+        "downstream_rq_total",
+        "downstream_rq_xx",
+    )
+
+    COUNTERS = (
+        "downstream_cx_idle_timeout",
+        "downstream_cx_protocol_error",
+        "downstream_cx_total",
+        "downstream_cx_tx_bytes_total",
+        "downstream_rq_header_timeout",
+        "downstream_rq_total",
+    )
+    GAUGES = ("downstream_cx_active", "downstream_rq_active")
+
+    def __init__(self) -> None:
+        for name in self.COUNTERS + self.GAUGES:
+            setattr(self, name, 0)
+        self.downstream_rq_xx = [0, 0, 0, 0, 0, 0]
+
+    def count_status(self, status: int) -> None:
+        klass = status // 100
+        if 1 <= klass <= 5:
+            self.downstream_rq_xx[klass] += 1
+
+
+class AccessLogs:
+    """Writers shared by every config version that names the same file."""
+
+    def __init__(self) -> None:
+        self.writers: dict[str, AccessLogWriter] = {}
+
+    def sink(self, config: AccessLog) -> LogSink:
+        writer = self.writers.get(config.path)
+        if writer is None:
+            writer = self.writers[config.path] = AccessLogWriter(config.path)
+        if config.json_format is not None:
+            formatter = compile_json_format(config.json_format)
+        else:
+            formatter = compile_text_format(config.text_format or DEFAULT_FORMAT)
+        write = writer.write
+
+        def log(record: AccessLogRecord) -> None:
+            write(formatter(record))
+
+        return log
+
+    def flush(self) -> None:
+        for writer in self.writers.values():
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
+
+
+class HttpListenerContext:
+    __slots__ = (
+        "access_logs",
+        "buffer_limit",
+        "clusters",
+        "config",
+        "config_headers",
+        "connections",
+        "draining",
+        "listener",
+        "routes",
+        "server_header",
+        "stats",
+    )
+
+    def __init__(
+        self,
+        listener: Listener,
+        clusters: dict[str, ClusterRuntime],
+        stats: HttpStats,
+        logs: AccessLogs,
+    ) -> None:
+        assert isinstance(listener.filter, HttpConnectionManager)
+        config = listener.filter
+        self.listener = listener
+        self.config = config
+        self.routes = RouteTable(config.route_config)
+        self.config_headers = (config.route_config.headers,)
+        self.clusters = clusters
+        self.stats = stats
+        self.access_logs = [logs.sink(a) for a in config.access_logs]
+        self.server_header = b"server: %s\r\n" % config.server_name.encode("latin-1")
+        self.buffer_limit = listener.per_connection_buffer_limit_bytes
+        self.connections: set[Drainable] = set()
+        self.draining = False
+
+
+class TcpListenerContext:
+    __slots__ = ("access_logs", "clusters", "config", "connections", "draining", "stats")
+
+    def __init__(
+        self,
+        listener: Listener,
+        clusters: dict[str, ClusterRuntime],
+        stats: TcpStats,
+        logs: AccessLogs,
+    ) -> None:
+        assert isinstance(listener.filter, TcpProxy)
+        self.config = listener.filter
+        self.clusters = clusters
+        self.stats = stats
+        self.access_logs = [logs.sink(a) for a in listener.filter.access_logs]
+        self.connections: set[Drainable] = set()
+        self.draining = False

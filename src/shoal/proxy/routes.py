@@ -1,0 +1,161 @@
+"""Route tables compiled once per config version; matching is dict look-ups and a scan.
+
+Virtual hosts are chosen as Envoy chooses them: exact domain, then the longest suffix
+wildcard (``*.example.com``), then the longest prefix wildcard (``example.*``), then ``*``.
+Routes are tried in order; the first whose path, headers and query parameters all match
+wins. The host → virtual host answer is cached, since a sidecar sees few distinct hosts.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from shoal.codec.http1 import Headers
+from shoal.config.model import (
+    HeaderMatcher,
+    QueryParameterMatcher,
+    Route,
+    RouteConfiguration,
+    VirtualHost,
+)
+
+_HOST_CACHE_LIMIT = 4096
+
+
+def header_value(headers: Headers, name: bytes) -> str | None:
+    """All values of a header joined with "," (as Envoy presents repeated headers)."""
+    found: list[bytes] = []
+    for key, value in headers:
+        if key == name:
+            found.append(value)
+    if not found:
+        return None
+    return (found[0] if len(found) == 1 else b",".join(found)).decode("latin-1")
+
+
+class CompiledRoute:
+    __slots__ = ("case_sensitive", "headers", "kind", "query", "regex", "route", "value")
+
+    def __init__(self, route: Route) -> None:
+        match = route.match
+        self.route = route
+        self.kind = match.kind
+        self.case_sensitive = match.case_sensitive
+        self.value = match.value if match.case_sensitive else match.value.lower()
+        self.regex = match.regex
+        self.headers: tuple[tuple[bytes, HeaderMatcher], ...] = tuple(
+            (h.name.encode("latin-1"), h) for h in match.headers
+        )
+        self.query: tuple[QueryParameterMatcher, ...] = match.query_parameters
+
+    def matches(self, path: str, headers: Headers) -> bool:
+        kind = self.kind
+        if kind == "prefix":
+            candidate = path if self.case_sensitive else path.lower()
+            if not candidate.startswith(self.value):
+                return False
+        else:
+            bare = path.partition("?")[0]
+            if kind == "path":
+                if (bare if self.case_sensitive else bare.lower()) != self.value:
+                    return False
+            else:
+                assert self.regex is not None
+                if self.regex.fullmatch(bare) is None:
+                    return False
+        for name, matcher in self.headers:
+            if not _header_matches(matcher, header_value(headers, name)):
+                return False
+        return not self.query or _query_matches(self.query, path)
+
+
+def _header_matches(matcher: HeaderMatcher, value: str | None) -> bool:
+    if matcher.match.kind == "present":
+        result = (value is not None) == matcher.present
+    else:
+        result = value is not None and matcher.match.matches(value)
+    return result != matcher.invert
+
+
+def _query_matches(matchers: tuple[QueryParameterMatcher, ...], path: str) -> bool:
+    _, _, query = path.partition("?")
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        params.setdefault(key, value)
+    for matcher in matchers:
+        value = params.get(matcher.name)
+        if value is None or not matcher.match.matches(value):
+            return False
+    return True
+
+
+class CompiledVirtualHost:
+    __slots__ = ("routes", "vhost")
+
+    def __init__(self, vhost: VirtualHost) -> None:
+        self.vhost = vhost
+        self.routes = tuple(CompiledRoute(r) for r in vhost.routes)
+
+    def route(self, path: str, headers: Headers) -> Route | None:
+        for compiled in self.routes:
+            if compiled.matches(path, headers):
+                return compiled.route
+        return None
+
+
+class RouteTable:
+    __slots__ = ("_cache", "_default", "_exact", "_prefixes", "_suffixes", "config")
+
+    def __init__(self, config: RouteConfiguration) -> None:
+        self.config = config
+        self._exact: dict[str, CompiledVirtualHost] = {}
+        suffixes: list[tuple[str, CompiledVirtualHost]] = []
+        prefixes: list[tuple[str, CompiledVirtualHost]] = []
+        self._default: CompiledVirtualHost | None = None
+        for vhost in config.virtual_hosts:
+            compiled = CompiledVirtualHost(vhost)
+            for domain in vhost.domains:
+                if domain == "*":
+                    self._default = compiled
+                elif domain.startswith("*"):
+                    suffixes.append((domain[1:], compiled))
+                elif domain.endswith("*"):
+                    prefixes.append((domain[:-1], compiled))
+                else:
+                    self._exact[domain] = compiled
+        # Longest wildcard wins; stable sort keeps config order among equals.
+        self._suffixes = sorted(suffixes, key=lambda item: -len(item[0]))
+        self._prefixes = sorted(prefixes, key=lambda item: -len(item[0]))
+        self._cache: dict[str, CompiledVirtualHost | None] = {}
+
+    def virtual_host(self, host: str) -> CompiledVirtualHost | None:
+        try:
+            return self._cache[host]
+        except KeyError:
+            pass
+        found = self._find(host.lower())
+        if len(self._cache) >= _HOST_CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[host] = found
+        return found
+
+    def _find(self, host: str) -> CompiledVirtualHost | None:
+        found = self._exact.get(host)
+        if found is not None:
+            return found
+        for suffix, compiled in self._suffixes:
+            if host.endswith(suffix) and len(host) > len(suffix):
+                return compiled
+        for prefix, compiled in self._prefixes:
+            if host.startswith(prefix) and len(host) > len(prefix):
+                return compiled
+        return self._default
+
+    def match(self, host: str, path: str, headers: Headers) -> tuple[VirtualHost, Route] | None:
+        vhost = self.virtual_host(host)
+        if vhost is None:
+            return None
+        route = vhost.route(path, headers)
+        if route is None:
+            return None
+        return vhost.vhost, route

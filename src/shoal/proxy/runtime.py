@@ -1,0 +1,288 @@
+"""The proxy runtime of one process: clusters, listeners, reload and drain.
+
+A new config is built completely (clusters resolved, route tables compiled) before it is
+swapped in; listeners whose address stays keep their socket, so a reload never drops a
+connection. Connections accepted before the swap finish on the config they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from shoal.config.model import Bootstrap, Cluster, HttpConnectionManager, Listener
+from shoal.observe.stats import Histogram, Snapshot
+from shoal.proxy.http import HttpConnection
+from shoal.proxy.listeners import (
+    AccessLogs,
+    HttpListenerContext,
+    HttpStats,
+    TcpListenerContext,
+)
+from shoal.proxy.tcp import TcpSession, TcpStats
+from shoal.upstream.cluster import ClusterRuntime, ClusterStats
+
+log = logging.getLogger("shoal.proxy")
+
+Context = HttpListenerContext | TcpListenerContext
+
+
+class ListenerSlot:
+    """A bound socket whose protocol factory reads the *current* context."""
+
+    def __init__(self, config: Listener, context: Context) -> None:
+        self.config = config
+        self.context = context
+        self.server: asyncio.Server | None = None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        _drain_context(self.context)
+
+
+class ProxyRuntime:
+    def __init__(self, reuse_port: bool = False) -> None:
+        self.reuse_port = reuse_port
+        self.bootstrap: Bootstrap | None = None
+        self.raw_config: dict[str, Any] = {}
+        self.clusters: dict[str, ClusterRuntime] = {}
+        self.listeners: dict[str, ListenerSlot] = {}
+        self.http_stats: dict[str, HttpStats] = {}
+        self.tcp_stats: dict[str, TcpStats] = {}
+        self.access_logs = AccessLogs()
+        self.draining = False
+        self.healthcheck_failed = False
+        self.config_version = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self.downstream_rq_time: dict[str, Histogram] = {}
+
+    # applying config ---------------------------------------------------------------------------
+
+    async def apply(self, bootstrap: Bootstrap, raw: dict[str, Any] | None = None) -> None:
+        """Install ``bootstrap``; on any error nothing changes and the error propagates."""
+        clusters = await self._build_clusters(bootstrap.clusters)
+        contexts = {
+            listener.name: self._context(listener, clusters) for listener in bootstrap.listeners
+        }
+        fresh: dict[str, ListenerSlot] = {}
+        try:
+            for listener in bootstrap.listeners:
+                slot = self.listeners.get(listener.name)
+                if slot is None or slot.config.address != listener.address:
+                    fresh[listener.name] = slot = ListenerSlot(listener, contexts[listener.name])
+                    slot.server = await self._bind(slot)
+        except OSError:
+            for slot in fresh.values():
+                slot.close()
+            for name, cluster in clusters.items():
+                if self.clusters.get(name) is not cluster:
+                    cluster.close()
+            raise
+        old_clusters = self.clusters
+        self.clusters = clusters
+        for name, cluster in old_clusters.items():
+            if clusters.get(name) is not cluster:
+                cluster.close()
+        old_slots = self.listeners
+        self.listeners = {}
+        for listener in bootstrap.listeners:
+            previous = old_slots.pop(listener.name, None)
+            slot = fresh.get(listener.name) or previous
+            assert slot is not None
+            if slot is previous:
+                _drain_context(slot.context)
+                slot.config, slot.context = listener, contexts[listener.name]
+            elif previous is not None:
+                previous.close()
+            self.listeners[listener.name] = slot
+        for slot in old_slots.values():
+            slot.close()
+        for slot in fresh.values():
+            assert slot.server is not None
+            await slot.server.start_serving()
+        self.bootstrap = bootstrap
+        if raw is not None:
+            self.raw_config = raw
+        self.config_version += 1
+        if self._flush_timer is None:
+            self._schedule_flush()
+        log.info(
+            "config version %d applied: %d listeners, %d clusters",
+            self.config_version,
+            len(self.listeners),
+            len(self.clusters),
+        )
+
+    async def _build_clusters(self, configs: tuple[Cluster, ...]) -> dict[str, ClusterRuntime]:
+        clusters: dict[str, ClusterRuntime] = {}
+        started: list[ClusterRuntime] = []
+        try:
+            for config in configs:
+                current = self.clusters.get(config.name)
+                if current is not None and current.config == config:
+                    clusters[config.name] = current
+                    continue
+                runtime = ClusterRuntime(config)
+                if current is not None:
+                    runtime.stats = current.stats  # counters survive a config change
+                started.append(runtime)
+                await runtime.start()
+                clusters[config.name] = runtime
+        except BaseException:
+            for runtime in started:
+                runtime.close()
+            raise
+        return clusters
+
+    def _context(self, listener: Listener, clusters: dict[str, ClusterRuntime]) -> Context:
+        config = listener.filter
+        if isinstance(config, HttpConnectionManager):
+            stats = self.http_stats.setdefault(config.stat_prefix, HttpStats())
+            context: Context = HttpListenerContext(listener, clusters, stats, self.access_logs)
+        else:
+            tcp_stats = self.tcp_stats.setdefault(config.stat_prefix, TcpStats())
+            context = TcpListenerContext(listener, clusters, tcp_stats, self.access_logs)
+        context.draining = self.draining or self.healthcheck_failed
+        return context
+
+    async def _bind(self, slot: ListenerSlot) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        address = slot.config.address
+        return await loop.create_server(
+            _protocol_factory(slot),
+            host=address.host,
+            port=address.port,
+            family=socket.AF_INET6 if address.is_ipv6 else socket.AF_INET,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            backlog=1024,
+            start_serving=False,
+        )
+
+    # drain and shutdown ------------------------------------------------------------------------
+
+    def set_healthcheck_failed(self, failed: bool) -> None:
+        self.healthcheck_failed = failed
+        for slot in self.listeners.values():
+            slot.context.draining = failed or self.draining
+            if failed:
+                _drain_context(slot.context)
+
+    def drain_listeners(self) -> None:
+        """Stop accepting; keep-alive connections close after their current response."""
+        self.draining = True
+        for slot in self.listeners.values():
+            slot.close()
+
+    def active_connections(self) -> int:
+        return sum(len(slot.context.connections) for slot in self.listeners.values())
+
+    async def shutdown(self, drain_time: float) -> None:
+        self.drain_listeners()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_time
+        while self.active_connections() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for cluster in self.clusters.values():
+            cluster.close()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        self.access_logs.close()
+
+    def _schedule_flush(self) -> None:
+        self.access_logs.flush()
+        self._flush_timer = asyncio.get_running_loop().call_later(1.0, self._schedule_flush)
+
+    # stats ---------------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        counters: dict[str, int] = {}
+        gauges: dict[str, int] = {}
+        histograms: dict[str, Histogram] = {}
+        for name, cluster in self.clusters.items():
+            prefix = f"cluster.{name}."
+            stats: ClusterStats = cluster.stats
+            for counter in ClusterStats.COUNTERS:
+                counters[prefix + counter] = getattr(stats, counter)
+            classes = [0] * 6
+            for code, count in stats.codes.items():
+                counters[f"{prefix}upstream_rq_{code}"] = count
+                if 1 <= code // 100 <= 5:
+                    classes[code // 100] += count
+            for klass in range(1, 6):
+                counters[f"{prefix}upstream_rq_{klass}xx"] = classes[klass]
+            counters[prefix + "upstream_rq_completed"] = sum(classes)
+            gauges[prefix + "upstream_cx_active"] = cluster.cx_active
+            gauges[prefix + "upstream_rq_active"] = cluster.rq_active
+            gauges[prefix + "upstream_rq_pending_active"] = cluster.rq_pending
+            gauges[prefix + "membership_total"] = len(cluster.hosts)
+            gauges[prefix + "membership_healthy"] = sum(h.healthy for h in cluster.hosts)
+            histograms[prefix + "upstream_rq_time"] = stats.upstream_rq_time
+        for prefix_name, http in self.http_stats.items():
+            prefix = f"http.{prefix_name}."
+            for counter in HttpStats.COUNTERS:
+                counters[prefix + counter] = getattr(http, counter)
+            for gauge in HttpStats.GAUGES:
+                gauges[prefix + gauge] = getattr(http, gauge)
+            for klass in range(1, 6):
+                counters[f"{prefix}downstream_rq_{klass}xx"] = http.downstream_rq_xx[klass]
+            counters[prefix + "downstream_rq_completed"] = sum(http.downstream_rq_xx)
+        for prefix_name, tcp in self.tcp_stats.items():
+            for counter in TcpStats.COUNTERS:
+                counters[f"tcp.{prefix_name}.{counter}"] = getattr(tcp, counter)
+        gauges["server.live"] = int(not self.draining)
+        gauges["server.concurrency"] = 1
+        counters["server.config_version"] = self.config_version
+        return Snapshot(counters=counters, gauges=gauges, histograms=histograms)
+
+    def clusters_text(self) -> str:
+        """Envoy's ``/clusters`` text output."""
+        lines: list[str] = []
+        for name, cluster in self.clusters.items():
+            limits = cluster.config.circuit_breakers
+            lines.append(
+                f"{name}::default_priority::max_connections::{limits.max_connections}\n"
+                f"{name}::default_priority::max_pending_requests::{limits.max_pending_requests}\n"
+                f"{name}::default_priority::max_requests::{limits.max_requests}\n"
+                f"{name}::default_priority::max_retries::{limits.max_retries}"
+            )
+            for host in cluster.hosts:
+                pool = cluster.pools.get(host.key)
+                idle = len(pool.idle) if pool is not None else 0
+                base = f"{name}::{host.key}::"
+                lines.append(
+                    f"{base}cx_idle::{idle}\n{base}rq_active::{host.active_requests}\n"
+                    f"{base}health_flags::{'healthy' if host.healthy else '/failed_eds_health'}\n"
+                    f"{base}weight::{host.weight}\n{base}priority::{host.priority}\n"
+                    f"{base}hostname::{host.hostname}"
+                )
+        return "\n".join(lines) + "\n"
+
+
+def _protocol_factory(slot: ListenerSlot) -> Callable[[], Any]:
+    """The factory reads the slot's context at accept time, so a reload can swap it."""
+    if isinstance(slot.config.filter, HttpConnectionManager):
+
+        def make_http() -> Any:
+            context = slot.context
+            assert isinstance(context, HttpListenerContext)
+            return HttpConnection(context)
+
+        return make_http
+
+    def make_tcp() -> Any:
+        context = slot.context
+        assert isinstance(context, TcpListenerContext)
+        return TcpSession(context)
+
+    return make_tcp
+
+
+def _drain_context(context: Context) -> None:
+    context.draining = True
+    for connection in list(context.connections):
+        connection.drain()

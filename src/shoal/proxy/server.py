@@ -1,0 +1,397 @@
+"""``shoal proxy``: run the sidecar, one process or a supervisor with N workers.
+
+With ``--concurrency N`` (N > 1) the supervisor forks N workers that each bind every
+listener with SO_REUSEPORT (the kernel spreads connections, as Envoy's workers share
+them); the supervisor serves the admin API and answers from all workers at once, merging
+their stats. Signals: SIGHUP reloads the config file, SIGTERM/SIGINT drain and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import uvloop
+import yaml
+
+from shoal import __version__
+from shoal.config.envoy import bootstrap_from_dict
+from shoal.config.model import Bootstrap
+from shoal.errors import ConfigError
+from shoal.observe.stats import Snapshot, merge
+from shoal.proxy.admin import serve_admin
+from shoal.proxy.runtime import ProxyRuntime
+
+log = logging.getLogger("shoal.proxy")
+
+
+def read_config(path: str) -> tuple[Bootstrap, dict[str, Any]]:
+    """Parse and translate a bootstrap file; raises ConfigError naming file and field."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", source=path) from exc
+    try:
+        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"not valid YAML/JSON: {exc}", source=path) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("the bootstrap must be a mapping", source=path)
+    return bootstrap_from_dict(raw, source=path), raw
+
+
+class ProxyProcess:
+    """One proxy process: the runtime plus reload, watch and shutdown; also the admin
+    backend when it is the only process."""
+
+    def __init__(self, path: str, reuse_port: bool, drain_time: float, watch: bool) -> None:
+        self.path = path
+        self.runtime = ProxyRuntime(reuse_port=reuse_port)
+        self.drain_time = drain_time
+        self.watch = watch
+        self.stopped = asyncio.Event()
+        self.started_at = time.time()
+        self._mtime = 0.0
+        self.state = "PRE_INITIALIZING"
+
+    async def start(self, bootstrap: Bootstrap, raw: dict[str, Any]) -> None:
+        self._mtime = _mtime(self.path)
+        await self.runtime.apply(bootstrap, raw)
+        self.state = "LIVE"
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.quit)
+        if self.watch:
+            loop.create_task(self._watch())
+
+    async def reload(self) -> bool:
+        """Apply the file again; an invalid file is logged and the running config stays."""
+        self._mtime = _mtime(self.path)
+        try:
+            bootstrap, raw = read_config(self.path)
+            await self.runtime.apply(bootstrap, raw)
+        except ConfigError as exc:
+            log.error(
+                "config rejected, keeping version %d: %s", self.runtime.config_version, exc
+            )
+            return False
+        except OSError as exc:
+            log.error(
+                "config rejected, keeping version %d: %s: cannot bind: %s",
+                self.runtime.config_version,
+                self.path,
+                exc,
+            )
+            return False
+        return True
+
+    async def _watch(self) -> None:
+        while not self.stopped.is_set():
+            await asyncio.sleep(0.5)
+            if _mtime(self.path) != self._mtime:
+                await self.reload()
+
+    def quit(self) -> None:
+        if self.state != "DRAINING":
+            self.state = "DRAINING"
+            asyncio.get_running_loop().create_task(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        log.info("draining (up to %.1fs) and exiting", self.drain_time)
+        await self.runtime.shutdown(self.drain_time)
+        self.stopped.set()
+
+    # AdminBackend ---------------------------------------------------------------------------
+
+    async def snapshot(self) -> Snapshot:
+        return self.runtime.snapshot()
+
+    async def clusters_text(self) -> str:
+        return self.runtime.clusters_text()
+
+    def config_dump(self) -> dict[str, Any]:
+        return config_dump(self.runtime.raw_config, self.runtime.config_version)
+
+    def server_info(self) -> dict[str, Any]:
+        return {
+            "version": f"shoal/{__version__}",
+            "state": self.state,
+            "uptime_current_epoch": f"{int(time.time() - self.started_at)}s",
+            "command_line_options": {"config_path": self.path, "concurrency": 1},
+            "config_version": self.runtime.config_version,
+            "healthcheck_failed": self.runtime.healthcheck_failed,
+        }
+
+    def is_live(self) -> bool:
+        return self.state == "LIVE"
+
+    async def set_healthcheck_failed(self, failed: bool) -> None:
+        self.runtime.set_healthcheck_failed(failed)
+
+    async def drain_listeners(self) -> None:
+        self.runtime.drain_listeners()
+
+
+def config_dump(raw: dict[str, Any], version: int) -> dict[str, Any]:
+    """Envoy-shaped ``/config_dump``: the bootstrap plus static listeners and clusters."""
+    static = raw.get("static_resources", {})
+    return {
+        "configs": [
+            {
+                "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+                "bootstrap": raw,
+            },
+            {
+                "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+                "version_info": str(version),
+                "static_listeners": [{"listener": item} for item in static.get("listeners", [])],
+            },
+            {
+                "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+                "version_info": str(version),
+                "static_clusters": [{"cluster": item} for item in static.get("clusters", [])],
+            },
+        ]
+    }
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+async def _run_single(path: str, drain_time: float, watch: bool) -> int:
+    bootstrap, raw = read_config(path)
+    process = ProxyProcess(path, reuse_port=False, drain_time=drain_time, watch=watch)
+    await process.start(bootstrap, raw)
+    admin = None
+    if bootstrap.admin is not None:
+        address = bootstrap.admin.address
+        admin = await serve_admin(process, address.host, address.port)
+    log.info("shoal proxy ready (pid %d)", os.getpid())
+    await process.stopped.wait()
+    if admin is not None:
+        admin.close()
+    return 0
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+
+async def _worker_main(path: str, drain_time: float, control: socket.socket) -> int:
+    """A worker: serve the listeners, answer the supervisor's questions on ``control``."""
+    bootstrap, raw = read_config(path)
+    process = ProxyProcess(path, reuse_port=True, drain_time=drain_time, watch=False)
+    await process.start(bootstrap, raw)
+    reader, writer = await asyncio.open_connection(sock=control)
+
+    async def answer() -> None:
+        while line := await reader.readline():
+            command = line.decode().strip()
+            reply: Any = None
+            if command == "stats":
+                reply = process.runtime.snapshot().to_json()
+            elif command == "clusters":
+                reply = process.runtime.clusters_text()
+            elif command == "reload":
+                reply = await process.reload()
+            elif command in ("hc_fail", "hc_ok"):
+                process.runtime.set_healthcheck_failed(command == "hc_fail")
+            elif command == "drain":
+                process.runtime.drain_listeners()
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+
+    asyncio.get_running_loop().create_task(answer())
+    await process.stopped.wait()
+    return 0
+
+
+class Supervisor:
+    """Forks workers, serves admin for all of them, forwards reload and shutdown."""
+
+    def __init__(self, path: str, concurrency: int, drain_time: float, watch: bool) -> None:
+        self.path = path
+        self.concurrency = concurrency
+        self.drain_time = drain_time
+        self.watch = watch
+        self.workers: list[tuple[int, socket.socket]] = []
+        self.channels: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.lock = asyncio.Lock()
+        self.stopped = asyncio.Event()
+        self.state = "LIVE"
+        self.raw: dict[str, Any] = {}
+        self.version = 1
+        self.started_at = time.time()
+        self.healthcheck_failed = False
+
+    def fork_workers(self) -> None:
+        for _ in range(self.concurrency):
+            parent_end, child_end = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:
+                parent_end.close()
+                for _, other in self.workers:
+                    other.close()
+                code = 1
+                try:
+                    code = run_on_uvloop(_worker_main(self.path, self.drain_time, child_end))
+                except ConfigError as exc:
+                    log.error("%s", exc)
+                finally:
+                    os._exit(code)
+            child_end.close()
+            self.workers.append((pid, parent_end))
+
+    async def ask(self, command: str) -> list[Any]:
+        async with self.lock:
+            answers = []
+            for reader, writer in self.channels:
+                writer.write(command.encode() + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+                answers.append(json.loads(line) if line else None)
+            return answers
+
+    async def run(self) -> int:
+        bootstrap, self.raw = read_config(self.path)
+        for _, sock in self.workers:
+            self.channels.append(await asyncio.open_connection(sock=sock))
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.quit)
+        admin = None
+        if bootstrap.admin is not None:
+            address = bootstrap.admin.address
+            admin = await serve_admin(self, address.host, address.port)
+        if self.watch:
+            loop.create_task(self._watch())
+        loop.create_task(self._reap())
+        await self.stopped.wait()
+        if admin is not None:
+            admin.close()
+        return 0
+
+    async def reload(self) -> None:
+        try:
+            _, raw = read_config(self.path)
+        except ConfigError as exc:
+            log.error("config rejected, keeping version %d: %s", self.version, exc)
+            return
+        if all(await self.ask("reload")):
+            self.raw = raw
+            self.version += 1
+
+    async def _watch(self) -> None:
+        seen = _mtime(self.path)
+        while not self.stopped.is_set():
+            await asyncio.sleep(0.5)
+            if _mtime(self.path) != seen:
+                seen = _mtime(self.path)
+                await self.reload()
+
+    async def _reap(self) -> None:
+        """A worker that dies takes the proxy down: better than serving at 1/N capacity
+        silently (a supervisor such as the agent or Kubernetes restarts us)."""
+        while not self.stopped.is_set():
+            await asyncio.sleep(0.5)
+            for pid, _ in self.workers:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done and self.state == "LIVE":
+                    log.error("worker %d exited; shutting down", pid)
+                    self.quit()
+
+    def quit(self) -> None:
+        if self.state == "DRAINING":
+            return
+        self.state = "DRAINING"
+        asyncio.get_running_loop().create_task(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        for pid, _ in self.workers:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.drain_time + 5
+        for pid, _ in self.workers:
+            while time.monotonic() < deadline:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if done:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        self.stopped.set()
+
+    # AdminBackend --------------------------------------------------------------------------------
+
+    async def snapshot(self) -> Snapshot:
+        snapshots = [Snapshot.from_json(text) for text in await self.ask("stats") if text]
+        merged = merge(snapshots)
+        merged.gauges["server.concurrency"] = self.concurrency
+        merged.gauges["server.live"] = int(self.state == "LIVE")
+        return merged
+
+    async def clusters_text(self) -> str:
+        answers = await self.ask("clusters")
+        return answers[0] if answers and answers[0] else ""
+
+    def config_dump(self) -> dict[str, Any]:
+        return config_dump(self.raw, self.version)
+
+    def server_info(self) -> dict[str, Any]:
+        return {
+            "version": f"shoal/{__version__}",
+            "state": self.state,
+            "uptime_current_epoch": f"{int(time.time() - self.started_at)}s",
+            "command_line_options": {"config_path": self.path, "concurrency": self.concurrency},
+            "workers": [pid for pid, _ in self.workers],
+            "healthcheck_failed": self.healthcheck_failed,
+        }
+
+    def is_live(self) -> bool:
+        return self.state == "LIVE"
+
+    async def set_healthcheck_failed(self, failed: bool) -> None:
+        self.healthcheck_failed = failed
+        await self.ask("hc_fail" if failed else "hc_ok")
+
+    async def drain_listeners(self) -> None:
+        await self.ask("drain")
+
+
+def run_proxy(path: str, concurrency: int = 1, drain_time: float = 10.0, watch: bool = False
+              ) -> int:
+    """Entry point of ``shoal proxy``; returns the exit code."""
+    try:
+        read_config(path)  # fail fast, before forking, with the file and field named
+    except ConfigError as exc:
+        print(f"shoal proxy: invalid config: {exc}", file=sys.stderr)
+        return 2
+    if concurrency <= 1:
+        return run_on_uvloop(_run_single(path, drain_time, watch))
+    supervisor = Supervisor(path, concurrency, drain_time, watch)
+    supervisor.fork_workers()
+    return run_on_uvloop(supervisor.run())
+
+
+def run_on_uvloop(main: Coroutine[Any, Any, int]) -> int:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)

@@ -1,0 +1,323 @@
+"""A live cluster: its hosts, load balancer, circuit-breaker counts, pools and stats.
+
+Connection pooling follows Envoy's HTTP/1.1 pool: a request takes an idle keep-alive
+connection if one exists; otherwise it is *pending* (counted against
+``max_pending_requests``) and a new connection is opened if ``max_connections`` allows,
+or it waits for a connection to be released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from shoal.config.model import Cluster, DiscoveryType, Endpoint, SocketAddress
+from shoal.observe.stats import Histogram
+from shoal.transport.upstream import UpstreamConnection
+from shoal.upstream.host import Host
+from shoal.upstream.lb import LoadBalancer, build_lb
+
+log = logging.getLogger("shoal.upstream")
+
+
+class PoolWaiter(Protocol):
+    def pool_ready(self, conn: UpstreamConnection) -> None: ...
+    def pool_failure(self, reason: str) -> None: ...
+
+
+class ClusterStats:
+    """Envoy's cluster counters, as plain ints (read at scrape time only)."""
+
+    __slots__ = (
+        "codes",
+        "upstream_cx_connect_fail",
+        "upstream_cx_connect_timeout",
+        "upstream_cx_destroy",
+        "upstream_cx_overflow",
+        "upstream_cx_total",
+        "upstream_rq_cancelled",
+        "upstream_rq_pending_overflow",
+        "upstream_rq_pending_total",
+        "upstream_rq_per_try_timeout",
+        "upstream_rq_retry",
+        "upstream_rq_retry_overflow",
+        "upstream_rq_retry_success",
+        "upstream_rq_rx_reset",
+        "upstream_rq_time",
+        "upstream_rq_timeout",
+        "upstream_rq_total",
+    )
+
+    COUNTERS = (
+        "upstream_cx_connect_fail",
+        "upstream_cx_connect_timeout",
+        "upstream_cx_destroy",
+        "upstream_cx_overflow",
+        "upstream_cx_total",
+        "upstream_rq_cancelled",
+        "upstream_rq_pending_overflow",
+        "upstream_rq_pending_total",
+        "upstream_rq_per_try_timeout",
+        "upstream_rq_retry",
+        "upstream_rq_retry_overflow",
+        "upstream_rq_retry_success",
+        "upstream_rq_rx_reset",
+        "upstream_rq_timeout",
+        "upstream_rq_total",
+    )
+
+    def __init__(self) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, 0)
+        self.codes: dict[int, int] = {}
+        self.upstream_rq_time = Histogram()
+
+
+class HostPool:
+    """Keep-alive connections to one host."""
+
+    __slots__ = ("cluster", "connecting", "host", "idle", "waiters")
+
+    def __init__(self, cluster: ClusterRuntime, host: Host) -> None:
+        self.cluster = cluster
+        self.host = host
+        self.idle: list[UpstreamConnection] = []
+        self.waiters: deque[PoolWaiter] = deque()
+        self.connecting = 0
+
+    def connection_ready(self, conn: UpstreamConnection) -> None:
+        self.connecting -= 1
+        self.release(conn)
+
+    def connection_closed(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        cluster = self.cluster
+        cluster.cx_active -= 1
+        cluster.stats.upstream_cx_destroy += 1
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+        cluster.serve_waiters()
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """A connection is free again: give it to the oldest waiter, else keep it idle."""
+        if conn.closed:
+            return
+        max_requests = self.cluster.config.max_requests_per_connection
+        if max_requests is not None and conn.requests >= max_requests:
+            conn.close()
+            return
+        if self.waiters:
+            waiter = self.waiters.popleft()
+            self.cluster.rq_pending -= 1
+            waiter.pool_ready(conn)
+        elif self.cluster.waiting_elsewhere():
+            conn.close()  # another host needs the connection slot
+        else:
+            self.idle.append(conn)
+
+    def connect(self) -> None:
+        cluster = self.cluster
+        cluster.cx_active += 1
+        cluster.stats.upstream_cx_total += 1
+        self.connecting += 1
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        cluster = self.cluster
+        address = self.host.address
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(cluster.config.connect_timeout):
+                await loop.create_connection(
+                    lambda: UpstreamConnection(self), address.host, address.port
+                )
+        except (OSError, TimeoutError) as exc:
+            self.connecting -= 1
+            cluster.cx_active -= 1
+            cluster.stats.upstream_cx_connect_fail += 1
+            if isinstance(exc, TimeoutError):
+                cluster.stats.upstream_cx_connect_timeout += 1
+                reason = "connection timeout"
+            else:
+                reason = f"delayed connect error: {exc.errno}"
+            if self.waiters:
+                waiter = self.waiters.popleft()
+                cluster.rq_pending -= 1
+                waiter.pool_failure(reason)
+            cluster.serve_waiters()
+
+
+class ClusterRuntime:
+    __slots__ = (
+        "_dns_task",
+        "cx_active",
+        "config",
+        "hosts",
+        "lb",
+        "on_hosts_changed",
+        "pools",
+        "retries_active",
+        "rq_active",
+        "rq_pending",
+        "stats",
+    )
+
+    def __init__(self, config: Cluster) -> None:
+        self.config = config
+        self.stats = ClusterStats()
+        self.pools: dict[str, HostPool] = {}
+        self.rq_active = 0
+        self.rq_pending = 0
+        self.cx_active = 0
+        self.retries_active = 0
+        self.on_hosts_changed: Callable[[], None] | None = None
+        self._dns_task: asyncio.Task[None] | None = None
+        self.hosts: list[Host] = []
+        self.lb: LoadBalancer = build_lb(config, [])
+        if config.type is DiscoveryType.STATIC:
+            self.set_hosts([_host(ep, ep.address) for ep in config.endpoints])
+
+    def set_hosts(self, hosts: list[Host]) -> None:
+        """Install a new host set, keeping the live state of hosts that stay."""
+        old = {h.key: h for h in self.hosts}
+        merged = []
+        for fresh in hosts:
+            host = old.get(fresh.key)
+            if host is None:
+                host = fresh
+            else:
+                host.weight, host.priority = fresh.weight, fresh.priority
+                host.locality, host.healthy = fresh.locality, fresh.healthy
+            merged.append(host)
+        self.hosts = merged
+        self.lb = build_lb(self.config, merged)
+        keys = {h.key for h in merged}
+        for key in [k for k in self.pools if k not in keys]:
+            for conn in self.pools.pop(key).idle:
+                conn.close()
+        if self.on_hosts_changed is not None:
+            self.on_hosts_changed()
+
+    # circuit breakers and pools -------------------------------------------------------------
+
+    def acquire(self, host: Host, waiter: PoolWaiter) -> UpstreamConnection | None | bool:
+        """An idle connection, or None when ``waiter`` will be called back, or False on
+        pending overflow (the caller answers 503 UO)."""
+        pool = self.pools.get(host.key)
+        if pool is None:
+            pool = self.pools[host.key] = HostPool(self, host)
+        idle = pool.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        breakers = self.config.circuit_breakers
+        if self.rq_pending >= breakers.max_pending_requests:
+            self.stats.upstream_rq_pending_overflow += 1
+            return False
+        self.rq_pending += 1
+        self.stats.upstream_rq_pending_total += 1
+        pool.waiters.append(waiter)
+        if pool.connecting < len(pool.waiters):
+            if self.cx_active < breakers.max_connections:
+                pool.connect()
+            else:
+                self.stats.upstream_cx_overflow += 1
+                self._close_one_idle()
+        return None
+
+    def cancel(self, host: Host, waiter: PoolWaiter) -> None:
+        pool = self.pools.get(host.key)
+        if pool is not None:
+            try:
+                pool.waiters.remove(waiter)
+            except ValueError:
+                return
+            self.rq_pending -= 1
+
+    def release(self, host: Host, conn: UpstreamConnection) -> None:
+        pool = self.pools.get(host.key)
+        if pool is None:
+            conn.close()
+        else:
+            pool.release(conn)
+
+    def waiting_elsewhere(self) -> bool:
+        return self.rq_pending > 0 and self.cx_active >= self.config.circuit_breakers.max_connections
+
+    def serve_waiters(self) -> None:
+        """A connection slot freed up: open connections for pools that still wait."""
+        if not self.rq_pending:
+            return
+        limit = self.config.circuit_breakers.max_connections
+        for pool in self.pools.values():
+            while pool.connecting < len(pool.waiters) and self.cx_active < limit:
+                pool.connect()
+
+    def _close_one_idle(self) -> None:
+        for pool in self.pools.values():
+            if pool.idle:
+                pool.idle.pop().close()
+                return
+
+    # DNS ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resolve DNS clusters once before use (warming), then keep refreshing."""
+        if self.config.type in (DiscoveryType.STRICT_DNS, DiscoveryType.LOGICAL_DNS):
+            await self._resolve()
+            self._dns_task = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.dns_refresh_rate)
+            await self._resolve()
+
+    async def _resolve(self) -> None:
+        loop = asyncio.get_running_loop()
+        family = {
+            "v4_only": socket.AF_INET,
+            "v6_only": socket.AF_INET6,
+        }.get(self.config.dns_lookup_family, socket.AF_UNSPEC)
+        hosts: list[Host] = []
+        for endpoint in self.config.endpoints:
+            address = endpoint.address
+            try:
+                infos = await loop.getaddrinfo(
+                    address.host, address.port, family=family, type=socket.SOCK_STREAM
+                )
+            except OSError as exc:
+                log.warning("cluster %s: cannot resolve %s: %s", self.config.name, address, exc)
+                continue
+            ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            if self.config.dns_lookup_family == "v4_preferred":
+                ips.sort(key=lambda ip: ":" in ip)
+            if self.config.type is DiscoveryType.LOGICAL_DNS:
+                ips = ips[:1]
+            hosts.extend(_host(endpoint, SocketAddress(ip, address.port)) for ip in ips)
+        if [h.key for h in hosts] != [h.key for h in self.hosts]:
+            self.set_hosts(hosts)
+
+    def close(self) -> None:
+        if self._dns_task is not None:
+            self._dns_task.cancel()
+        for pool in self.pools.values():
+            for conn in pool.idle:
+                conn.close()
+            pool.idle.clear()
+
+
+def _host(endpoint: Endpoint, address: SocketAddress) -> Host:
+    return Host(
+        address,
+        weight=endpoint.weight,
+        priority=endpoint.priority,
+        locality=endpoint.locality,
+        healthy=endpoint.healthy,
+        hostname=endpoint.hostname or endpoint.address.host,
+    )
