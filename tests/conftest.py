@@ -142,7 +142,10 @@ def http_listener(
         "filter_chains": [
             {
                 "filters": [
-                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": manager,
+                    }
                 ]
             }
         ],
@@ -157,7 +160,9 @@ def bootstrap(
     listeners: list[dict[str, Any]], clusters: list[dict[str, Any]], admin_port: int
 ) -> dict[str, Any]:
     return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
@@ -190,9 +195,7 @@ class Proxy:
         raise TimeoutError(f"shoal proxy not ready:\n{self.output()}")
 
     def admin(self, path: str, method: str = "GET") -> tuple[int, str]:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.admin_port}{path}", method=method
-        )
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method)
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 return response.status, response.read().decode()

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-
 from tests.conftest import (
     Echo,
     bootstrap,
@@ -47,10 +46,19 @@ def proxy(make_proxy: Any, echo_a: Echo, echo_b: Echo, tmp_path: Any) -> Any:
             "name": "default",
             "domains": ["*"],
             "routes": [
-                {"match": {"path": "/direct"}, "direct_response": {"status": 200, "body": {"inline_string": "hi"}}},
-                {"match": {"prefix": "/old/"}, "redirect": {"path_redirect": "/new", "response_code": "FOUND"}},
                 {
-                    "match": {"prefix": "/hdr", "headers": [{"name": "x-canary", "string_match": {"exact": "1"}}]},
+                    "match": {"path": "/direct"},
+                    "direct_response": {"status": 200, "body": {"inline_string": "hi"}},
+                },
+                {
+                    "match": {"prefix": "/old/"},
+                    "redirect": {"path_redirect": "/new", "response_code": "FOUND"},
+                },
+                {
+                    "match": {
+                        "prefix": "/hdr",
+                        "headers": [{"name": "x-canary", "string_match": {"exact": "1"}}],
+                    },
                     "route": {"cluster": "b"},
                 },
                 route_to("a", "/rewrite/", prefix_rewrite="/v2/"),
@@ -72,7 +80,9 @@ def proxy(make_proxy: Any, echo_a: Echo, echo_b: Echo, tmp_path: Any) -> Any:
 
 
 def test_proxies_get_with_envoy_headers(proxy: Any) -> None:
-    response = raw_request(proxy.port, b"GET /hello?x=1 HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+    response = raw_request(
+        proxy.port, b"GET /hello?x=1 HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
+    )
     assert _status(response) == 200
     headers = _headers(response)
     assert headers["x-served-by"] == "a"
@@ -88,36 +98,52 @@ def test_proxies_get_with_envoy_headers(proxy: Any) -> None:
 
 def test_routes_by_host_header_and_wildcard(proxy: Any) -> None:
     for host in (b"b.local", b"b.local:8080", b"x.b.local"):
-        response = raw_request(proxy.port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        response = raw_request(
+            proxy.port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+        )
         assert _headers(response)["x-served-by"] == "b", host
 
 
 def test_header_match_and_prefix_rewrite(proxy: Any) -> None:
-    response = raw_request(proxy.port, b"GET /hdr HTTP/1.1\r\nHost: s\r\nx-canary: 1\r\nConnection: close\r\n\r\n")
+    response = raw_request(
+        proxy.port, b"GET /hdr HTTP/1.1\r\nHost: s\r\nx-canary: 1\r\nConnection: close\r\n\r\n"
+    )
     assert _headers(response)["x-served-by"] == "b"
     response = raw_request(proxy.port, b"GET /hdr HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
     assert _headers(response)["x-served-by"] == "a"
-    response = raw_request(proxy.port, b"GET /rewrite/x HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+    response = raw_request(
+        proxy.port, b"GET /rewrite/x HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+    )
     echoed = json.loads(_body(response))
     assert echoed["path"] == "/v2/x"
     assert echoed["headers"]["x-envoy-original-path"] == "/rewrite/x"
 
 
 def test_direct_response_and_redirect(proxy: Any) -> None:
-    response = raw_request(proxy.port, b"GET /direct HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+    response = raw_request(
+        proxy.port, b"GET /direct HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+    )
     assert _status(response) == 200 and _body(response) == b"hi"
-    response = raw_request(proxy.port, b"GET /old/x?q=1 HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+    response = raw_request(
+        proxy.port, b"GET /old/x?q=1 HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+    )
     assert _status(response) == 302
     assert _headers(response)["location"] == "http://s/new?q=1"
 
 
 def test_keep_alive_and_pipelining(proxy: Any) -> None:
-    requests = b"".join(
-        b"GET /p%d HTTP/1.1\r\nHost: s\r\n\r\n" % i for i in range(5)
-    ) + b"GET /last HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+    requests = (
+        b"".join(b"GET /p%d HTTP/1.1\r\nHost: s\r\n\r\n" % i for i in range(5))
+        + b"GET /last HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+    )
     response = raw_request(proxy.port, requests)
     assert response.count(b"HTTP/1.1 200") == 6
-    paths = [json.loads(line)["path"] for line in response.split(b"\r\n\r\n")[1:] for line in [line.split(b"\n")[0]] if line.startswith(b"{")]
+    paths = [
+        json.loads(line)["path"]
+        for line in response.split(b"\r\n\r\n")[1:]
+        for line in [line.split(b"\n")[0]]
+        if line.startswith(b"{")
+    ]
     assert paths == ["/p0", "/p1", "/p2", "/p3", "/p4", "/last"]
 
 
@@ -125,20 +151,25 @@ def test_post_body_content_length_and_chunked(proxy: Any) -> None:
     body = b"z" * 100_000
     response = raw_request(
         proxy.port,
-        b"POST /up HTTP/1.1\r\nHost: s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body),
+        b"POST /up HTTP/1.1\r\nHost: s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (len(body), body),
     )
     assert json.loads(_body(response))["body_bytes"] == 100_000
     chunked = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     response = raw_request(
         proxy.port,
-        b"POST /up HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked,
+        b"POST /up HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + chunked,
     )
     assert json.loads(_body(response))["body_bytes"] == 11
 
 
 def test_expect_continue_is_answered(proxy: Any) -> None:
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /e HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        sock.sendall(
+            b"POST /e HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
         interim = sock.recv(1024)
         assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         sock.sendall(b"abc")
@@ -172,7 +203,9 @@ def test_absolute_form_target(proxy: Any) -> None:
 
 
 def test_chunked_download_is_rechunked(proxy: Any) -> None:
-    response = raw_request(proxy.port, b"GET /bytes/100000?chunked=1 HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+    response = raw_request(
+        proxy.port, b"GET /bytes/100000?chunked=1 HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+    )
     assert _headers(response)["transfer-encoding"] == "chunked"
     body = _body(response)
     decoded, rest = b"", body
@@ -210,6 +243,6 @@ def test_admin_stats(proxy: Any) -> None:
     assert 'envoy_cluster_upstream_rq{envoy_response_code="200",envoy_cluster_name="a"}' in text
     assert "envoy_cluster_upstream_rq_time_bucket" in text
     status, text = proxy.admin("/clusters")
-    assert f"a::127.0.0.1:" in text
+    assert "a::127.0.0.1:" in text
     status, text = proxy.admin("/config_dump")
     assert json.loads(text)["configs"][0]["bootstrap"]["static_resources"]

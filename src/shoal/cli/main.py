@@ -7,11 +7,10 @@ import logging
 import sys
 
 from shoal import __version__
+from shoal.proxy.server import run_proxy
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from shoal.proxy.server import run_proxy
-
     return run_proxy(
         args.config, concurrency=args.concurrency, drain_time=args.drain_time_s, watch=args.watch
     )
@@ -41,9 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument(
         "--concurrency", type=int, default=1, help="worker processes sharing the listeners"
     )
-    proxy.add_argument(
-        "--watch", action="store_true", help="reload when the config file changes"
-    )
+    proxy.add_argument("--watch", action="store_true", help="reload when the config file changes")
     proxy.add_argument(
         "--drain-time-s",
         type=float,

@@ -118,6 +118,10 @@ def _remote_error(exc: Exception) -> RemoteProtocolError:
     return RemoteProtocolError(message, 400)
 
 
+def _events() -> list[Event]:
+    return []
+
+
 class RequestDecoder:
     """Decodes a stream of requests (keep-alive and pipelined) from one connection."""
 
@@ -146,7 +150,7 @@ class RequestDecoder:
     def feed(self, data: bytes) -> list[Event]:
         if self._upgraded:
             raise RemoteProtocolError("data after upgrade must not be parsed as HTTP")
-        self._events = events = []
+        self._events = events = _events()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -245,7 +249,7 @@ class ResponseDecoder:
         self._head_only = head_only
 
     def feed(self, data: bytes) -> list[Event]:
-        self._events = events = []
+        self._events = events = _events()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -287,7 +291,7 @@ class ResponseDecoder:
         if self._head_only and head.status >= 200:
             self._events.append(END)
             self._replace_parser = True
-            raise _HeadDone
+            raise _HeadDoneError
 
     def on_body(self, body: bytes) -> None:
         self._events.append(body)
@@ -299,7 +303,7 @@ class ResponseDecoder:
             self._events.append(END)
 
 
-class _HeadDone(Exception):
+class _HeadDoneError(Exception):
     """Stops llhttp after the head of a HEAD response (the parser is then replaced)."""
 
 

@@ -13,6 +13,7 @@ tag extraction so dashboards built for Envoy work unchanged).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -277,3 +278,8 @@ def render_prometheus(snapshot: Snapshot) -> str:
             out.append(f"{metric}_count{{{labels}}} {count}\n")
         out.append("\n")
     return "".join(out)
+
+
+def int_fields(cls: type) -> tuple[str, ...]:
+    """Names of a stats dataclass's plain integer fields (its counters or gauges)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.type in ("int", int))

@@ -152,10 +152,13 @@ class AdminConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        head = status_line(status) + (
-            f"content-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
-            f"cache-control: no-cache, max-age=0\r\nx-content-type-options: nosniff\r\n"
-        ).encode()
+        head = (
+            status_line(status)
+            + (
+                f"content-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+                f"cache-control: no-cache, max-age=0\r\nx-content-type-options: nosniff\r\n"
+            ).encode()
+        )
         if close:
             head += b"connection: close\r\n"
         transport.write(head + b"\r\n" + body)

@@ -18,6 +18,7 @@ import socket
 import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
+from urllib.parse import parse_qsl
 
 from shoal.codec.http1 import (
     CONTINUE_RESPONSE,
@@ -64,6 +65,8 @@ _request_ids = itertools.count(random.getrandbits(32))
 _RESET_CONDITIONS = frozenset({"5xx", "gateway-error", "reset", "reset-before-request"})
 _CONNECT_CONDITIONS = frozenset({"5xx", "gateway-error", "connect-failure", "reset"})
 _GATEWAY_ERRORS = frozenset({502, 503, 504})
+# answered or rewritten by the proxy itself, never passed on
+_NOT_FORWARDED = frozenset({b"expect", b"x-envoy-original-path"})
 
 
 def _new_request_id() -> bytes:
@@ -141,9 +144,9 @@ class Exchange:
         "pending",
         "request_complete",
         "request_id",
+        "response_code_details",
         "response_complete",
         "response_flags",
-        "response_code_details",
         "response_headers",
         "response_started",
         "retries_left",
@@ -261,9 +264,8 @@ class Exchange:
         ctx.stats.downstream_rq_total += 1
         ctx.stats.downstream_rq_active += 1
         target = head.target
-        if not target.startswith(b"/"):
-            if not self._absolute_form(target):
-                return
+        if not target.startswith(b"/") and not self._absolute_form(target):
+            return
         if head.upgrade:
             if head.upgrade == b"connect":
                 self.local_reply(404, b"", "NR", "route_not_found")
@@ -301,8 +303,11 @@ class Exchange:
         limits = cluster.config.circuit_breakers
         if cluster.rq_active >= limits.max_requests:
             self.local_reply(
-                503, b"upstream connect error or disconnect/reset before headers. reset "
-                b"reason: overflow", "UO", "upstream_reset_before_response_started{overflow}",
+                503,
+                b"upstream connect error or disconnect/reset before headers. reset "
+                b"reason: overflow",
+                "UO",
+                "upstream_reset_before_response_started{overflow}",
                 overloaded=True,
             )
             return
@@ -405,15 +410,16 @@ class Exchange:
             if name in HOP_BY_HOP or name in tokens or name in remove:
                 continue
             if name == b"host":
-                value = host
-            elif name == b"x-request-id":
+                append(b"host: %s\r\n" % host)
+                continue
+            if name == b"x-request-id":
                 request_id = value
             elif name == b"x-forwarded-proto":
                 forwarded_proto = True
             elif name == b"x-forwarded-for":
                 xff = value if xff is None else xff + b"," + value
                 continue
-            elif name == b"expect" or name == b"x-envoy-original-path":
+            elif name in _NOT_FORWARDED:
                 continue
             append(b"%s: %s\r\n" % (name, value))
         config = ctx.config
@@ -448,8 +454,9 @@ class Exchange:
         limit = self.connection.ctx.config.max_request_bytes
         if limit is not None and self.bytes_received > limit and not self.response_started:
             self.reset_upstream()
-            self.local_reply(413, b"Payload Too Large", "-", "request_payload_too_large",
-                             close=True)
+            self.local_reply(
+                413, b"Payload Too Large", "-", "request_payload_too_large", close=True
+            )
             return
         if self.head.chunked and not self.tunnel:
             data = encode_chunk(data)
@@ -503,8 +510,11 @@ class Exchange:
         elif conn is False:
             host.active_requests -= 1
             self.local_reply(
-                503, b"upstream connect error or disconnect/reset before headers. reset "
-                b"reason: overflow", "UO", "upstream_reset_before_response_started{overflow}",
+                503,
+                b"upstream connect error or disconnect/reset before headers. reset "
+                b"reason: overflow",
+                "UO",
+                "upstream_reset_before_response_started{overflow}",
                 overloaded=True,
             )
         else:
@@ -648,11 +658,12 @@ class Exchange:
         status = head.status
         conn = self.conn
         assert conn is not None and self.cluster is not None and self.host is not None
-        if status >= 500 or status == 409 or status in self._retriable_codes():
-            if self._maybe_retry(frozenset(), status):
-                conn.sink = _Discard(self.cluster, self.host, conn)
-                self._end_attempt()
-                return
+        if (
+            status >= 500 or status == 409 or status in self._retriable_codes()
+        ) and self._maybe_retry(frozenset(), status):
+            conn.sink = _Discard(self.cluster, self.host, conn)
+            self._end_attempt()
+            return
         self.status = status
         self.response_started = True
         if self.tried_hosts and len(self.tried_hosts) > 1:
@@ -784,8 +795,10 @@ class Exchange:
 
     def _redirect(self, redirect: Redirect) -> None:
         scheme = redirect.scheme or "http"
-        host = redirect.host or self.authority.rsplit(":", 1)[0] if redirect.port else (
-            redirect.host or self.authority
+        host = (
+            redirect.host or self.authority.rsplit(":", 1)[0]
+            if redirect.port
+            else (redirect.host or self.authority)
         )
         if redirect.port:
             host = f"{host}:{redirect.port}"
@@ -873,6 +886,7 @@ class Exchange:
         stats.downstream_rq_active -= 1
         status = self.status
         stats.count_status(status)
+        stats.downstream_rq_time.record(self.duration * 1000.0)
         cluster = self.cluster
         if cluster is not None:
             cluster.rq_active -= 1
@@ -884,8 +898,9 @@ class Exchange:
         connection.exchange_done(self)
 
 
-def _removals(headers: tuple[HeaderMutations, ...], exchange: Exchange, request: bool = True
-              ) -> frozenset[bytes]:
+def _removals(
+    headers: tuple[HeaderMutations, ...], exchange: Exchange, request: bool = True
+) -> frozenset[bytes]:
     names: set[bytes] = set()
     for mutations in _mutation_chain(headers, exchange):
         chosen = mutations.request_remove if request else mutations.response_remove
@@ -893,16 +908,18 @@ def _removals(headers: tuple[HeaderMutations, ...], exchange: Exchange, request:
     return frozenset(names)
 
 
-def _additions(headers: tuple[HeaderMutations, ...], exchange: Exchange, request: bool
-               ) -> list[HeaderValueOption]:
+def _additions(
+    headers: tuple[HeaderMutations, ...], exchange: Exchange, request: bool
+) -> list[HeaderValueOption]:
     found: list[HeaderValueOption] = []
     for mutations in _mutation_chain(headers, exchange):
         found.extend(mutations.request_add if request else mutations.response_add)
     return found
 
 
-def _mutation_chain(config_headers: tuple[HeaderMutations, ...], exchange: Exchange
-                    ) -> list[HeaderMutations]:
+def _mutation_chain(
+    config_headers: tuple[HeaderMutations, ...], exchange: Exchange
+) -> list[HeaderMutations]:
     """Route, then virtual host, then route configuration — most specific first."""
     chain: list[HeaderMutations] = []
     if exchange.route is not None and exchange.route.headers:
@@ -925,8 +942,6 @@ def _cookie(headers: Headers, name: str) -> str | None:
 
 
 def _query_param(path: str, name: str) -> str | None:
-    from urllib.parse import parse_qsl
-
     for key, value in parse_qsl(path.partition("?")[2], keep_blank_values=True):
         if key == name:
             return value
@@ -946,16 +961,16 @@ class HttpConnection(asyncio.Protocol):
         "ctx",
         "decoder",
         "id",
+        "last_activity",
         "local",
         "loop",
+        "paused_writing",
         "queue",
         "receiving",
         "remote",
         "remote_ip",
         "transport",
         "tunnel",
-        "last_activity",
-        "paused_writing",
     )
 
     def __init__(self, ctx: HttpListenerContext) -> None:
@@ -1019,7 +1034,7 @@ class HttpConnection(asyncio.Protocol):
         for event in events:
             if event.__class__ is bytes:
                 if self.receiving is not None:
-                    self.receiving.request_data(event)  # type: ignore[arg-type]
+                    self.receiving.request_data(event)
             elif event is END:
                 receiving = self.receiving
                 if receiving is not None:
@@ -1027,7 +1042,7 @@ class HttpConnection(asyncio.Protocol):
                     receiving.request_end()
             elif event.__class__ is RequestHead:
                 self._cancel_head_timer()
-                exchange = Exchange(self, event)  # type: ignore[arg-type]
+                exchange = Exchange(self, event)
                 self.receiving = exchange
                 if self.active is None and not self.closing:
                     self.active = exchange

@@ -8,6 +8,7 @@ connections close after their current response.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from shoal.config.model import AccessLog, HttpConnectionManager, Listener, TcpProxy
@@ -18,6 +19,7 @@ from shoal.observe.accesslog import (
     compile_json_format,
     compile_text_format,
 )
+from shoal.observe.stats import Histogram, int_fields
 from shoal.proxy.routes import RouteTable
 from shoal.proxy.tcp import TcpStats
 from shoal.upstream.cluster import ClusterRuntime
@@ -29,40 +31,30 @@ class Drainable(Protocol):
     def drain(self) -> None: ...
 
 
+@dataclass(slots=True)
 class HttpStats:
-    """``http.<stat_prefix>.*`` counters of one connection manager."""
+    """``http.<stat_prefix>.*`` counters of one connection manager; the two ``*_active``
+    fields are gauges."""
 
-    __slots__ = (
-        "downstream_cx_active",
-        "downstream_cx_idle_timeout",
-        "downstream_cx_protocol_error",
-        "downstream_cx_total",
-        "downstream_cx_tx_bytes_total",
-        "downstream_rq_active",
-        "downstream_rq_header_timeout",
-        "downstream_rq_total",
-        "downstream_rq_xx",
-    )
-
-    COUNTERS = (
-        "downstream_cx_idle_timeout",
-        "downstream_cx_protocol_error",
-        "downstream_cx_total",
-        "downstream_cx_tx_bytes_total",
-        "downstream_rq_header_timeout",
-        "downstream_rq_total",
-    )
-    GAUGES = ("downstream_cx_active", "downstream_rq_active")
-
-    def __init__(self) -> None:
-        for name in self.COUNTERS + self.GAUGES:
-            setattr(self, name, 0)
-        self.downstream_rq_xx = [0, 0, 0, 0, 0, 0]
+    downstream_cx_idle_timeout: int = 0
+    downstream_cx_protocol_error: int = 0
+    downstream_cx_total: int = 0
+    downstream_cx_tx_bytes_total: int = 0
+    downstream_rq_header_timeout: int = 0
+    downstream_rq_total: int = 0
+    downstream_cx_active: int = 0
+    downstream_rq_active: int = 0
+    downstream_rq_xx: list[int] = field(default_factory=lambda: [0] * 6)
+    downstream_rq_time: Histogram = field(default_factory=Histogram)
 
     def count_status(self, status: int) -> None:
         klass = status // 100
         if 1 <= klass <= 5:
             self.downstream_rq_xx[klass] += 1
+
+
+HTTP_GAUGES = ("downstream_cx_active", "downstream_rq_active")
+HTTP_COUNTERS = tuple(name for name in int_fields(HttpStats) if name not in HTTP_GAUGES)
 
 
 class AccessLogs:

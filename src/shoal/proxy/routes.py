@@ -83,8 +83,8 @@ def _query_matches(matchers: tuple[QueryParameterMatcher, ...], path: str) -> bo
     for key, value in parse_qsl(query, keep_blank_values=True):
         params.setdefault(key, value)
     for matcher in matchers:
-        value = params.get(matcher.name)
-        if value is None or not matcher.match.matches(value):
+        found = params.get(matcher.name)
+        if found is None or not matcher.match.matches(found):
             return False
     return True
 

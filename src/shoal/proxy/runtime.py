@@ -17,13 +17,15 @@ from shoal.config.model import Bootstrap, Cluster, HttpConnectionManager, Listen
 from shoal.observe.stats import Histogram, Snapshot
 from shoal.proxy.http import HttpConnection
 from shoal.proxy.listeners import (
+    HTTP_COUNTERS,
+    HTTP_GAUGES,
     AccessLogs,
     HttpListenerContext,
     HttpStats,
     TcpListenerContext,
 )
-from shoal.proxy.tcp import TcpSession, TcpStats
-from shoal.upstream.cluster import ClusterRuntime, ClusterStats
+from shoal.proxy.tcp import TCP_COUNTERS, TcpSession, TcpStats
+from shoal.upstream.cluster import CLUSTER_COUNTERS, ClusterRuntime, ClusterStats
 
 log = logging.getLogger("shoal.proxy")
 
@@ -206,7 +208,7 @@ class ProxyRuntime:
         for name, cluster in self.clusters.items():
             prefix = f"cluster.{name}."
             stats: ClusterStats = cluster.stats
-            for counter in ClusterStats.COUNTERS:
+            for counter in CLUSTER_COUNTERS:
                 counters[prefix + counter] = getattr(stats, counter)
             classes = [0] * 6
             for code, count in stats.codes.items():
@@ -224,15 +226,16 @@ class ProxyRuntime:
             histograms[prefix + "upstream_rq_time"] = stats.upstream_rq_time
         for prefix_name, http in self.http_stats.items():
             prefix = f"http.{prefix_name}."
-            for counter in HttpStats.COUNTERS:
+            for counter in HTTP_COUNTERS:
                 counters[prefix + counter] = getattr(http, counter)
-            for gauge in HttpStats.GAUGES:
+            for gauge in HTTP_GAUGES:
                 gauges[prefix + gauge] = getattr(http, gauge)
             for klass in range(1, 6):
                 counters[f"{prefix}downstream_rq_{klass}xx"] = http.downstream_rq_xx[klass]
             counters[prefix + "downstream_rq_completed"] = sum(http.downstream_rq_xx)
+            histograms[prefix + "downstream_rq_time"] = http.downstream_rq_time
         for prefix_name, tcp in self.tcp_stats.items():
-            for counter in TcpStats.COUNTERS:
+            for counter in TCP_COUNTERS:
                 counters[f"tcp.{prefix_name}.{counter}"] = getattr(tcp, counter)
         gauges["server.live"] = int(not self.draining)
         gauges["server.concurrency"] = 1

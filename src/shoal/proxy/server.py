@@ -68,11 +68,11 @@ class ProxyProcess:
         await self.runtime.apply(bootstrap, raw)
         self.state = "LIVE"
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.quit)
         if self.watch:
-            loop.create_task(self._watch())
+            _spawn(self._watch())
 
     async def reload(self) -> bool:
         """Apply the file again; an invalid file is logged and the running config stays."""
@@ -81,9 +81,7 @@ class ProxyProcess:
             bootstrap, raw = read_config(self.path)
             await self.runtime.apply(bootstrap, raw)
         except ConfigError as exc:
-            log.error(
-                "config rejected, keeping version %d: %s", self.runtime.config_version, exc
-            )
+            log.error("config rejected, keeping version %d: %s", self.runtime.config_version, exc)
             return False
         except OSError as exc:
             log.error(
@@ -104,7 +102,7 @@ class ProxyProcess:
     def quit(self) -> None:
         if self.state != "DRAINING":
             self.state = "DRAINING"
-            asyncio.get_running_loop().create_task(self._shutdown())
+            _spawn(self._shutdown())
 
     async def _shutdown(self) -> None:
         log.info("draining (up to %.1fs) and exiting", self.drain_time)
@@ -165,6 +163,16 @@ def config_dump(raw: dict[str, Any], version: int) -> dict[str, Any]:
     }
 
 
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(work: Coroutine[Any, Any, Any]) -> None:
+    """Run ``work`` in the background, holding a reference so it is not collected."""
+    task = asyncio.get_running_loop().create_task(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
 def _mtime(path: str) -> float:
     try:
         return os.stat(path).st_mtime
@@ -214,7 +222,7 @@ async def _worker_main(path: str, drain_time: float, control: socket.socket) -> 
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
 
-    asyncio.get_running_loop().create_task(answer())
+    _spawn(answer())
     await process.stopped.wait()
     return 0
 
@@ -270,7 +278,7 @@ class Supervisor:
         for _, sock in self.workers:
             self.channels.append(await asyncio.open_connection(sock=sock))
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.quit)
         admin = None
@@ -278,8 +286,8 @@ class Supervisor:
             address = bootstrap.admin.address
             admin = await serve_admin(self, address.host, address.port)
         if self.watch:
-            loop.create_task(self._watch())
-        loop.create_task(self._reap())
+            _spawn(self._watch())
+        _spawn(self._reap())
         await self.stopped.wait()
         if admin is not None:
             admin.close()
@@ -318,7 +326,7 @@ class Supervisor:
         if self.state == "DRAINING":
             return
         self.state = "DRAINING"
-        asyncio.get_running_loop().create_task(self._shutdown())
+        _spawn(self._shutdown())
 
     async def _shutdown(self) -> None:
         for pid, _ in self.workers:
@@ -377,8 +385,9 @@ class Supervisor:
         await self.ask("drain")
 
 
-def run_proxy(path: str, concurrency: int = 1, drain_time: float = 10.0, watch: bool = False
-              ) -> int:
+def run_proxy(
+    path: str, concurrency: int = 1, drain_time: float = 10.0, watch: bool = False
+) -> int:
     """Entry point of ``shoal proxy``; returns the exit code."""
     try:
         read_config(path)  # fail fast, before forking, with the file and field named

@@ -11,8 +11,10 @@ import itertools
 import random
 import socket
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
+from shoal.observe.stats import int_fields
 from shoal.transport.upstream import HIGH_WATERMARK
 
 if TYPE_CHECKING:
@@ -23,21 +25,18 @@ if TYPE_CHECKING:
 _ids = itertools.count(1_000_000_000)
 
 
+@dataclass(slots=True)
 class TcpStats:
-    __slots__ = (
-        "downstream_cx_rx_bytes_total",
-        "downstream_cx_total",
-        "downstream_cx_tx_bytes_total",
-        "idle_timeout",
-        "upstream_flush_active",
-        "downstream_cx_no_route",
-    )
+    """``tcp.<stat_prefix>.*`` counters."""
 
-    COUNTERS = __slots__
+    downstream_cx_total: int = 0
+    downstream_cx_no_route: int = 0
+    downstream_cx_rx_bytes_total: int = 0
+    downstream_cx_tx_bytes_total: int = 0
+    idle_timeout: int = 0
 
-    def __init__(self) -> None:
-        for name in self.COUNTERS:
-            setattr(self, name, 0)
+
+TCP_COUNTERS = int_fields(TcpStats)
 
 
 class _UpstreamSide(asyncio.Protocol):
@@ -215,10 +214,10 @@ class TcpSession(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            if upstream.transport.can_write_eof():
-                upstream.transport.write_eof()
-                return True
+        transport = upstream.transport if upstream is not None else None
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+            return True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

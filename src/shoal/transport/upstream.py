@@ -89,13 +89,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         for event in events:
             if event.__class__ is bytes:
-                sink.upstream_data(event)  # type: ignore[arg-type]
+                sink.upstream_data(event)
             elif event is END:
                 self.sink = None
                 sink.upstream_end()
                 return
             elif event.__class__ is ResponseHead:
-                head: ResponseHead = event  # type: ignore[assignment]
+                head: ResponseHead = event
                 self.until_close = (
                     head.content_length < 0 and not head.chunked and not no_body_status(head.status)
                 )

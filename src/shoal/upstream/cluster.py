@@ -13,10 +13,11 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shoal.config.model import Cluster, DiscoveryType, Endpoint, SocketAddress
-from shoal.observe.stats import Histogram
+from shoal.observe.stats import Histogram, int_fields
 from shoal.transport.upstream import UpstreamConnection
 from shoal.upstream.host import Host
 from shoal.upstream.lb import LoadBalancer, build_lb
@@ -29,52 +30,30 @@ class PoolWaiter(Protocol):
     def pool_failure(self, reason: str) -> None: ...
 
 
+@dataclass(slots=True)
 class ClusterStats:
     """Envoy's cluster counters, as plain ints (read at scrape time only)."""
 
-    __slots__ = (
-        "codes",
-        "upstream_cx_connect_fail",
-        "upstream_cx_connect_timeout",
-        "upstream_cx_destroy",
-        "upstream_cx_overflow",
-        "upstream_cx_total",
-        "upstream_rq_cancelled",
-        "upstream_rq_pending_overflow",
-        "upstream_rq_pending_total",
-        "upstream_rq_per_try_timeout",
-        "upstream_rq_retry",
-        "upstream_rq_retry_overflow",
-        "upstream_rq_retry_success",
-        "upstream_rq_rx_reset",
-        "upstream_rq_time",
-        "upstream_rq_timeout",
-        "upstream_rq_total",
-    )
+    upstream_cx_connect_fail: int = 0
+    upstream_cx_connect_timeout: int = 0
+    upstream_cx_destroy: int = 0
+    upstream_cx_overflow: int = 0
+    upstream_cx_total: int = 0
+    upstream_rq_cancelled: int = 0
+    upstream_rq_pending_overflow: int = 0
+    upstream_rq_pending_total: int = 0
+    upstream_rq_per_try_timeout: int = 0
+    upstream_rq_retry: int = 0
+    upstream_rq_retry_overflow: int = 0
+    upstream_rq_retry_success: int = 0
+    upstream_rq_rx_reset: int = 0
+    upstream_rq_timeout: int = 0
+    upstream_rq_total: int = 0
+    codes: dict[int, int] = field(default_factory=dict)
+    upstream_rq_time: Histogram = field(default_factory=Histogram)
 
-    COUNTERS = (
-        "upstream_cx_connect_fail",
-        "upstream_cx_connect_timeout",
-        "upstream_cx_destroy",
-        "upstream_cx_overflow",
-        "upstream_cx_total",
-        "upstream_rq_cancelled",
-        "upstream_rq_pending_overflow",
-        "upstream_rq_pending_total",
-        "upstream_rq_per_try_timeout",
-        "upstream_rq_retry",
-        "upstream_rq_retry_overflow",
-        "upstream_rq_retry_success",
-        "upstream_rq_rx_reset",
-        "upstream_rq_timeout",
-        "upstream_rq_total",
-    )
 
-    def __init__(self) -> None:
-        for name in self.COUNTERS:
-            setattr(self, name, 0)
-        self.codes: dict[int, int] = {}
-        self.upstream_rq_time = Histogram()
+CLUSTER_COUNTERS = int_fields(ClusterStats)
 
 
 class HostPool:
@@ -155,8 +134,8 @@ class HostPool:
 class ClusterRuntime:
     __slots__ = (
         "_dns_task",
-        "cx_active",
         "config",
+        "cx_active",
         "hosts",
         "lb",
         "on_hosts_changed",
@@ -205,7 +184,7 @@ class ClusterRuntime:
 
     # circuit breakers and pools -------------------------------------------------------------
 
-    def acquire(self, host: Host, waiter: PoolWaiter) -> UpstreamConnection | None | bool:
+    def acquire(self, host: Host, waiter: PoolWaiter) -> UpstreamConnection | bool | None:
         """An idle connection, or None when ``waiter`` will be called back, or False on
         pending overflow (the caller answers 503 UO)."""
         pool = self.pools.get(host.key)
@@ -248,7 +227,9 @@ class ClusterRuntime:
             pool.release(conn)
 
     def waiting_elsewhere(self) -> bool:
-        return self.rq_pending > 0 and self.cx_active >= self.config.circuit_breakers.max_connections
+        return (
+            self.rq_pending > 0 and self.cx_active >= self.config.circuit_breakers.max_connections
+        )
 
     def serve_waiters(self) -> None:
         """A connection slot freed up: open connections for pools that still wait."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from shoal.config.model import Locality, SocketAddress
 
+_NO_LOCALITY = Locality()
+
 
 class Host:
     __slots__ = (
@@ -26,9 +28,10 @@ class Host:
     def __init__(
         self,
         address: SocketAddress,
+        *,
         weight: int = 1,
         priority: int = 0,
-        locality: Locality = Locality(),
+        locality: Locality = _NO_LOCALITY,
         healthy: bool = True,
         hostname: str = "",
     ) -> None:
