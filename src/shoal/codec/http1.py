@@ -48,6 +48,7 @@ class RequestHead:
 
     __slots__ = (
         "chunked",
+        "connection",
         "content_length",
         "expect_continue",
         "headers",
@@ -70,6 +71,7 @@ class RequestHead:
         self.keep_alive = True
         self.upgrade = b""  # lower-cased Upgrade header value when the request upgrades
         self.expect_continue = False
+        self.connection = b""  # the Connection header, when it names more than keep-alive
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -83,9 +85,18 @@ class RequestHead:
 
 
 class ResponseHead:
-    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "status", "version")
+    __slots__ = (
+        "chunked",
+        "connection",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "status",
+        "version",
+    )
 
     def __init__(self) -> None:
+        self.connection = b""
         self.status = 0
         self.version = b"1.1"
         self.headers: Headers = []
@@ -103,6 +114,9 @@ class ResponseHead:
 Event = RequestHead | ResponseHead | bytes | _End | Upgrade
 
 _NOT_IMPLEMENTED_TE = "invalid `Transfer-Encoding`"
+_UNSUPPORTED_VERSION = "Invalid HTTP version"
+# Connection values that name no other hop-by-hop header
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
 def _remote_error(exc: Exception) -> RemoteProtocolError:
@@ -115,6 +129,8 @@ def _remote_error(exc: Exception) -> RemoteProtocolError:
         return RemoteProtocolError(f"invalid method: {message}", 400)
     if _NOT_IMPLEMENTED_TE in message:
         return RemoteProtocolError(message, 501)
+    if message == _UNSUPPORTED_VERSION:  # well-formed HTTP/x.y, but not 1.0/1.1 (or 2.0/0.9)
+        return RemoteProtocolError(message, 505)
     return RemoteProtocolError(message, 400)
 
 
@@ -126,20 +142,28 @@ class RequestDecoder:
     """Decodes a stream of requests (keep-alive and pipelined) from one connection."""
 
     __slots__ = (
+        "_error",
         "_events",
         "_head",
         "_head_bytes",
         "_max_head_bytes",
+        "_parsed_bytes",
         "_parser",
         "_upgraded",
+        "completed_before_error",
     )
 
     def __init__(self, max_head_bytes: int = 60 * 1024) -> None:
         self._max_head_bytes = max_head_bytes
+        self._error: RemoteProtocolError | None = None
+        # After feed() raised: the events of the requests that were complete before the
+        # bad bytes (in that same feed). They are well-formed and may still be served.
+        self.completed_before_error: list[Event] = []
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
         self._head: RequestHead | None = None
         self._head_bytes = 0
+        self._parsed_bytes = 0
         self._upgraded = False
 
     @property
@@ -148,6 +172,9 @@ class RequestDecoder:
         return self._head is not None
 
     def feed(self, data: bytes) -> list[Event]:
+        if self._error is not None:
+            self.completed_before_error = []
+            raise RemoteProtocolError(f"stream failed earlier: {self._error}", self._error.status)
         if self._upgraded:
             raise RemoteProtocolError("data after upgrade must not be parsed as HTTP")
         self._events = events = _events()
@@ -158,25 +185,35 @@ class RequestDecoder:
             events.append(Upgrade(data[upgrade.args[0] :]))
             return events
         except httptools.HttpParserError as exc:
-            raise _remote_error(exc) from exc
+            raise self._fail(_remote_error(exc), events) from exc
         if self._head is not None:
             # A head still incomplete: count what it has buffered inside llhttp so far.
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head_bytes:
-                raise RemoteProtocolError("request headers too large", 431)
+                raise self._fail(RemoteProtocolError("request headers too large", 431), events)
         return events
+
+    def _fail(self, error: RemoteProtocolError, events: list[Event]) -> RemoteProtocolError:
+        """The framing can't be trusted from here on: every later feed fails too. Keep the
+        complete requests parsed before the error (never a part of the bad one)."""
+        self._error = error
+        last_end = max((i for i, event in enumerate(events) if event is END), default=-1)
+        self.completed_before_error = events[: last_end + 1]
+        return error
 
     # llhttp callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._head = RequestHead()
         self._head_bytes = 0
+        self._parsed_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         head = self._head
         assert head is not None
         head.target += url
-        if len(head.target) > self._max_head_bytes:
+        self._parsed_bytes += len(url)
+        if self._parsed_bytes > self._max_head_bytes:
             raise RemoteProtocolError("request line too large", 431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -185,6 +222,9 @@ class RequestDecoder:
             return  # a trailer after a chunked body: not forwarded
         name = name.lower()
         head.headers.append((name, value))
+        self._parsed_bytes += len(name) + len(value) + 4
+        if self._parsed_bytes > self._max_head_bytes:
+            raise RemoteProtocolError("request headers too large", 431)
         if name == b"host":
             if head.host:
                 raise RemoteProtocolError("duplicate Host header", 400)
@@ -192,9 +232,15 @@ class RequestDecoder:
         elif name == b"content-length":
             head.content_length = int(value)
         elif name == b"transfer-encoding":
-            head.chunked = True  # llhttp allows only chunked last; anything else fails
+            # Only chunked is implemented: any other coding, even before a final chunked
+            # (`gzip, chunked`), is 501 as in Envoy; llhttp rejects a repeated chunked.
+            if value.strip().lower() != b"chunked":
+                raise RemoteProtocolError("Transfer-Encoding other than chunked", 501)
+            head.chunked = True
         elif name == b"expect" and value.lower() == b"100-continue":
             head.expect_continue = True
+        elif name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+            head.connection = value
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -209,9 +255,6 @@ class RequestDecoder:
             raise RemoteProtocolError(f"HTTP version {version} not supported", 505)
         head.method = parser.get_method()
         head.keep_alive = parser.should_keep_alive()
-        total = len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers)
-        if total > self._max_head_bytes:
-            raise RemoteProtocolError("request headers too large", 431)
         if not head.host and head.version == b"1.1":
             raise RemoteProtocolError("missing Host header", 400)
         if parser.should_upgrade():
@@ -275,6 +318,8 @@ class ResponseDecoder:
             head.content_length = int(value)
         elif name == b"transfer-encoding":
             head.chunked = value.rstrip().lower().endswith(b"chunked")
+        elif name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+            head.connection = value
 
     def on_headers_complete(self) -> None:
         head = self._head

@@ -25,6 +25,7 @@ from shoal.codec.http1 import (
     END,
     HOP_BY_HOP,
     LAST_CHUNK,
+    Event,
     Headers,
     RequestDecoder,
     RequestHead,
@@ -35,18 +36,9 @@ from shoal.codec.http1 import (
     no_body_status,
     status_line,
 )
-from shoal.config.model import (
-    HashPolicy,
-    HeaderMutations,
-    HeaderValueOption,
-    Redirect,
-    RetryPolicy,
-    Route,
-    RouteAction,
-    VirtualHost,
-)
+from shoal.config.model import HashPolicy, Redirect, RetryPolicy, RouteAction
 from shoal.errors import RemoteProtocolError
-from shoal.proxy.routes import header_value
+from shoal.proxy.routes import CompiledRoute, header_value
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
 from shoal.upstream.lb import hash_key_of
 
@@ -58,8 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.http")
 
 _connection_ids = itertools.count(1)
-_REQUEST_ID_PREFIX = os.urandom(8).hex()
-_request_ids = itertools.count(random.getrandbits(32))
+_random = os.urandom(8).hex()
+# UUID4 layout: random per process in the first four groups, a counter in the last.
+_REQUEST_ID_PREFIX = f"{_random[:8]}-{_random[8:12]}-4{_random[12:15]}-a{_random[15]}00-".encode()
+_request_ids = itertools.count(random.getrandbits(40))
 
 # retry_on conditions that a failure before response headers satisfies
 _RESET_CONDITIONS = frozenset({"5xx", "gateway-error", "reset", "reset-before-request"})
@@ -67,13 +61,12 @@ _CONNECT_CONDITIONS = frozenset({"5xx", "gateway-error", "connect-failure", "res
 _GATEWAY_ERRORS = frozenset({502, 503, 504})
 # answered or rewritten by the proxy itself, never passed on
 _NOT_FORWARDED = frozenset({b"expect", b"x-envoy-original-path"})
+_UPGRADE_HEADERS = frozenset({b"connection", b"upgrade"})
 
 
 def _new_request_id() -> bytes:
-    """A UUID4-shaped id: random per process, a counter within it (no urandom per request)."""
-    n = next(_request_ids) & 0xFFFFFFFFFFFF
-    p = _REQUEST_ID_PREFIX
-    return f"{p[:8]}-{p[8:12]}-4{p[13:16]}-a{n >> 36 & 0xFFF:03x}-{n & 0xFFFFFFFFF:012x}".encode()
+    """A UUID4-shaped id: no randomness drawn per request, unique within the process."""
+    return b"%s%012x" % (_REQUEST_ID_PREFIX, next(_request_ids) & 0xFFFFFFFFFFFF)
 
 
 def _retry_on_status(policy: RetryPolicy, status: int) -> bool:
@@ -117,6 +110,12 @@ class _Discard:
     def upstream_resume(self) -> None:
         pass
 
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
+        pass
+
 
 class Exchange:
     """One request and its response; the unit of routing, retry, timeout and logging."""
@@ -125,15 +124,16 @@ class Exchange:
         "_chunked_response",
         "_per_try_timer",
         "_retry_timer",
-        "_timeout_timer",
         "attempt_start",
         "body_buffer",
         "body_buffered_bytes",
         "bytes_received",
         "bytes_sent",
         "cluster",
+        "compiled",
         "conn",
         "connection",
+        "deadline",
         "done",
         "duration",
         "hash_key",
@@ -150,7 +150,6 @@ class Exchange:
         "response_headers",
         "response_started",
         "retries_left",
-        "route",
         "route_action",
         "start",
         "start_time",
@@ -159,7 +158,7 @@ class Exchange:
         "tunnel",
         "unsent",
         "upstream_head_bytes",
-        "vhost",
+        "upstream_ms",
     )
 
     def __init__(self, connection: HttpConnection, head: RequestHead) -> None:
@@ -173,8 +172,8 @@ class Exchange:
         self.response_code_details = ""
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.route: Route | None = None
-        self.vhost: VirtualHost | None = None
+        self.compiled: CompiledRoute | None = None
+        self.upstream_ms = -1
         self.route_action: RouteAction | None = None
         self.cluster: ClusterRuntime | None = None
         self.host: Host | None = None
@@ -198,7 +197,7 @@ class Exchange:
         self.original_path = b""
         self.path_bytes = head.target
         self.attempt_start = 0.0
-        self._timeout_timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # route timeout, checked by the connection's deadline timer
         self._per_try_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
 
@@ -230,7 +229,7 @@ class Exchange:
 
     @property
     def route_name(self) -> str:
-        return self.route.name if self.route is not None else ""
+        return self.compiled.route.name if self.compiled is not None else ""
 
     @property
     def downstream_remote(self) -> str:
@@ -252,6 +251,8 @@ class Exchange:
         return header_value(self.head.headers, name.encode("latin-1"))
 
     def response_header(self, name: str) -> str | None:
+        if name == "x-envoy-upstream-service-time" and self.upstream_ms >= 0:
+            return str(self.upstream_ms)
         return header_value(self.response_headers, name.encode("latin-1"))
 
     # request side --------------------------------------------------------------------------
@@ -274,12 +275,12 @@ class Exchange:
                 self.local_reply(403, b"", "-", "upgrade_failed")
                 return
             self.tunnel = True
-        matched = ctx.routes.match(head.host.decode("latin-1"), self.path, head.headers)
-        if matched is None:
+        compiled = ctx.routes.match(head.host.decode("latin-1"), self.path, head.headers)
+        if compiled is None:
             self.local_reply(404, b"", "NR", "route_not_found")
             return
-        self.vhost, route = matched
-        self.route = route
+        self.compiled = compiled
+        route = compiled.route
         if route.direct_response is not None:
             self.local_reply(
                 route.direct_response.status,
@@ -313,7 +314,7 @@ class Exchange:
             return
         cluster.rq_active += 1
         cluster.stats.upstream_rq_total += 1
-        policy = action.retry_policy or self.vhost.retry_policy
+        policy = compiled.retry_policy
         if policy is not None and not self.tunnel:
             self.retries_left = policy.num_retries
             self.body_buffer = []
@@ -321,7 +322,7 @@ class Exchange:
             self.hash_key = self._hash(action.hash_policy)
         if head.expect_continue and not connection.closing:
             connection.write(CONTINUE_RESPONSE)
-        self.upstream_head_bytes = self._upstream_head(action)
+        self.upstream_head_bytes = self._upstream_head(action, compiled)
         if not head.has_body:
             self.request_complete = True
             self._start_timeout()
@@ -376,13 +377,13 @@ class Exchange:
                 break
         return combined
 
-    def _upstream_head(self, action: RouteAction) -> bytes:
+    def _upstream_head(self, action: RouteAction, compiled: CompiledRoute) -> bytes:
         """The request head sent upstream, built once and reused by retries."""
         ctx = self.connection.ctx
         head = self.head
         path = self.path_bytes
-        if action.prefix_rewrite is not None and self.route is not None:
-            prefix = self.route.match.value.encode("latin-1")
+        if action.prefix_rewrite is not None:
+            prefix = compiled.route.match.value.encode("latin-1")
             if path.startswith(prefix):
                 self.original_path = path
                 path = action.prefix_rewrite.encode("latin-1") + path[len(prefix) :]
@@ -392,8 +393,14 @@ class Exchange:
             rewritten = pattern.sub(substitution, bare).encode("latin-1")
             self.original_path = path
             path = rewritten + (b"?" + query.encode("latin-1") if sep else b"")
-        remove = _removals(ctx.config_headers, self)
-        tokens = connection_tokens(head.headers) if head.keep_alive is not None else frozenset()
+        plan = compiled.request_plan
+        remove = plan.remove
+        extra = b""
+        if plan.conditional:
+            drop, extra = plan.conditional_lines(head.headers)
+            remove = remove | drop
+        if head.connection:
+            remove = remove | connection_tokens(head.headers)
         lines = [b"%s %s HTTP/1.1\r\n" % (head.method, path)]
         append = lines.append
         host = head.host
@@ -407,7 +414,7 @@ class Exchange:
         forwarded_proto = False
         xff: bytes | None = None
         for name, value in head.headers:
-            if name in HOP_BY_HOP or name in tokens or name in remove:
+            if name in HOP_BY_HOP or name in remove:
                 continue
             if name == b"host":
                 append(b"host: %s\r\n" % host)
@@ -436,10 +443,9 @@ class Exchange:
         self.request_id = request_id
         if self.original_path:
             append(b"x-envoy-original-path: %s\r\n" % self.original_path)
-        if action.timeout:
-            append(b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(action.timeout * 1000))
-        for option in _additions(ctx.config_headers, self, request=True):
-            append(b"%s: %s\r\n" % (option.key.encode(), option.value.encode()))
+        append(compiled.timeout_header)
+        append(plan.add)
+        append(extra)
         if self.tunnel:
             append(b"connection: upgrade\r\nupgrade: %s\r\n" % head.header(b"upgrade"))
         elif head.chunked:
@@ -539,7 +545,7 @@ class Exchange:
             self._per_try_timer = self.connection.loop.call_later(
                 policy.per_try_timeout, self._on_per_try_timeout
             )
-        if self.connection.paused_by_upstream:
+        if self.connection.paused_writing:
             conn.pause_reading()
 
     def pool_failure(self, reason: str) -> None:
@@ -556,12 +562,7 @@ class Exchange:
         )
 
     def _policy(self) -> RetryPolicy | None:
-        action = self.route_action
-        if action is None:
-            return None
-        if action.retry_policy is not None:
-            return action.retry_policy
-        return self.vhost.retry_policy if self.vhost is not None else None
+        return self.compiled.retry_policy if self.compiled is not None else None
 
     def _num_retries(self) -> int:
         policy = self._policy()
@@ -620,11 +621,12 @@ class Exchange:
 
     def _start_timeout(self) -> None:
         action = self.route_action
-        if action is not None and action.timeout and self._timeout_timer is None and not self.done:
-            self._timeout_timer = self.connection.loop.call_later(action.timeout, self._on_timeout)
+        if action is not None and action.timeout and not self.deadline and not self.done:
+            connection = self.connection
+            self.deadline = connection.loop.time() + action.timeout
+            connection.arm_deadline(self.deadline)
 
-    def _on_timeout(self) -> None:
-        self._timeout_timer = None
+    def on_timeout(self) -> None:
         if self.done:
             return
         assert self.cluster is not None
@@ -671,33 +673,35 @@ class Exchange:
         connection = self.connection
         ctx = connection.ctx
         elapsed = connection.loop.time() - self.attempt_start
-        upstream_ms = int(elapsed * 1000)
+        self.upstream_ms = upstream_ms = int(elapsed * 1000)
         self.cluster.stats.upstream_rq_time.record(elapsed * 1000.0)
-        remove = _removals(ctx.config_headers, self, request=False)
-        tokens = connection_tokens(head.headers) if status != 101 else frozenset()
-        headers = self.response_headers
+        assert self.compiled is not None
+        plan = self.compiled.response_plan
+        remove = plan.remove
+        extra = b""
+        if plan.conditional:
+            drop, extra = plan.conditional_lines(head.headers)
+            remove = remove | drop
+        if head.connection and status != 101:
+            remove = remove | connection_tokens(head.headers)
+        self.response_headers = head.headers
         lines = [status_line(status)]
         append = lines.append
         has_length = False
         for name, value in head.headers:
             if name in HOP_BY_HOP:
-                if status == 101 and name in (b"connection", b"upgrade"):
-                    headers.append((name, value))
+                if status == 101 and name in _UPGRADE_HEADERS:
                     append(b"%s: %s\r\n" % (name, value))
                 continue
-            if name in tokens or name in remove or name == b"server":
+            if name in remove or name == b"server":
                 continue
             if name == b"content-length":
                 has_length = True
-            headers.append((name, value))
             append(b"%s: %s\r\n" % (name, value))
         append(b"x-envoy-upstream-service-time: %d\r\n" % upstream_ms)
-        headers.append((b"x-envoy-upstream-service-time", b"%d" % upstream_ms))
         append(ctx.server_header)
-        for option in _additions(ctx.config_headers, self, request=False):
-            key, value = option.key.encode(), option.value.encode()
-            headers.append((key, value))
-            append(b"%s: %s\r\n" % (key, value))
+        append(plan.add)
+        append(extra)
         bodyless = no_body_status(status) or self.head.method == b"HEAD"
         close = connection.must_close(self.head)
         if status == 101:
@@ -788,6 +792,12 @@ class Exchange:
     def upstream_pause(self) -> None:
         self.connection.pause_reading_for_upstream()
 
+    def cork(self) -> None:
+        self.connection.cork()
+
+    def uncork(self) -> None:
+        self.connection.uncork()
+
     def upstream_resume(self) -> None:
         self.connection.resume_reading_for_upstream()
 
@@ -806,8 +816,8 @@ class Exchange:
         bare, sep, query = path.partition("?")
         if redirect.path is not None:
             bare = redirect.path
-        elif redirect.prefix_rewrite is not None and self.route is not None:
-            bare = redirect.prefix_rewrite + bare[len(self.route.match.value) :]
+        elif redirect.prefix_rewrite is not None and self.compiled is not None:
+            bare = redirect.prefix_rewrite + bare[len(self.compiled.route.match.value) :]
         if redirect.strip_query or not sep:
             location = f"{scheme}://{host}{bare}"
         else:
@@ -847,9 +857,6 @@ class Exchange:
         headers.append((b"content-length", b"%d" % len(body)))
         if overloaded:
             headers.append((b"x-envoy-overloaded", b"true"))
-        if self.route is not None:
-            for option in _additions(connection.ctx.config_headers, self, request=False):
-                headers.append((option.key.encode(), option.value.encode()))
         if close or not self.request_complete or connection.must_close(self.head):
             connection.closing = True
             headers.append((b"connection", b"close"))
@@ -857,6 +864,8 @@ class Exchange:
         lines = [status_line(status)]
         lines.extend(b"%s: %s\r\n" % pair for pair in headers)
         lines.append(connection.ctx.server_header)
+        if self.compiled is not None:
+            lines.append(self.compiled.response_plan.add)
         lines.append(b"\r\n")
         if self.head.method != b"HEAD" and not no_body_status(status):
             lines.append(body)
@@ -870,9 +879,6 @@ class Exchange:
             return
         self.done = True
         connection = self.connection
-        if self._timeout_timer is not None:
-            self._timeout_timer.cancel()
-            self._timeout_timer = None
         if self._retry_timer is not None:
             self.reset_upstream()
         if self.pending:
@@ -898,38 +904,6 @@ class Exchange:
         connection.exchange_done(self)
 
 
-def _removals(
-    headers: tuple[HeaderMutations, ...], exchange: Exchange, request: bool = True
-) -> frozenset[bytes]:
-    names: set[bytes] = set()
-    for mutations in _mutation_chain(headers, exchange):
-        chosen = mutations.request_remove if request else mutations.response_remove
-        names.update(name.encode("latin-1") for name in chosen)
-    return frozenset(names)
-
-
-def _additions(
-    headers: tuple[HeaderMutations, ...], exchange: Exchange, request: bool
-) -> list[HeaderValueOption]:
-    found: list[HeaderValueOption] = []
-    for mutations in _mutation_chain(headers, exchange):
-        found.extend(mutations.request_add if request else mutations.response_add)
-    return found
-
-
-def _mutation_chain(
-    config_headers: tuple[HeaderMutations, ...], exchange: Exchange
-) -> list[HeaderMutations]:
-    """Route, then virtual host, then route configuration — most specific first."""
-    chain: list[HeaderMutations] = []
-    if exchange.route is not None and exchange.route.headers:
-        chain.append(exchange.route.headers)
-    if exchange.vhost is not None and exchange.vhost.headers:
-        chain.append(exchange.vhost.headers)
-    chain.extend(h for h in config_headers if h)
-    return chain
-
-
 def _cookie(headers: Headers, name: str) -> str | None:
     raw = header_value(headers, b"cookie")
     if raw is None:
@@ -952,8 +926,12 @@ class HttpConnection(asyncio.Protocol):
     """One downstream HTTP/1.1 connection: keep-alive, pipelining, tunnels, drain."""
 
     __slots__ = (
+        "_corked",
+        "_deadline_at",
+        "_deadline_timer",
         "_head_timer",
         "_idle_timer",
+        "_out",
         "_paused_for_pipeline",
         "_paused_for_upstream",
         "active",
@@ -969,6 +947,7 @@ class HttpConnection(asyncio.Protocol):
         "receiving",
         "remote",
         "remote_ip",
+        "served",
         "transport",
         "tunnel",
     )
@@ -991,10 +970,11 @@ class HttpConnection(asyncio.Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self.last_activity = 0.0
-
-    @property
-    def paused_by_upstream(self) -> bool:
-        return self.paused_writing
+        self.served = False  # has finished a request: an idle drain may close it
+        self._corked = 0
+        self._out: list[bytes] = []
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = 0.0
 
     # asyncio callbacks -----------------------------------------------------------------------
 
@@ -1031,6 +1011,13 @@ class HttpConnection(asyncio.Protocol):
         except RemoteProtocolError as exc:
             self._protocol_error(exc)
             return
+        self._corked += 1
+        try:
+            self._handle(events)
+        finally:
+            self.uncork()
+
+    def _handle(self, events: list[Event]) -> None:
         for event in events:
             if event.__class__ is bytes:
                 if self.receiving is not None:
@@ -1077,6 +1064,8 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_head_timer()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         self.closing = True
         for exchange in (self.active, self.receiving, *self.queue):
             if exchange is not None and not exchange.done:
@@ -1104,8 +1093,36 @@ class HttpConnection(asyncio.Protocol):
     # used by exchanges ----------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        if self._corked:
+            self._out.append(data)
+        else:
+            assert self.transport is not None
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold writes until ``uncork``: a response head and body leave in one send."""
+        self._corked += 1
+
+    def uncork(self) -> None:
+        self._corked -= 1
+        if not self._corked and self._out:
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _close(self) -> None:
+        """Close after what is buffered (corked or in the transport) has been sent."""
+        self.closing = True
+        if self._out:
+            self._flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def must_close(self, head: RequestHead) -> bool:
         return self.closing or not head.keep_alive or self.ctx.draining
@@ -1141,11 +1158,11 @@ class HttpConnection(asyncio.Protocol):
         if exchange is not self.active:
             return
         self.active = None
+        self.served = True
         self.last_activity = self.loop.time()
         if self.closing or self.transport is None:
             self.queue.clear()
-            if self.transport is not None:
-                self.transport.close()
+            self._close()
             return
         if self.tunnel is exchange:
             self.tunnel = None
@@ -1165,10 +1182,21 @@ class HttpConnection(asyncio.Protocol):
             self.transport.abort()
 
     def drain(self) -> None:
-        """Stop keep-alive: close now if idle, else after the current response."""
-        if self.active is None and self.receiving is None and self.transport is not None:
-            self.closing = True
-            self.transport.close()
+        """Stop keep-alive: close now if idle, else after the current response.
+
+        A connection that has not finished a request yet is not idle: its client may have
+        sent (or be sending) its first request, which closing would reset. It gets the
+        connection manager's ``drain_timeout`` to do so; the response says ``close``."""
+        if self.active is not None or self.receiving is not None or self.decoder.in_head:
+            return
+        if self.served:
+            self._close()
+        elif not self.closing:
+            self.loop.call_later(self.ctx.config.drain_timeout, self._drain_unused)
+
+    def _drain_unused(self) -> None:
+        if self.active is None and self.receiving is None and not self.served:
+            self._close()
 
     # errors and timers -------------------------------------------------------------------------
 
@@ -1201,7 +1229,7 @@ class HttpConnection(asyncio.Protocol):
         """Close once the error response is flushed; stop reading what can't be trusted."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
-            self.transport.close()
+            self._close()
 
     def _on_head_timeout(self) -> None:
         self._head_timer = None
@@ -1214,6 +1242,25 @@ class HttpConnection(asyncio.Protocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def arm_deadline(self, deadline: float) -> None:
+        """One lazy timer per connection serves every exchange's route timeout: it is only
+        re-armed when it would fire too late, so a fast request costs no timer at all."""
+        if self._deadline_timer is None or deadline < self._deadline_at:
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_at = deadline
+            self._deadline_timer = self.loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._deadline_timer = None
+        active = self.active
+        if active is None or not active.deadline or active.done:
+            return
+        if active.deadline <= self.loop.time():
+            active.on_timeout()
+        else:
+            self.arm_deadline(active.deadline)
+
     def _check_idle(self) -> None:
         idle = self.ctx.config.idle_timeout
         assert idle
@@ -1222,9 +1269,7 @@ class HttpConnection(asyncio.Protocol):
             remaining = self.last_activity + idle - self.loop.time()
             if remaining <= 0:
                 self.ctx.stats.downstream_cx_idle_timeout += 1
-                self.closing = True
-                if self.transport is not None:
-                    self.transport.close()
+                self._close()
                 return
             self._idle_timer = self.loop.call_later(remaining, self._check_idle)
         else:

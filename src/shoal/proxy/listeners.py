@@ -94,7 +94,6 @@ class HttpListenerContext:
         "buffer_limit",
         "clusters",
         "config",
-        "config_headers",
         "connections",
         "draining",
         "listener",
@@ -115,7 +114,6 @@ class HttpListenerContext:
         self.listener = listener
         self.config = config
         self.routes = RouteTable(config.route_config)
-        self.config_headers = (config.route_config.headers,)
         self.clusters = clusters
         self.stats = stats
         self.access_logs = [logs.sink(a) for a in config.access_logs]

@@ -13,7 +13,10 @@ from urllib.parse import parse_qsl
 from shoal.codec.http1 import Headers
 from shoal.config.model import (
     HeaderMatcher,
+    HeaderMutations,
+    HeaderValueOption,
     QueryParameterMatcher,
+    RetryPolicy,
     Route,
     RouteConfiguration,
     VirtualHost,
@@ -33,12 +36,82 @@ def header_value(headers: Headers, name: bytes) -> str | None:
     return (found[0] if len(found) == 1 else b",".join(found)).decode("latin-1")
 
 
-class CompiledRoute:
-    __slots__ = ("case_sensitive", "headers", "kind", "query", "regex", "route", "value")
+def _line(option: HeaderValueOption) -> bytes:
+    return b"%s: %s\r\n" % (option.key.encode("latin-1"), option.value.encode("latin-1"))
 
-    def __init__(self, route: Route) -> None:
+
+class HeaderPlan:
+    """One direction's header edits for a route, merged over route, virtual host and
+    route configuration (Envoy's order) and pre-encoded.
+
+    ``remove`` also holds the names that an overwrite replaces; ``add`` are ready-made
+    header lines; ``conditional`` are the options that depend on whether the header is
+    already there (add_if_absent, overwrite_if_exists), checked per message.
+    """
+
+    __slots__ = ("add", "conditional", "remove")
+
+    def __init__(self, options: list[HeaderValueOption], removals: set[str]) -> None:
+        remove = set(removals)
+        add: list[bytes] = []
+        conditional: list[HeaderValueOption] = []
+        for option in options:
+            if option.action == "overwrite_if_exists_or_add":
+                remove.add(option.key)
+                add.append(_line(option))
+            elif option.action == "append_if_exists_or_add":
+                add.append(_line(option))
+            else:
+                conditional.append(option)
+        self.remove = frozenset(name.encode("latin-1") for name in remove)
+        self.add = b"".join(add)
+        self.conditional = tuple(conditional)
+
+    def conditional_lines(self, headers: Headers) -> tuple[frozenset[bytes], bytes]:
+        """Extra names to drop and lines to add for the conditional options."""
+        present = {name for name, _ in headers}
+        drop: set[bytes] = set()
+        lines: list[bytes] = []
+        for option in self.conditional:
+            key = option.key.encode("latin-1")
+            if option.action == "add_if_absent" and key not in present:
+                lines.append(_line(option))
+            elif option.action == "overwrite_if_exists" and key in present:
+                drop.add(key)
+                lines.append(_line(option))
+        return frozenset(drop), b"".join(lines)
+
+
+def _plans(chain: list[HeaderMutations]) -> tuple[HeaderPlan, HeaderPlan]:
+    request = [o for m in chain for o in m.request_add]
+    response = [o for m in chain for o in m.response_add]
+    request_remove = {name for m in chain for name in m.request_remove}
+    response_remove = {name for m in chain for name in m.response_remove}
+    return HeaderPlan(request, request_remove), HeaderPlan(response, response_remove)
+
+
+class CompiledRoute:
+    """A route with everything the hot path needs precomputed."""
+
+    __slots__ = (
+        "case_sensitive",
+        "headers",
+        "kind",
+        "query",
+        "regex",
+        "request_plan",
+        "response_plan",
+        "retry_policy",
+        "route",
+        "timeout_header",
+        "value",
+        "vhost",
+    )
+
+    def __init__(self, route: Route, vhost: VirtualHost, config: RouteConfiguration) -> None:
         match = route.match
         self.route = route
+        self.vhost = vhost
         self.kind = match.kind
         self.case_sensitive = match.case_sensitive
         self.value = match.value if match.case_sensitive else match.value.lower()
@@ -47,6 +120,17 @@ class CompiledRoute:
             (h.name.encode("latin-1"), h) for h in match.headers
         )
         self.query: tuple[QueryParameterMatcher, ...] = match.query_parameters
+        action = route.action
+        policy = action.retry_policy if action is not None else None
+        self.retry_policy: RetryPolicy | None = policy or vhost.retry_policy
+        timeout = action.timeout if action is not None else 0
+        self.timeout_header = (
+            b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(timeout * 1000) if timeout else b""
+        )
+        # Least specific first: route config, virtual host, route (Envoy's append order).
+        self.request_plan, self.response_plan = _plans(
+            [config.headers, vhost.headers, route.headers]
+        )
 
     def matches(self, path: str, headers: Headers) -> bool:
         kind = self.kind
@@ -92,14 +176,14 @@ def _query_matches(matchers: tuple[QueryParameterMatcher, ...], path: str) -> bo
 class CompiledVirtualHost:
     __slots__ = ("routes", "vhost")
 
-    def __init__(self, vhost: VirtualHost) -> None:
+    def __init__(self, vhost: VirtualHost, config: RouteConfiguration) -> None:
         self.vhost = vhost
-        self.routes = tuple(CompiledRoute(r) for r in vhost.routes)
+        self.routes = tuple(CompiledRoute(r, vhost, config) for r in vhost.routes)
 
-    def route(self, path: str, headers: Headers) -> Route | None:
+    def route(self, path: str, headers: Headers) -> CompiledRoute | None:
         for compiled in self.routes:
             if compiled.matches(path, headers):
-                return compiled.route
+                return compiled
         return None
 
 
@@ -113,7 +197,7 @@ class RouteTable:
         prefixes: list[tuple[str, CompiledVirtualHost]] = []
         self._default: CompiledVirtualHost | None = None
         for vhost in config.virtual_hosts:
-            compiled = CompiledVirtualHost(vhost)
+            compiled = CompiledVirtualHost(vhost, config)
             for domain in vhost.domains:
                 if domain == "*":
                     self._default = compiled
@@ -151,11 +235,6 @@ class RouteTable:
                 return compiled
         return self._default
 
-    def match(self, host: str, path: str, headers: Headers) -> tuple[VirtualHost, Route] | None:
+    def match(self, host: str, path: str, headers: Headers) -> CompiledRoute | None:
         vhost = self.virtual_host(host)
-        if vhost is None:
-            return None
-        route = vhost.route(path, headers)
-        if route is None:
-            return None
-        return vhost.vhost, route
+        return vhost.route(path, headers) if vhost is not None else None

@@ -11,7 +11,7 @@ import asyncio
 import socket
 from typing import Protocol, cast
 
-from shoal.codec.http1 import END, ResponseDecoder, ResponseHead, Upgrade, no_body_status
+from shoal.codec.http1 import END, Event, ResponseDecoder, ResponseHead, Upgrade, no_body_status
 from shoal.errors import RemoteProtocolError
 
 HIGH_WATERMARK = 64 * 1024
@@ -26,6 +26,8 @@ class ResponseSink(Protocol):
     def upstream_upgraded(self, rest: bytes) -> None: ...
     def upstream_reset(self, reason: str) -> None: ...
     def upstream_pause(self) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
     def upstream_resume(self) -> None: ...
 
 
@@ -87,6 +89,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             sink.upstream_reset(f"protocol error: {exc}")
             return
+        # Everything the events make the sink write goes out as one downstream write.
+        sink.cork()
+        try:
+            self._deliver(sink, events)
+        finally:
+            sink.uncork()
+
+    def _deliver(self, sink: ResponseSink, events: list[Event]) -> None:
         for event in events:
             if event.__class__ is bytes:
                 sink.upstream_data(event)
