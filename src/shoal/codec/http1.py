@@ -197,6 +197,7 @@ class RequestDecoder:
         """The framing can't be trusted from here on: every later feed fails too. Keep the
         complete requests parsed before the error (never a part of the bad one)."""
         self._error = error
+        self._head = None  # no head in progress any more (no 408 timer for it)
         last_end = max((i for i, event in enumerate(events) if event is END), default=-1)
         self.completed_before_error = events[: last_end + 1]
         return error

@@ -62,6 +62,8 @@ _GATEWAY_ERRORS = frozenset({502, 503, 504})
 # answered or rewritten by the proxy itself, never passed on
 _NOT_FORWARDED = frozenset({b"expect", b"x-envoy-original-path"})
 _UPGRADE_HEADERS = frozenset({b"connection", b"upgrade"})
+# response headers the proxy writes itself, replacing any the upstream sent
+_SET_BY_PROXY = frozenset({b"server", b"x-envoy-upstream-service-time"})
 
 
 def _new_request_id() -> bytes:
@@ -326,6 +328,12 @@ class Exchange:
         if not head.has_body:
             self.request_complete = True
             self._start_timeout()
+        elif (
+            ctx.config.max_request_bytes is not None
+            and not self.request_complete
+            and not self.tunnel
+        ):
+            return  # envoy.filters.http.buffer: nothing goes upstream before the whole body
         self._attempt()
 
     def _absolute_form(self, target: bytes) -> bool:
@@ -487,6 +495,8 @@ class Exchange:
         if self.head.chunked:
             self.request_data_raw(LAST_CHUNK)
         self._start_timeout()
+        if self.cluster is not None and not self.tried_hosts and not self.done:
+            self._attempt()  # begin() held it for the buffer filter: the body is complete
 
     def request_data_raw(self, data: bytes) -> None:
         if self.body_buffer is not None:
@@ -693,7 +703,7 @@ class Exchange:
                 if status == 101 and name in _UPGRADE_HEADERS:
                     append(b"%s: %s\r\n" % (name, value))
                 continue
-            if name in remove or name == b"server":
+            if name in remove or name in _SET_BY_PROXY:
                 continue
             if name == b"content-length":
                 has_length = True
@@ -929,6 +939,7 @@ class HttpConnection(asyncio.Protocol):
         "_corked",
         "_deadline_at",
         "_deadline_timer",
+        "_deferred_error",
         "_head_timer",
         "_idle_timer",
         "_out",
@@ -975,6 +986,7 @@ class HttpConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._deadline_at = 0.0
+        self._deferred_error: RemoteProtocolError | None = None
 
     # asyncio callbacks -----------------------------------------------------------------------
 
@@ -1006,16 +1018,21 @@ class HttpConnection(asyncio.Protocol):
             if tunnel.conn is not None:
                 tunnel.conn.write(data)
             return
+        if self._deferred_error is not None:
+            return  # the stream broke: only the requests before the break are answered
+        error: RemoteProtocolError | None = None
         try:
             events = self.decoder.feed(data)
         except RemoteProtocolError as exc:
-            self._protocol_error(exc)
-            return
+            # requests complete before the bad bytes are still served, in order
+            events, error = self.decoder.completed_before_error, exc
         self._corked += 1
         try:
             self._handle(events)
         finally:
             self.uncork()
+        if error is not None:
+            self._protocol_error(error)
 
     def _handle(self, events: list[Event]) -> None:
         for event in events:
@@ -1172,6 +1189,10 @@ class HttpConnection(asyncio.Protocol):
         while queue and self.active is None and not self.closing:
             self.active = queue.popleft()
             self.active.begin()
+        if self.active is None and self._deferred_error is not None:
+            error, self._deferred_error = self._deferred_error, None
+            self._protocol_error(error)  # every request before it is answered: now this
+            return
         if self._paused_for_pipeline and len(queue) <= 1:
             self._paused_for_pipeline = False
             self._resume_reading()
@@ -1201,6 +1222,14 @@ class HttpConnection(asyncio.Protocol):
     # errors and timers -------------------------------------------------------------------------
 
     def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        if self.receiving is None and self.active is not None:
+            # The bad bytes begin a new request; the ones before it are complete and are
+            # answered first (exchange_done then answers this error and closes). After a
+            # request that said Connection: close, the rest is ignored.
+            if not self.closing:
+                self._deferred_error = exc
+                self._pause_reading()
+            return
         self.ctx.stats.downstream_cx_protocol_error += 1
         self.closing = True
         log.debug("downstream protocol error from %s: %s", self.remote, exc)
