@@ -365,8 +365,7 @@ CASES = [
     ),
     (
         "te-chunked-chunked",
-        b"POST /bad HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
-        b"0\r\n\r\n",
+        b"POST /bad HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
         400,
     ),
     (
@@ -387,14 +386,16 @@ CASES = [
     ),
     (
         "body-over-limit-chunked",
-        b"POST /bad HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
-        % (len(BODY_OVER), BODY_OVER),
+        b"POST /bad HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY_OVER), BODY_OVER),
         413,
     ),
 ]
 
 
-@pytest.mark.parametrize(("request_bytes", "status"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("request_bytes", "status"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_bad_request_is_rejected_and_never_forwarded(
     proxy: Any, recorder: RecordingUpstream, request_bytes: bytes, status: int
 ) -> None:

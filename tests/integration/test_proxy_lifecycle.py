@@ -174,6 +174,7 @@ def versioned_config(
     admin_port: int,
     echo_a: Echo,
     echo_b: Echo,
+    *,
     version: str = "v1",
     cluster: str = "a",
 ) -> dict[str, Any]:
@@ -209,8 +210,9 @@ def start(make_proxy: Any, echo_a: Echo, echo_b: Echo) -> Callable[..., Proxy]:
         admin_port = free_port()
 
         def make_config(version: str = "v1", cluster: str = "a", **kw: Any) -> dict[str, Any]:
+            ports = kw.get("ports", listen)
             return versioned_config(
-                kw.get("ports", listen), admin_port, echo_a, echo_b, version, cluster
+                ports, admin_port, echo_a, echo_b, version=version, cluster=cluster
             )
 
         proxy = make_proxy(make_config(), "--drain-time-s", "3", *args)
@@ -518,7 +520,9 @@ def test_admin_stats_text_and_prometheus(start: Callable[..., Proxy]) -> None:
         text,
         re.M,
     ), text
-    assert re.search(r'^envoy_cluster_upstream_rq_time_count\{envoy_cluster_name="a"\} 3$', text, re.M)
+    assert re.search(
+        r'^envoy_cluster_upstream_rq_time_count\{envoy_cluster_name="a"\} 3$', text, re.M
+    )
     assert proxy.admin("/stats?format=prometheus")[1] == text
 
 
@@ -636,6 +640,7 @@ def test_startup_with_invalid_config_exits_nonzero(
     path.write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "shoal", "proxy", "-c", str(path), "--concurrency", concurrency],
+        check=False,
         capture_output=True,
         text=True,
         timeout=20,
@@ -650,6 +655,7 @@ def test_startup_with_missing_file_exits_nonzero(tmp_path: Path) -> None:
     path = tmp_path / "missing.yaml"
     result = subprocess.run(
         [sys.executable, "-m", "shoal", "proxy", "-c", str(path)],
+        check=False,
         capture_output=True,
         text=True,
         timeout=20,

@@ -188,7 +188,12 @@ class RequestDecoder:
             raise self._fail(_remote_error(exc), events) from exc
         if self._head is not None:
             # A head still incomplete: count what it has buffered inside llhttp so far.
-            self._head_bytes += len(data)
+            # One that began in this feed owns only what its callbacks saw: the bytes
+            # before it were earlier requests (a large body must not count).
+            if self._head_bytes < 0:
+                self._head_bytes = self._parsed_bytes
+            else:
+                self._head_bytes += len(data)
             if self._head_bytes > self._max_head_bytes:
                 raise self._fail(RemoteProtocolError("request headers too large", 431), events)
         return events
@@ -206,7 +211,7 @@ class RequestDecoder:
 
     def on_message_begin(self) -> None:
         self._head = RequestHead()
-        self._head_bytes = 0
+        self._head_bytes = -1  # began in the current feed
         self._parsed_bytes = 0
 
     def on_url(self, url: bytes) -> None:
@@ -222,6 +227,7 @@ class RequestDecoder:
         if head is None:
             return  # a trailer after a chunked body: not forwarded
         name = name.lower()
+        value = value.rstrip(b" \t")  # llhttp keeps trailing OWS; it is not in the value
         head.headers.append((name, value))
         self._parsed_bytes += len(name) + len(value) + 4
         if self._parsed_bytes > self._max_head_bytes:
@@ -265,7 +271,8 @@ class RequestDecoder:
         self._head = None
 
     def on_body(self, body: bytes) -> None:
-        self._events.append(body)
+        if body:  # feed(b"") mid-body reports an empty span: b"" would encode as last-chunk
+            self._events.append(body)
 
     def on_message_complete(self) -> None:
         self._events.append(END)
@@ -314,6 +321,7 @@ class ResponseDecoder:
         if head is None:
             return  # a trailer after a chunked body: not forwarded
         name = name.lower()
+        value = value.rstrip(b" \t")  # llhttp keeps trailing OWS; it is not in the value
         head.headers.append((name, value))
         if name == b"content-length":
             head.content_length = int(value)
@@ -340,7 +348,8 @@ class ResponseDecoder:
             raise _HeadDoneError
 
     def on_body(self, body: bytes) -> None:
-        self._events.append(body)
+        if body:  # feed(b"") mid-body reports an empty span: b"" would encode as last-chunk
+            self._events.append(body)
 
     def on_message_complete(self) -> None:
         # 101 hands the connection over (an Upgrade event follows); a 1xx interim

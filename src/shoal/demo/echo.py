@@ -63,7 +63,8 @@ class EchoServer(asyncio.Protocol):
                 self.head, self.body_bytes = event, 0
             elif isinstance(event, bytes):
                 self.body_bytes += len(event)
-            elif event is END and self.head is not None:
+            elif event is END and self.head is not None and not self.head.upgrade:
+                # (an upgrade request's END precedes its Upgrade event: it gets the 101 only)
                 self.queue.append((self.head, self.body_bytes))
                 if not self.busy:
                     self.busy = True

@@ -125,6 +125,7 @@ class Exchange:
     __slots__ = (
         "_chunked_response",
         "_per_try_timer",
+        "_retry_held",
         "_retry_timer",
         "attempt_start",
         "body_buffer",
@@ -202,6 +203,7 @@ class Exchange:
         self.deadline = 0.0  # route timeout, checked by the connection's deadline timer
         self._per_try_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._retry_held = False  # holds a max_retries slot until the retry's outcome
 
     # access-log record view ------------------------------------------------------------------
 
@@ -305,6 +307,7 @@ class Exchange:
         self.cluster = cluster
         limits = cluster.config.circuit_breakers
         if cluster.rq_active >= limits.max_requests:
+            cluster.stats.upstream_rq_active_overflow += 1
             self.local_reply(
                 503,
                 b"upstream connect error or disconnect/reset before headers. reset "
@@ -511,7 +514,9 @@ class Exchange:
     def _attempt(self) -> None:
         cluster = self.cluster
         assert cluster is not None
-        exclude = self.tried_hosts[-1] if self.tried_hosts else None
+        policy = self._policy()
+        retry_other_host = policy is not None and policy.retry_other_host
+        exclude = self.tried_hosts[-1] if self.tried_hosts and retry_other_host else None
         host = cluster.lb.choose(self.hash_key, exclude)
         if host is None:
             self.local_reply(503, b"no healthy upstream", "UH", "no_healthy_upstream")
@@ -567,33 +572,43 @@ class Exchange:
             503,
             b"upstream connect error or disconnect/reset before headers. reset reason: "
             b"connection failure, transport failure reason: " + reason.encode(),
-            "UF" if self.retries_left == self._num_retries() else "UF,URX",
+            self._flags("UF"),
             "upstream_reset_before_response_started{connection_failure}",
         )
 
     def _policy(self) -> RetryPolicy | None:
         return self.compiled.retry_policy if self.compiled is not None else None
 
-    def _num_retries(self) -> int:
-        policy = self._policy()
-        return policy.num_retries if policy is not None else 0
+    def _flags(self, flag: str) -> str:
+        """``flag`` after URX or UO when a retry was wanted but not allowed: Envoy lists
+        flags in the order they were set (``URX,UF``)."""
+        return flag if self.response_flags == "-" else f"{self.response_flags},{flag}"
 
     def _maybe_retry(self, conditions: frozenset[str], status: int = 0) -> bool:
+        """Schedule a retry if the policy wants one and may have it. As in Envoy, the
+        previous retry's max_retries slot is given back first, and a retriable failure
+        that may not be retried flags the stream URX (out of retries) or UO (overflow)."""
+        self._release_retry()
         policy = self._policy()
-        if policy is None or self.retries_left <= 0 or self.response_started or self.done:
+        if policy is None or self.response_started or self.done:
             return False
         if status:
             if not _retry_on_status(policy, status):
                 return False
         elif not conditions & policy.retry_on:
             return False
+        if self.retries_left <= 0:
+            self.response_flags = "URX"
+            return False
         cluster = self.cluster
         assert cluster is not None
         if cluster.retries_active >= cluster.config.circuit_breakers.max_retries:
             cluster.stats.upstream_rq_retry_overflow += 1
+            self.response_flags = "UO"
             return False
         self.retries_left -= 1
         cluster.retries_active += 1
+        self._retry_held = True
         cluster.stats.upstream_rq_retry += 1
         attempt = policy.num_retries - self.retries_left
         ceiling = min(policy.base_interval * ((1 << attempt) - 1), policy.max_interval)
@@ -603,10 +618,14 @@ class Exchange:
 
     def _retry(self) -> None:
         self._retry_timer = None
-        assert self.cluster is not None
-        self.cluster.retries_active -= 1
         if not self.done:
             self._attempt()
+
+    def _release_retry(self) -> None:
+        if self._retry_held:
+            self._retry_held = False
+            assert self.cluster is not None
+            self.cluster.retries_active -= 1
 
     def _end_attempt(self) -> None:
         """Forget the current upstream attempt (its connection is gone or handed off)."""
@@ -627,7 +646,9 @@ class Exchange:
         self._end_attempt()
         if self._maybe_retry(frozenset({"5xx", "gateway-error", "reset"})):
             return
-        self.local_reply(504, b"upstream request timeout", "UT", "upstream_per_try_timeout")
+        self.local_reply(
+            504, b"upstream request timeout", self._flags("UT"), "upstream_per_try_timeout"
+        )
 
     def _start_timeout(self) -> None:
         action = self.route_action
@@ -657,8 +678,7 @@ class Exchange:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-            assert self.cluster is not None
-            self.cluster.retries_active -= 1
+        self._release_retry()
         conn = self.conn
         if conn is not None:
             conn.abort()
@@ -670,16 +690,19 @@ class Exchange:
         status = head.status
         conn = self.conn
         assert conn is not None and self.cluster is not None and self.host is not None
+        retried = self._retry_held  # this try is a retry
         if (
             status >= 500 or status == 409 or status in self._retriable_codes()
         ) and self._maybe_retry(frozenset(), status):
             conn.sink = _Discard(self.cluster, self.host, conn)
             self._end_attempt()
             return
+        self._release_retry()
         self.status = status
         self.response_started = True
-        if self.tried_hosts and len(self.tried_hosts) > 1:
-            self.cluster.stats.upstream_rq_retry_success += status < 500
+        policy = self._policy()
+        if retried and policy is not None and not _retry_on_status(policy, status):
+            self.cluster.stats.upstream_rq_retry_success += 1  # as Envoy: not retriable
         connection = self.connection
         ctx = connection.ctx
         elapsed = connection.loop.time() - self.attempt_start
@@ -787,7 +810,7 @@ class Exchange:
             return
         if self._maybe_retry(_RESET_CONDITIONS):
             return
-        flags = "UC" if self._num_retries() == self.retries_left else "UC,URX"
+        flags = self._flags("UC")
         self.local_reply(
             503,
             b"upstream connect error or disconnect/reset before headers. reset reason: "
@@ -864,10 +887,15 @@ class Exchange:
         headers: Headers = list(extra) if extra else []
         if body:
             headers.append((b"content-type", content_type))
-        headers.append((b"content-length", b"%d" % len(body)))
+        if not no_body_status(status):  # RFC 9110: never on 1xx and 204 (Envoy omits it)
+            headers.append((b"content-length", b"%d" % len(body)))
         if overloaded:
             headers.append((b"x-envoy-overloaded", b"true"))
-        if close or not self.request_complete or connection.must_close(self.head):
+        # A body still on its way (or an upgrade's bytes) would be read as the next
+        # request: close. A request without a body is complete even before its END event
+        # (Envoy keeps those connections alive).
+        unread = not self.request_complete and (self.head.has_body or bool(self.head.upgrade))
+        if close or unread or connection.must_close(self.head):
             connection.closing = True
             headers.append((b"connection", b"close"))
         self.response_headers = headers
@@ -893,6 +921,7 @@ class Exchange:
             self.reset_upstream()
         if self.pending:
             self.reset_upstream()
+        self._release_retry()
         if self._per_try_timer is not None:
             self._per_try_timer.cancel()
             self._per_try_timer = None

@@ -8,8 +8,6 @@ wins. The host → virtual host answer is cached, since a sidecar sees few disti
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl
-
 from shoal.codec.http1 import Headers
 from shoal.config.model import (
     HeaderMatcher,
@@ -124,6 +122,9 @@ class CompiledRoute:
         policy = action.retry_policy if action is not None else None
         self.retry_policy: RetryPolicy | None = policy or vhost.retry_policy
         timeout = action.timeout if action is not None else 0
+        per_try = self.retry_policy.per_try_timeout if self.retry_policy is not None else None
+        if per_try and (not timeout or per_try < timeout):
+            timeout = per_try  # Envoy announces the per-try timeout when there is one
         self.timeout_header = (
             b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(timeout * 1000) if timeout else b""
         )
@@ -156,16 +157,20 @@ class CompiledRoute:
 def _header_matches(matcher: HeaderMatcher, value: str | None) -> bool:
     if matcher.match.kind == "present":
         result = (value is not None) == matcher.present
+    elif value is None:
+        return False  # as Envoy: a missing header fails a value match, inverted or not
     else:
-        result = value is not None and matcher.match.matches(value)
+        result = matcher.match.matches(value)
     return result != matcher.invert
 
 
 def _query_matches(matchers: tuple[QueryParameterMatcher, ...], path: str) -> bool:
     _, _, query = path.partition("?")
     params: dict[str, str] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        params.setdefault(key, value)
+    for part in query.split("&"):  # not percent-decoded, as Envoy matches the raw query
+        if part:
+            key, _, value = part.partition("=")
+            params.setdefault(key, value)
     for matcher in matchers:
         found = params.get(matcher.name)
         if found is None or not matcher.match.matches(found):

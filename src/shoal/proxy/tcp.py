@@ -57,8 +57,7 @@ class _UpstreamSide(asyncio.Protocol):
         self.session.from_upstream(data)
 
     def eof_received(self) -> bool | None:
-        self.session.upstream_eof()
-        return True
+        return self.session.upstream_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.upstream_closed()
@@ -86,6 +85,7 @@ class TcpSession(asyncio.Protocol):
         "downstream_remote",
         "duration",
         "early",
+        "half_closed",
         "host",
         "loop",
         "response_flags",
@@ -106,6 +106,7 @@ class TcpSession(asyncio.Protocol):
         self.cluster: ClusterRuntime | None = None
         self.host: Host | None = None
         self.early: list[bytes] = []
+        self.half_closed = False  # one direction has ended; the second end closes both
         self.bytes_received = self.bytes_sent = 0
         self.response_flags = "-"
         self.downstream_remote = self.downstream_local = ""
@@ -198,8 +199,8 @@ class TcpSession(asyncio.Protocol):
             self.early.clear()
             self.downstream.resume_reading()
             return
-        if attempts > 1 and self.response_flags == "UF":
-            self.response_flags = "UF,URX"
+        if self.response_flags == "UF":
+            self.response_flags = "UF,URX"  # as Envoy, even for max_connect_attempts 1
         if self.downstream is not None:
             self.downstream.close()
 
@@ -217,6 +218,9 @@ class TcpSession(asyncio.Protocol):
         transport = upstream.transport if upstream is not None else None
         if transport is not None and transport.can_write_eof():
             transport.write_eof()
+            if self.half_closed:
+                return None  # the upstream ended first: both directions are done
+            self.half_closed = True
             return True
         return None
 
@@ -250,9 +254,15 @@ class TcpSession(asyncio.Protocol):
         if self.downstream is not None:
             self.downstream.write(data)
 
-    def upstream_eof(self) -> None:
+    def upstream_eof(self) -> bool:
+        """Pass the upstream's FIN on; True keeps the upstream socket open for the
+        downstream's remaining bytes, False closes it when the downstream has ended too."""
         if self.downstream is not None and self.downstream.can_write_eof():
             self.downstream.write_eof()
+        if self.half_closed:
+            return False
+        self.half_closed = True
+        return True
 
     def upstream_closed(self) -> None:
         if self.cluster is not None:

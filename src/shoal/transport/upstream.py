@@ -110,6 +110,12 @@ class UpstreamConnection(asyncio.Protocol):
                     head.content_length < 0 and not head.chunked and not no_body_status(head.status)
                 )
                 sink.upstream_head(head)
+                # the exchange may hand the connection on (a retried response is drained by
+                # a discarding sink) or drop it: the rest of this batch goes to the new owner
+                owner = self.sink
+                if owner is None:
+                    return
+                sink = owner
             elif isinstance(event, Upgrade):
                 self.tunnel = True
                 sink.upstream_upgraded(event.rest)

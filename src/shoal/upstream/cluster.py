@@ -39,6 +39,7 @@ class ClusterStats:
     upstream_cx_destroy: int = 0
     upstream_cx_overflow: int = 0
     upstream_cx_total: int = 0
+    upstream_rq_active_overflow: int = 0  # max_requests
     upstream_rq_cancelled: int = 0
     upstream_rq_pending_overflow: int = 0
     upstream_rq_pending_total: int = 0
