@@ -122,6 +122,8 @@ class RecordingUpstream:
 
     def stop(self) -> None:
         self.stopped = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self.listener.close()
         with self.lock:
             for sock in self.sockets:

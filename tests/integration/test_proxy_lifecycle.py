@@ -354,9 +354,16 @@ def test_reload_adds_and_removes_listeners(start: Callable[..., Proxy]) -> None:
     main, second = proxy.ports
     third = free_port()
     assert get(second, "/version").body == b"v1"
-    proxy.reconfigure(proxy.make_config("v2", ports=[main, third]))
-    wait_for(lambda: get(third, "/version").body == b"v2", what="new listener")
-    wait_for(lambda: refuses(second), what="removed listener closed")
+    with ThreadPoolExecutor(1) as pool:
+        slow: Future[Response] = pool.submit(get, second, "/delay/1000")
+        wait_for(lambda: in_flight(proxy) == 1, what="request in flight")
+        proxy.reconfigure(proxy.make_config("v2", ports=[main, third]))
+        wait_for(lambda: get(third, "/version").body == b"v2", what="new listener")
+        wait_for(lambda: refuses(second), what="removed listener closed")
+        assert not slow.done()
+        # a request in flight on the removed listener still completes
+        response = slow.result(timeout=5)
+        assert response.status == 200 and response.headers["x-served-by"] == "a"
     assert get(main, "/version").body == b"v2"
     proxy.reconfigure(proxy.make_config("v3", ports=[main, second]))
     wait_for(lambda: get(second, "/version").body == b"v3", what="listener re-added")
@@ -593,6 +600,19 @@ def test_concurrency_two_workers_share_listeners_and_reload(start: Callable[...,
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} still there"
     assert refuses(proxy.port)
+
+
+def test_concurrency_watch_reloads_every_worker(start: Callable[..., Proxy]) -> None:
+    proxy = start("--concurrency", "2", "--watch")
+    wait_for(lambda: get(proxy.port, "/x").status == 200, what="workers listening")
+    apply(proxy, proxy.make_config("v2", cluster="b"), "watch")
+    wait_for(
+        lambda: all(get(proxy.port, "/version").body == b"v2" for _ in range(20)),
+        what="v2 in all workers",
+    )
+    assert all(get(proxy.port, "/x").headers["x-served-by"] == "b" for _ in range(20))
+    applied = {r["pid"] for r in log_records(proxy) if "config version 2 applied" in r["msg"]}
+    assert len(applied) == 2
 
 
 def test_concurrency_admin_controls_reach_every_worker(start: Callable[..., Proxy]) -> None:

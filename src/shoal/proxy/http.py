@@ -667,7 +667,7 @@ class Exchange:
             self.response_flags = "UT"
             self.connection.abort()
             return
-        self.local_reply(504, b"upstream request timeout", "UT", "upstream_response_timeout")
+        self.local_reply(504, b"upstream request timeout", "UT", "response_timeout")
 
     def reset_upstream(self) -> None:
         """Abandon the upstream side (timeout, downstream gone): its connection can't be
@@ -700,6 +700,7 @@ class Exchange:
         self._release_retry()
         self.status = status
         self.response_started = True
+        self.response_code_details = "via_upstream"
         policy = self._policy()
         if retried and policy is not None and not _retry_on_status(policy, status):
             self.cluster.stats.upstream_rq_retry_success += 1  # as Envoy: not retriable
@@ -856,7 +857,7 @@ class Exchange:
         else:
             location = f"{scheme}://{host}{bare}?{query}"
         self.local_reply(
-            redirect.status, b"", "-", "via_redirect", extra=[(b"location", location.encode())]
+            redirect.status, b"", "-", "direct_response", extra=[(b"location", location.encode())]
         )
 
     def local_reply(
