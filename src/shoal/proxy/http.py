@@ -17,6 +17,7 @@ import random
 import socket
 import time
 from collections import deque
+from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qsl
 
@@ -38,7 +39,7 @@ from shoal.codec.http1 import (
 )
 from shoal.config.model import HashPolicy, Redirect, RetryPolicy, RouteAction
 from shoal.errors import RemoteProtocolError
-from shoal.proxy.routes import CompiledRoute, header_value
+from shoal.proxy.routes import CompiledRoute, HeaderPlan, header_value, split_lines
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
 from shoal.upstream.lb import hash_key_of
 
@@ -60,10 +61,40 @@ _RESET_CONDITIONS = frozenset({"5xx", "gateway-error", "reset", "reset-before-re
 _CONNECT_CONDITIONS = frozenset({"5xx", "gateway-error", "connect-failure", "reset"})
 _GATEWAY_ERRORS = frozenset({502, 503, 504})
 # answered or rewritten by the proxy itself, never passed on
-_NOT_FORWARDED = frozenset({b"expect", b"x-envoy-original-path"})
+_NOT_FORWARDED = frozenset(
+    {
+        b"expect",
+        b"x-envoy-original-path",
+        b"x-envoy-original-host",
+        b"x-envoy-external-address",
+        # router control headers: consumed by Envoy's router, never forwarded
+        b"x-envoy-max-retries",
+        b"x-envoy-retry-on",
+        b"x-envoy-retry-grpc-on",
+        b"x-envoy-retriable-status-codes",
+        b"x-envoy-retriable-header-names",
+        b"x-envoy-upstream-rq-timeout-ms",
+        b"x-envoy-upstream-rq-per-try-timeout-ms",
+        b"x-envoy-upstream-rq-timeout-alt-response",
+        b"x-envoy-hedge-on-per-try-timeout",
+        b"x-envoy-expected-rq-timeout-ms",
+    }
+)
 _UPGRADE_HEADERS = frozenset({b"connection", b"upgrade"})
 # response headers the proxy writes itself, replacing any the upstream sent
-_SET_BY_PROXY = frozenset({b"server", b"x-envoy-upstream-service-time"})
+_SET_BY_PROXY = frozenset({b"server", b"date", b"x-envoy-upstream-service-time"})
+_date_cache: list[object] = [0, b""]
+
+
+def _date_line() -> bytes:
+    """``date: <IMF-fixdate>\\r\\n``, formatted once per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = b"date: %s\r\n" % formatdate(now, usegmt=True).encode()
+    line = _date_cache[1]
+    assert isinstance(line, bytes)
+    return line
 
 
 def _new_request_id() -> bytes:
@@ -151,6 +182,7 @@ class Exchange:
         "response_complete",
         "response_flags",
         "response_headers",
+        "response_plan",
         "response_started",
         "retries_left",
         "route_action",
@@ -176,6 +208,7 @@ class Exchange:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.compiled: CompiledRoute | None = None
+        self.response_plan: HeaderPlan | None = None
         self.upstream_ms = -1
         self.route_action: RouteAction | None = None
         self.cluster: ClusterRuntime | None = None
@@ -284,6 +317,7 @@ class Exchange:
             self.local_reply(404, b"", "NR", "route_not_found")
             return
         self.compiled = compiled
+        self.response_plan = compiled.response_plan
         route = compiled.route
         if route.direct_response is not None:
             self.local_reply(
@@ -300,7 +334,13 @@ class Exchange:
         action = route.action
         assert action is not None
         self.route_action = action
-        cluster = ctx.clusters.get(self._pick_cluster(action))
+        cluster_name = self._pick_cluster(action)
+        plans = compiled.cluster_plans.get(cluster_name) if compiled.cluster_plans else None
+        request_plan, self.response_plan = plans or (
+            compiled.request_plan,
+            compiled.response_plan,
+        )
+        cluster = ctx.clusters.get(cluster_name)
         if cluster is None:
             self.local_reply(503, b"", "NC", "cluster_not_found")
             return
@@ -318,7 +358,6 @@ class Exchange:
             )
             return
         cluster.rq_active += 1
-        cluster.stats.upstream_rq_total += 1
         policy = compiled.retry_policy
         if policy is not None and not self.tunnel:
             self.retries_left = policy.num_retries
@@ -327,7 +366,7 @@ class Exchange:
             self.hash_key = self._hash(action.hash_policy)
         if head.expect_continue and not connection.closing:
             connection.write(CONTINUE_RESPONSE)
-        self.upstream_head_bytes = self._upstream_head(action, compiled)
+        self.upstream_head_bytes = self._upstream_head(action, compiled, request_plan)
         if not head.has_body:
             self.request_complete = True
             self._start_timeout()
@@ -388,7 +427,9 @@ class Exchange:
                 break
         return combined
 
-    def _upstream_head(self, action: RouteAction, compiled: CompiledRoute) -> bytes:
+    def _upstream_head(
+        self, action: RouteAction, compiled: CompiledRoute, plan: HeaderPlan
+    ) -> bytes:
         """The request head sent upstream, built once and reused by retries."""
         ctx = self.connection.ctx
         head = self.head
@@ -404,28 +445,28 @@ class Exchange:
             rewritten = pattern.sub(substitution, bare).encode("latin-1")
             self.original_path = path
             path = rewritten + (b"?" + query.encode("latin-1") if sep else b"")
-        plan = compiled.request_plan
         remove = plan.remove
-        extra = b""
-        if plan.conditional:
-            drop, extra = plan.conditional_lines(head.headers)
-            remove = remove | drop
         if head.connection:
             remove = remove | connection_tokens(head.headers)
         lines = [b"%s %s HTTP/1.1\r\n" % (head.method, path)]
         append = lines.append
-        host = head.host
+        original_host = host = head.host
         if action.host_rewrite_literal is not None:
             host = action.host_rewrite_literal.encode("latin-1")
         elif action.auto_host_rewrite and self.cluster is not None:
             endpoints = self.cluster.config.endpoints
             if endpoints:
                 host = endpoints[0].address.host.encode("latin-1")
+        head.host = host  # the access log shows the authority sent upstream, as Envoy's
         request_id = b""
         forwarded_proto = False
         xff: bytes | None = None
         for name, value in head.headers:
-            if name in HOP_BY_HOP or name in remove:
+            if name in HOP_BY_HOP:
+                if name == b"te" and value.strip().lower() == b"trailers":
+                    append(b"te: trailers\r\n")  # the one TE value that crosses a proxy
+                continue
+            if name in remove:
                 continue
             if name == b"host":
                 append(b"host: %s\r\n" % host)
@@ -441,9 +482,11 @@ class Exchange:
                 continue
             append(b"%s: %s\r\n" % (name, value))
         config = ctx.config
-        if config.use_remote_address and not config.skip_xff_append:
+        if config.use_remote_address:
             remote = self.connection.remote_ip.encode("latin-1")
-            xff = remote if xff is None else xff + b", " + remote
+            append(b"x-envoy-external-address: %s\r\n" % remote)
+            if not config.skip_xff_append:
+                xff = remote if xff is None else xff + b"," + remote
         if xff is not None:
             append(b"x-forwarded-for: %s\r\n" % xff)
         if not forwarded_proto:
@@ -454,9 +497,15 @@ class Exchange:
         self.request_id = request_id
         if self.original_path:
             append(b"x-envoy-original-path: %s\r\n" % self.original_path)
+        if host is not original_host:
+            append(b"x-envoy-original-host: %s\r\n" % original_host)
         append(compiled.timeout_header)
-        append(plan.add)
-        append(extra)
+        if plan.fast:
+            append(plan.add)
+        else:
+            edited = plan.apply(split_lines(b"".join(lines[1:])))
+            del lines[1:]
+            lines.extend(b"%s: %s\r\n" % pair for pair in edited)
         if self.tunnel:
             append(b"connection: upgrade\r\nupgrade: %s\r\n" % head.header(b"upgrade"))
         elif head.chunked:
@@ -549,6 +598,8 @@ class Exchange:
             self.cluster.release(self.host, conn)
             return
         self.conn = conn
+        assert self.cluster is not None
+        self.cluster.stats.upstream_rq_total += 1  # per try on the wire, as Envoy counts
         parts = self.body_buffer if self.body_buffer is not None else self.unsent
         data = self.upstream_head_bytes
         if parts:
@@ -563,17 +614,30 @@ class Exchange:
         if self.connection.paused_writing:
             conn.pause_reading()
 
-    def pool_failure(self, reason: str) -> None:
+    def pool_failure(self, reason: str, transport_reason: str) -> None:
         self.pending = False
         self._end_attempt()
         if self._maybe_retry(_CONNECT_CONDITIONS):
             return
+        self._reset_reply(reason, transport_reason, "UF")
+
+    def _reset_reply(self, reason: str, transport_reason: str, flag: str) -> None:
+        """Envoy's 503 for an upstream that failed before sending response headers."""
+        policy = self._policy()
+        if policy is not None and self.retries_left < policy.num_retries:
+            text = f"retried and the latest reset reason: {reason}"
+        else:
+            text = f"reset reason: {reason}"
+            if transport_reason:
+                text += f", transport failure reason: {transport_reason}"
+        detail = reason.replace(" ", "_")
+        if transport_reason:
+            detail += "|" + transport_reason.replace(" ", "_")
         self.local_reply(
             503,
-            b"upstream connect error or disconnect/reset before headers. reset reason: "
-            b"connection failure, transport failure reason: " + reason.encode(),
-            self._flags("UF"),
-            "upstream_reset_before_response_started{connection_failure}",
+            b"upstream connect error or disconnect/reset before headers. " + text.encode(),
+            self._flags(flag),
+            "upstream_reset_before_response_started{" + detail + "}",
         )
 
     def _policy(self) -> RetryPolicy | None:
@@ -709,13 +773,9 @@ class Exchange:
         elapsed = connection.loop.time() - self.attempt_start
         self.upstream_ms = upstream_ms = int(elapsed * 1000)
         self.cluster.stats.upstream_rq_time.record(elapsed * 1000.0)
-        assert self.compiled is not None
-        plan = self.compiled.response_plan
+        plan = self.response_plan
+        assert plan is not None
         remove = plan.remove
-        extra = b""
-        if plan.conditional:
-            drop, extra = plan.conditional_lines(head.headers)
-            remove = remove | drop
         if head.connection and status != 101:
             remove = remove | connection_tokens(head.headers)
         self.response_headers = head.headers
@@ -733,9 +793,14 @@ class Exchange:
                 has_length = True
             append(b"%s: %s\r\n" % (name, value))
         append(b"x-envoy-upstream-service-time: %d\r\n" % upstream_ms)
+        append(_date_line())
         append(ctx.server_header)
-        append(plan.add)
-        append(extra)
+        if plan.fast:
+            append(plan.add)
+        else:
+            edited = plan.apply(split_lines(b"".join(lines[1:])))
+            del lines[1:]
+            lines.extend(b"%s: %s\r\n" % pair for pair in edited)
         bodyless = no_body_status(status) or self.head.method == b"HEAD"
         close = connection.must_close(self.head)
         if status == 101:
@@ -811,14 +876,7 @@ class Exchange:
             return
         if self._maybe_retry(_RESET_CONDITIONS):
             return
-        flags = self._flags("UC")
-        self.local_reply(
-            503,
-            b"upstream connect error or disconnect/reset before headers. reset reason: "
-            + reason.encode(),
-            flags,
-            "upstream_reset_before_response_started{" + reason.replace(" ", "_") + "}",
-        )
+        self._reset_reply(reason, "", "UC")
 
     def _idempotent(self) -> bool:
         return self.head.method in (b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE")
@@ -899,12 +957,13 @@ class Exchange:
         if close or unread or connection.must_close(self.head):
             connection.closing = True
             headers.append((b"connection", b"close"))
+        headers.append((b"date", _date_line()[6:-2]))
+        headers.append((b"server", connection.ctx.server_header[8:-2]))
+        if self.response_plan is not None:
+            headers = self.response_plan.apply(headers)
         self.response_headers = headers
         lines = [status_line(status)]
         lines.extend(b"%s: %s\r\n" % pair for pair in headers)
-        lines.append(connection.ctx.server_header)
-        if self.compiled is not None:
-            lines.append(self.compiled.response_plan.add)
         lines.append(b"\r\n")
         if self.head.method != b"HEAD" and not no_body_status(status):
             lines.append(body)

@@ -34,58 +34,79 @@ def header_value(headers: Headers, name: bytes) -> str | None:
     return (found[0] if len(found) == 1 else b",".join(found)).decode("latin-1")
 
 
-def _line(option: HeaderValueOption) -> bytes:
-    return b"%s: %s\r\n" % (option.key.encode("latin-1"), option.value.encode("latin-1"))
+Level = tuple[frozenset[bytes], tuple[tuple[bytes, bytes, str], ...]]
 
 
 class HeaderPlan:
-    """One direction's header edits for a route, merged over route, virtual host and
-    route configuration (Envoy's order) and pre-encoded.
+    """One direction's header edits for a route, compiled once.
 
-    ``remove`` also holds the names that an overwrite replaces; ``add`` are ready-made
-    header lines; ``conditional`` are the options that depend on whether the header is
-    already there (add_if_absent, overwrite_if_exists), checked per message.
+    Envoy applies the levels in order — weighted cluster, route, virtual host, route
+    configuration — each removing its names and then adding its headers, so with
+    overwrite actions the least specific level wins. When every option simply appends
+    and no level removes what an earlier one added (the common case), the plan is one
+    removal set and ready-made lines (``fast``); otherwise ``apply`` replays the levels
+    on the message's headers.
     """
 
-    __slots__ = ("add", "conditional", "remove")
+    __slots__ = ("add", "fast", "levels", "remove")
 
-    def __init__(self, options: list[HeaderValueOption], removals: set[str]) -> None:
-        remove = set(removals)
-        add: list[bytes] = []
-        conditional: list[HeaderValueOption] = []
-        for option in options:
-            if option.action == "overwrite_if_exists_or_add":
-                remove.add(option.key)
-                add.append(_line(option))
-            elif option.action == "append_if_exists_or_add":
-                add.append(_line(option))
-            else:
-                conditional.append(option)
-        self.remove = frozenset(name.encode("latin-1") for name in remove)
-        self.add = b"".join(add)
-        self.conditional = tuple(conditional)
+    def __init__(self, levels: list[tuple[frozenset[str], tuple[HeaderValueOption, ...]]]) -> None:
+        self.levels: tuple[Level, ...] = tuple(
+            (
+                frozenset(name.encode("latin-1") for name in removals),
+                tuple(
+                    (o.key.encode("latin-1"), o.value.encode("latin-1"), o.action) for o in options
+                ),
+            )
+            for removals, options in levels
+        )
+        added: set[bytes] = set()
+        fast = True
+        for removals_bytes, options_bytes in self.levels:
+            if removals_bytes & added:
+                fast = False
+            for key, _, action in options_bytes:
+                fast = fast and action == "append_if_exists_or_add"
+                added.add(key)
+        self.fast = fast
+        self.remove = frozenset(n for removals_bytes, _ in self.levels for n in removals_bytes)
+        self.add = b"".join(
+            b"%s: %s\r\n" % (key, value) for _, opts in self.levels for key, value, _ in opts
+        )
 
-    def conditional_lines(self, headers: Headers) -> tuple[frozenset[bytes], bytes]:
-        """Extra names to drop and lines to add for the conditional options."""
-        present = {name for name, _ in headers}
-        drop: set[bytes] = set()
-        lines: list[bytes] = []
-        for option in self.conditional:
-            key = option.key.encode("latin-1")
-            if option.action == "add_if_absent" and key not in present:
-                lines.append(_line(option))
-            elif option.action == "overwrite_if_exists" and key in present:
-                drop.add(key)
-                lines.append(_line(option))
-        return frozenset(drop), b"".join(lines)
+    def apply(self, headers: Headers) -> Headers:
+        """Replay every level on ``headers`` (the slow path, for non-``fast`` plans)."""
+        for removals, options in self.levels:
+            if removals:
+                headers = [h for h in headers if h[0] not in removals]
+            for key, value, action in options:
+                present = any(name == key for name, _ in headers)
+                if action == "append_if_exists_or_add":
+                    headers.append((key, value))
+                elif action == "add_if_absent":
+                    if not present:
+                        headers.append((key, value))
+                elif action == "overwrite_if_exists_or_add" or present:
+                    headers = [h for h in headers if h[0] != key]
+                    headers.append((key, value))
+        return headers
 
 
 def _plans(chain: list[HeaderMutations]) -> tuple[HeaderPlan, HeaderPlan]:
-    request = [o for m in chain for o in m.request_add]
-    response = [o for m in chain for o in m.response_add]
-    request_remove = {name for m in chain for name in m.request_remove}
-    response_remove = {name for m in chain for name in m.response_remove}
-    return HeaderPlan(request, request_remove), HeaderPlan(response, response_remove)
+    """Request and response plans for levels given most specific first."""
+    request = HeaderPlan([(m.request_remove, m.request_add) for m in chain])
+    response = HeaderPlan([(m.response_remove, m.response_add) for m in chain])
+    return request, response
+
+
+def split_lines(lines: bytes) -> Headers:
+    """Header lines (``name: value\\r\\n``) back into pairs, for the slow path."""
+    pairs: Headers = []
+    for line in lines.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b": ")
+            pairs.append((name, value))
+    return pairs
 
 
 class CompiledRoute:
@@ -93,6 +114,7 @@ class CompiledRoute:
 
     __slots__ = (
         "case_sensitive",
+        "cluster_plans",
         "headers",
         "kind",
         "query",
@@ -128,10 +150,14 @@ class CompiledRoute:
         self.timeout_header = (
             b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(timeout * 1000) if timeout else b""
         )
-        # Least specific first: route config, virtual host, route (Envoy's append order).
-        self.request_plan, self.response_plan = _plans(
-            [config.headers, vhost.headers, route.headers]
-        )
+        levels = [route.headers, vhost.headers, config.headers]
+        self.request_plan, self.response_plan = _plans(levels)
+        # A weighted cluster's own edits come first, before the route's.
+        self.cluster_plans: dict[str, tuple[HeaderPlan, HeaderPlan]] = {
+            weighted.name: _plans([weighted.headers, *levels])
+            for weighted in (action.weighted_clusters if action is not None else ())
+            if weighted.headers
+        }
 
     def matches(self, path: str, headers: Headers) -> bool:
         kind = self.kind

@@ -179,6 +179,7 @@ class TcpSession(asyncio.Protocol):
             tried = self.host = host
             cluster.cx_active += 1
             cluster.stats.upstream_cx_total += 1
+            cluster.stats.upstream_rq_total += 1  # Envoy counts each try as a request too
             try:
                 async with asyncio.timeout(cluster.config.connect_timeout):
                     _, side = await self.loop.create_connection(

@@ -27,7 +27,7 @@ log = logging.getLogger("shoal.upstream")
 
 class PoolWaiter(Protocol):
     def pool_ready(self, conn: UpstreamConnection) -> None: ...
-    def pool_failure(self, reason: str) -> None: ...
+    def pool_failure(self, reason: str, transport_reason: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -120,15 +120,20 @@ class HostPool:
             self.connecting -= 1
             cluster.cx_active -= 1
             cluster.stats.upstream_cx_connect_fail += 1
+            # Envoy's reset reason and transport failure reason, as its local replies say
             if isinstance(exc, TimeoutError):
                 cluster.stats.upstream_cx_connect_timeout += 1
-                reason = "connection timeout"
+                reason, transport_reason = "connection timeout", ""
             else:
-                reason = f"delayed connect error: {exc.errno}"
+                detail = exc.strerror or str(exc)
+                reason, transport_reason = (
+                    "remote connection failure",
+                    (f"delayed connect error: {detail}"),
+                )
             if self.waiters:
                 waiter = self.waiters.popleft()
                 cluster.rq_pending -= 1
-                waiter.pool_failure(reason)
+                waiter.pool_failure(reason, transport_reason)
             cluster.serve_waiters()
 
 
