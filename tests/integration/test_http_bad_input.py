@@ -359,6 +359,11 @@ CASES = [
     ("invalid-method", b"G(T /bad HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
     ("http-2.0", b"GET /bad HTTP/2.0\r\nHost: svc\r\n\r\n", 505),
     ("http-3.0", b"GET /bad HTTP/3.0\r\nHost: svc\r\n\r\n", 505),
+    (
+        "te-in-http-1.0",
+        b"POST /bad HTTP/1.0\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
     ("te-gzip", b"POST /bad HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: gzip\r\n\r\nA", 501),
     (
         "te-gzip-chunked",

@@ -264,6 +264,9 @@ class RequestDecoder:
         head.keep_alive = parser.should_keep_alive()
         if not head.host and head.version == b"1.1":
             raise RemoteProtocolError("missing Host header", 400)
+        if head.chunked and head.version == b"1.0":
+            # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
+            raise RemoteProtocolError("Transfer-Encoding in an HTTP/1.0 request", 400)
         if parser.should_upgrade():
             value = head.header(b"upgrade")
             head.upgrade = value.lower() if value else b"connect"

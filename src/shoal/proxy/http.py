@@ -301,6 +301,10 @@ class Exchange:
         head = self.head
         ctx.stats.downstream_rq_total += 1
         ctx.stats.downstream_rq_active += 1
+        limit = ctx.config.max_request_bytes
+        if limit is not None and self.bytes_received > limit:
+            self._too_large()
+            return
         target = head.target
         if not target.startswith(b"/") and not self._absolute_form(target):
             return
@@ -361,7 +365,8 @@ class Exchange:
         policy = compiled.retry_policy
         if policy is not None and not self.tunnel:
             self.retries_left = policy.num_retries
-            self.body_buffer = []
+            self.body_buffer = list(self.unsent)  # a queued request's body may be here
+            self.body_buffered_bytes = sum(map(len, self.unsent))
         if action.hash_policy:
             self.hash_key = self._hash(action.hash_policy)
         if head.expect_continue and not connection.closing:
@@ -369,6 +374,7 @@ class Exchange:
         self.upstream_head_bytes = self._upstream_head(action, compiled, request_plan)
         if not head.has_body:
             self.request_complete = True
+        if self.request_complete:
             self._start_timeout()
         elif (
             ctx.config.max_request_bytes is not None
@@ -519,10 +525,10 @@ class Exchange:
         self.bytes_received += len(data)
         limit = self.connection.ctx.config.max_request_bytes
         if limit is not None and self.bytes_received > limit and not self.response_started:
-            self.reset_upstream()
-            self.local_reply(
-                413, b"Payload Too Large", "-", "request_payload_too_large", close=True
-            )
+            if self is not self.connection.active:
+                self.unsent.clear()  # queued: begin() answers 413 in turn
+                return
+            self._too_large()
             return
         if self.head.chunked and not self.tunnel:
             data = encode_chunk(data)
@@ -539,6 +545,10 @@ class Exchange:
             conn.write(data)
         else:
             self.unsent.append(data)
+
+    def _too_large(self) -> None:
+        self.reset_upstream()
+        self.local_reply(413, b"Payload Too Large", "-", "request_payload_too_large", close=True)
 
     def request_end(self) -> None:
         if self.done or self.request_complete:
@@ -1126,8 +1136,14 @@ class HttpConnection(asyncio.Protocol):
     def _handle(self, events: list[Event]) -> None:
         for event in events:
             if event.__class__ is bytes:
-                if self.receiving is not None:
-                    self.receiving.request_data(event)
+                receiving = self.receiving
+                if receiving is not None:
+                    receiving.request_data(event)
+                    if receiving is not self.active and not self._paused_for_pipeline:
+                        # a queued request's body waits in memory: read no more of it
+                        # until its turn comes (exchange_done resumes)
+                        self._paused_for_pipeline = True
+                        self._pause_reading()
             elif event is END:
                 receiving = self.receiving
                 if receiving is not None:
