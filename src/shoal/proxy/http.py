@@ -155,6 +155,8 @@ class Exchange:
 
     __slots__ = (
         "_chunked_response",
+        "_idle_bytes",
+        "_idle_mark_at",
         "_per_try_timer",
         "_retry_held",
         "_retry_timer",
@@ -173,10 +175,12 @@ class Exchange:
         "hash_key",
         "head",
         "host",
+        "idle_timeout",
         "original_path",
         "path_bytes",
         "pending",
         "request_complete",
+        "request_end_at",
         "request_id",
         "response_code_details",
         "response_complete",
@@ -189,6 +193,7 @@ class Exchange:
         "start",
         "start_time",
         "status",
+        "stream_end_at",
         "tried_hosts",
         "tunnel",
         "unsent",
@@ -234,6 +239,11 @@ class Exchange:
         self.path_bytes = head.target
         self.attempt_start = 0.0
         self.deadline = 0.0  # route timeout, checked by the connection's deadline timer
+        self.stream_end_at = 0.0  # max_stream_duration
+        self.request_end_at = 0.0  # request_timeout: the whole request must arrive by then
+        self.idle_timeout = 0.0  # stream idle timeout (route or connection manager)
+        self._idle_bytes = 0
+        self._idle_mark_at = 0.0
         self._per_try_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
         self._retry_held = False  # holds a max_retries slot until the retry's outcome
@@ -362,6 +372,7 @@ class Exchange:
             )
             return
         cluster.rq_active += 1
+        self._arm_stream_timers(action)
         policy = compiled.retry_policy
         if policy is not None and not self.tunnel:
             self.retries_left = policy.num_retries
@@ -723,6 +734,66 @@ class Exchange:
         self.local_reply(
             504, b"upstream request timeout", self._flags("UT"), "upstream_per_try_timeout"
         )
+
+    def _arm_stream_timers(self, action: RouteAction) -> None:
+        """Stream-level limits (Envoy's stream idle timeout, max stream duration, request
+        timeout) share the connection's lazy deadline timer with the route timeout."""
+        config = self.connection.ctx.config
+        idle = (
+            action.idle_timeout if action.idle_timeout is not None else config.stream_idle_timeout
+        )
+        duration = action.max_stream_duration or config.max_stream_duration
+        start = self.start
+        first = 0.0
+        if idle:
+            self.idle_timeout = idle
+            self._idle_mark_at = start
+            first = start + idle
+        if duration:
+            self.stream_end_at = start + duration
+            first = min(first, self.stream_end_at) if first else self.stream_end_at
+        if config.request_timeout and not self.request_complete:
+            self.request_end_at = start + config.request_timeout
+            first = min(first, self.request_end_at) if first else self.request_end_at
+        if first:
+            self.connection.arm_deadline(first)
+
+    def check_timers(self, now: float) -> float:
+        """Fire whichever stream timer is due; otherwise say when to look again (0: never)."""
+        if self.deadline and now >= self.deadline:
+            self.on_timeout()
+            return 0.0
+        if self.stream_end_at and now >= self.stream_end_at:
+            self._stream_timeout(b"downstream duration timeout", "DT", "max_duration_timeout")
+            return 0.0
+        if self.request_end_at and not self.request_complete and now >= self.request_end_at:
+            self._stream_timeout(b"request timeout", "-", "request_overall_timeout")
+            return 0.0
+        idle_at = 0.0
+        if self.idle_timeout:
+            moved = self.bytes_received + self.bytes_sent
+            if moved != self._idle_bytes:  # activity since the last look: idle from now
+                self._idle_bytes = moved
+                self._idle_mark_at = now
+            elif now >= self._idle_mark_at + self.idle_timeout:
+                self._stream_timeout(b"stream timeout", "SI", "stream_idle_timeout")
+                return 0.0
+            idle_at = self._idle_mark_at + self.idle_timeout
+        pending = [t for t in (self.deadline, self.stream_end_at, idle_at) if t]
+        if self.request_end_at and not self.request_complete:
+            pending.append(self.request_end_at)
+        return min(pending) if pending else 0.0
+
+    def _stream_timeout(self, body: bytes, flag: str, details: str) -> None:
+        """Envoy answers a stream-level timeout with 408 if it can, else resets."""
+        self.reset_upstream()
+        if self.response_started:
+            self.response_flags = flag
+            self.response_code_details = details
+            self.connection.abort()
+            self.finish()
+            return
+        self.local_reply(408, body, flag, details, close=not self.request_complete)
 
     def _start_timeout(self) -> None:
         action = self.route_action
@@ -1114,6 +1185,7 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         if tunnel is not None:
+            tunnel.bytes_received += len(data)
             if tunnel.conn is not None:
                 tunnel.conn.write(data)
             return
@@ -1377,7 +1449,7 @@ class HttpConnection(asyncio.Protocol):
             self._head_timer = None
 
     def arm_deadline(self, deadline: float) -> None:
-        """One lazy timer per connection serves every exchange's route timeout: it is only
+        """One lazy timer per connection serves every exchange's timeouts: it is only
         re-armed when it would fire too late, so a fast request costs no timer at all."""
         if self._deadline_timer is None or deadline < self._deadline_at:
             if self._deadline_timer is not None:
@@ -1388,12 +1460,11 @@ class HttpConnection(asyncio.Protocol):
     def _check_deadline(self) -> None:
         self._deadline_timer = None
         active = self.active
-        if active is None or not active.deadline or active.done:
+        if active is None or active.done:
             return
-        if active.deadline <= self.loop.time():
-            active.on_timeout()
-        else:
-            self.arm_deadline(active.deadline)
+        next_at = active.check_timers(self.loop.time())
+        if next_at:
+            self.arm_deadline(next_at)
 
     def _check_idle(self) -> None:
         idle = self.ctx.config.idle_timeout
