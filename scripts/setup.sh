@@ -23,11 +23,17 @@ fi
 
 stamp=.venv/.shoal-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    exit 0
+if ! [ -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    echo "$want" > "$stamp"
+    echo "setup: .venv ready"
 fi
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev]'
-echo "$want" > "$stamp"
-echo "setup: .venv ready"
+
+# The hot-path modules compiled with mypyc (a no-op when they are up to date). Without a
+# C compiler Shoal still runs, interpreted and slower.
+if ! .venv/bin/python scripts/compile.py > .venv/compile.log 2>&1; then
+    echo "setup: WARNING: mypyc compilation failed (see .venv/compile.log); running interpreted" >&2
+    .venv/bin/python scripts/compile.py --clean
+fi

@@ -21,6 +21,17 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compiled hot-path modules shadow their .py files: rebuild them if the source moved
+    on, so the suite never tests stale code (a no-op when they are fresh or absent)."""
+    if any((ROOT / "src").rglob("*.so")):
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "compile.py")],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+
 def free_port(family: int = socket.AF_INET) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))

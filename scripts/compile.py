@@ -1,0 +1,78 @@
+"""Compile the proxy's hot-path modules with mypyc (the same typed Python, as C extensions).
+
+Why: the per-request work is Python attribute access and small calls; mypyc turns the
+strictly typed classes into native structs and direct calls, cutting the proxy's CPU per
+request by about a third (bench/RESULTS.md). The modules stay plain Python: without this
+step Shoal runs the same code interpreted.
+
+Run by `make setup` when any listed module changed; `--clean` removes the built files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+from mypyc.build import mypycify
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+HOT_MODULES = [
+    "shoal/codec/http1.py",
+    "shoal/proxy/routes.py",
+    "shoal/proxy/http.py",
+    "shoal/proxy/listeners.py",
+    "shoal/transport/upstream.py",
+    "shoal/upstream/cluster.py",
+    "shoal/upstream/lb.py",
+    "shoal/upstream/host.py",
+    "shoal/observe/stats.py",
+]
+STAMP = SRC / "shoal" / ".compiled"
+
+
+def source_hash() -> str:
+    digest = hashlib.sha256()
+    for module in HOT_MODULES:
+        digest.update((SRC / module).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def built_files() -> list[Path]:
+    return [*SRC.glob("*__mypyc*.so"), *(SRC / "shoal").rglob("*.so")]
+
+
+def clean() -> None:
+    for path in built_files():
+        path.unlink()
+    STAMP.unlink(missing_ok=True)
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
+
+
+def compile_modules() -> None:
+    clean()
+    setup(
+        name="shoal-hot-path",
+        ext_modules=mypycify([str(SRC / m) for m in HOT_MODULES], opt_level="3"),
+        package_dir={"": "src"},
+        script_args=["build_ext", "--inplace", "--build-temp", str(ROOT / "build")],
+    )
+    STAMP.write_text(source_hash())
+
+
+def main() -> int:
+    if "--clean" in sys.argv:
+        clean()
+        return 0
+    if STAMP.exists() and STAMP.read_text() == source_hash() and built_files():
+        return 0
+    compile_modules()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
