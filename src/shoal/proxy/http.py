@@ -362,14 +362,7 @@ class Exchange:
         limits = cluster.config.circuit_breakers
         if cluster.rq_active >= limits.max_requests:
             cluster.stats.upstream_rq_active_overflow += 1
-            self.local_reply(
-                503,
-                b"upstream connect error or disconnect/reset before headers. reset "
-                b"reason: overflow",
-                "UO",
-                "upstream_reset_before_response_started{overflow}",
-                overloaded=True,
-            )
+            self._overflow_reply()
             return
         cluster.rq_active += 1
         self._arm_stream_timers(action)
@@ -600,17 +593,20 @@ class Exchange:
             self.pending = True
         elif conn is False:
             host.active_requests -= 1
-            self.local_reply(
-                503,
-                b"upstream connect error or disconnect/reset before headers. reset "
-                b"reason: overflow",
-                "UO",
-                "upstream_reset_before_response_started{overflow}",
-                overloaded=True,
-            )
+            self._overflow_reply()
         else:
             assert isinstance(conn, UpstreamConnection)
             self.pool_ready(conn)
+
+    def _overflow_reply(self) -> None:
+        """A circuit breaker is full: Envoy's fast 503, flagged UO."""
+        self.local_reply(
+            503,
+            b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            "UO",
+            "upstream_reset_before_response_started{overflow}",
+            overloaded=True,
+        )
 
     def pool_ready(self, conn: UpstreamConnection) -> None:
         self.pending = False
