@@ -192,7 +192,11 @@ class Proxy:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # a proxy that never got ready is not left running
+            raise
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout

@@ -6,7 +6,6 @@ Internal to :mod:`shoal.config.envoy`.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
@@ -27,6 +26,7 @@ from shoal.config.model import (
     CircuitBreakerThresholds,
     Cluster,
     DiscoveryType,
+    DnsLookupFamily,
     Endpoint,
     LbPolicy,
     Locality,
@@ -46,7 +46,7 @@ _LB_CONFIGS = {
     "maglev_lb_config": LbPolicy.MAGLEV,
     "least_request_lb_config": LbPolicy.LEAST_REQUEST,
 }
-_DNS_LOOKUP_FAMILIES: dict[int, Literal["auto", "v4_only", "v6_only", "v4_preferred", "all"]] = {
+_DNS_LOOKUP_FAMILIES: dict[int, DnsLookupFamily] = {
     cluster_pb2.Cluster.AUTO: "auto",
     cluster_pb2.Cluster.V4_ONLY: "v4_only",
     cluster_pb2.Cluster.V6_ONLY: "v6_only",

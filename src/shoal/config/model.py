@@ -277,6 +277,9 @@ class LbPolicy(Enum):
     MAGLEV = "MAGLEV"
 
 
+DnsLookupFamily = Literal["auto", "v4_only", "v6_only", "v4_preferred", "all"]
+
+
 class DiscoveryType(Enum):
     STATIC = "STATIC"
     STRICT_DNS = "STRICT_DNS"
@@ -322,7 +325,7 @@ class Cluster:
     circuit_breakers: CircuitBreakerThresholds = CircuitBreakerThresholds()
     high_priority_breakers: CircuitBreakerThresholds = CircuitBreakerThresholds()
     dns_refresh_rate: Seconds = 5.0
-    dns_lookup_family: Literal["auto", "v4_only", "v6_only", "v4_preferred", "all"] = "auto"
+    dns_lookup_family: DnsLookupFamily = "auto"
     ring_hash_min_size: int = 1024
     ring_hash_max_size: int = 8 * 1024 * 1024
     maglev_table_size: int = 65537

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 from typing import Any, cast
 
@@ -21,6 +22,8 @@ from shoal.codec.http1 import END, RequestDecoder, RequestHead, Upgrade, encode_
 from shoal.errors import RemoteProtocolError
 
 _CHUNK = b"x" * 65536
+
+log = logging.getLogger("shoal.demo.echo")
 
 
 class EchoServer(asyncio.Protocol):
@@ -33,13 +36,17 @@ class EchoServer(asyncio.Protocol):
         self.head: RequestHead | None = None
         self.body_bytes = 0
         self.queue: list[tuple[RequestHead, int]] = []
-        self.busy = False
+        self.task: asyncio.Task[None] | None = None  # the one serving this connection
         self.tunnel = False
         self.can_write = asyncio.Event()
         self.can_write.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.queue.clear()  # pipelined requests nobody will read
+        self.can_write.set()  # a response paused on backpressure stops instead of waiting
 
     def pause_writing(self) -> None:
         self.can_write.clear()
@@ -66,9 +73,9 @@ class EchoServer(asyncio.Protocol):
             elif event is END and self.head is not None and not self.head.upgrade:
                 # (an upgrade request's END precedes its Upgrade event: it gets the 101 only)
                 self.queue.append((self.head, self.body_bytes))
-                if not self.busy:
-                    self.busy = True
-                    asyncio.get_running_loop().create_task(self._serve())
+                if self.task is None:
+                    self.task = asyncio.get_running_loop().create_task(self._serve())
+                    self.task.add_done_callback(self._served)
             elif isinstance(event, Upgrade) and self.head is not None:
                 self.tunnel = True
                 self.transport.write(
@@ -77,10 +84,21 @@ class EchoServer(asyncio.Protocol):
                 )
 
     async def _serve(self) -> None:
-        while self.queue:
-            head, body_bytes = self.queue.pop(0)
-            await self._respond(head, body_bytes)
-        self.busy = False
+        transport = self.transport
+        assert transport is not None
+        try:
+            while self.queue and not transport.is_closing():
+                head, body_bytes = self.queue.pop(0)
+                await self._respond(head, body_bytes)
+        finally:
+            self.task = None  # before any new request can arrive: the next one starts a task
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        """The serving task's end: its exception is logged here, not left unretrieved."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("echo %s: request failed", self.name, exc_info=exc)
+            if self.transport is not None:
+                self.transport.abort()
 
     async def _respond(self, head: RequestHead, body_bytes: int) -> None:
         transport = self.transport
@@ -124,6 +142,8 @@ class EchoServer(asyncio.Protocol):
             lines.append(b"connection: close\r\n\r\n" if close else b"\r\n")
             if head.method != b"HEAD":
                 lines.append(body)
+        if transport.is_closing():
+            return  # the client (a proxy's timeout, say) gave up during the delay
         transport.write(b"".join(lines))
         if close:
             transport.close()
@@ -136,12 +156,14 @@ class EchoServer(asyncio.Protocol):
         if head.method == b"HEAD":
             return
         left = size
-        while left > 0 and not transport.is_closing():
+        while left > 0:
+            await self.can_write.wait()
+            if transport.is_closing():
+                return
             piece = _CHUNK[: min(left, len(_CHUNK))]
             left -= len(piece)
             transport.write(encode_chunk(piece) if chunked else piece)
-            await self.can_write.wait()
-        if chunked:
+        if chunked and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
 
 

@@ -12,11 +12,11 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shoal.config.model import Cluster, DiscoveryType, Endpoint, SocketAddress
+from shoal.config.model import Cluster, DiscoveryType, DnsLookupFamily, Endpoint, SocketAddress
 from shoal.observe.stats import Histogram, int_fields
 from shoal.transport.upstream import UpstreamConnection
 from shoal.upstream.host import Host
@@ -267,10 +267,12 @@ class ClusterRuntime:
 
     async def _resolve(self) -> None:
         loop = asyncio.get_running_loop()
+        lookup_family = self.config.dns_lookup_family
         family = {
             "v4_only": socket.AF_INET,
             "v6_only": socket.AF_INET6,
-        }.get(self.config.dns_lookup_family, socket.AF_UNSPEC)
+        }.get(lookup_family, socket.AF_UNSPEC)
+        logical = self.config.type is DiscoveryType.LOGICAL_DNS
         hosts: list[Host] = []
         for endpoint in self.config.endpoints:
             address = endpoint.address
@@ -281,11 +283,9 @@ class ClusterRuntime:
             except OSError as exc:
                 log.warning("cluster %s: cannot resolve %s: %s", self.config.name, address, exc)
                 continue
-            ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
-            if self.config.dns_lookup_family == "v4_preferred":
-                ips.sort(key=lambda ip: ":" in ip)
-            if self.config.type is DiscoveryType.LOGICAL_DNS:
-                ips = ips[:1]
+            ips = select_addresses(
+                lookup_family, [str(info[4][0]) for info in infos], logical=logical
+            )
             hosts.extend(_host(endpoint, SocketAddress(ip, address.port)) for ip in ips)
         if [h.key for h in hosts] != [h.key for h in self.hosts]:
             self.set_hosts(hosts)
@@ -297,6 +297,34 @@ class ClusterRuntime:
             for conn in pool.idle:
                 conn.close()
             pool.idle.clear()
+
+
+def select_addresses(
+    lookup_family: DnsLookupFamily, addresses: Iterable[str], *, logical: bool = False
+) -> list[str]:
+    """The addresses a DNS cluster uses from one resolution, as Envoy's resolvers choose them.
+
+    ``auto``: the IPv6 addresses if there are any, else the IPv4 ones (Envoy's AUTO is "v6
+    preferred"); ``v4_preferred``: the IPv4 addresses if any, else the IPv6 ones; ``all``: both,
+    IPv6 first then IPv4 (the order of Envoy's getaddrinfo resolver); ``v4_only`` /
+    ``v6_only``: that family only. Duplicates are dropped; within a family the resolver's order
+    is kept. A LOGICAL_DNS cluster (``logical``) uses only the first chosen address, as
+    Envoy's logical host does; a STRICT_DNS cluster makes a host of each.
+    """
+    unique = list(dict.fromkeys(addresses))
+    v4 = [ip for ip in unique if ":" not in ip]
+    v6 = [ip for ip in unique if ":" in ip]
+    if lookup_family == "v4_only":
+        chosen = v4
+    elif lookup_family == "v6_only":
+        chosen = v6
+    elif lookup_family == "v4_preferred":
+        chosen = v4 or v6
+    elif lookup_family == "all":
+        chosen = v6 + v4
+    else:  # auto
+        chosen = v6 or v4
+    return chosen[:1] if logical else chosen
 
 
 def _host(endpoint: Endpoint, address: SocketAddress) -> Host:
