@@ -10,6 +10,7 @@ Run by `make setup` when any listed module changed; `--clean` removes the built 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import shutil
 import sys
@@ -65,12 +66,13 @@ def compile_modules() -> None:
 
 
 def main() -> int:
-    if "--clean" in sys.argv:
-        clean()
-        return 0
-    if STAMP.exists() and STAMP.read_text() == source_hash() and built_files():
-        return 0
-    compile_modules()
+    # one build at a time: parallel test sessions may all find the modules stale
+    with open(ROOT / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if "--clean" in sys.argv:
+            clean()
+        elif not (STAMP.exists() and STAMP.read_text() == source_hash() and built_files()):
+            compile_modules()
     return 0
 
 

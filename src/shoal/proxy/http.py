@@ -64,6 +64,7 @@ _GATEWAY_ERRORS = frozenset({502, 503, 504})
 _NOT_FORWARDED = frozenset(
     {
         b"expect",
+        b"x-envoy-internal",
         b"x-envoy-original-path",
         b"x-envoy-original-host",
         b"x-envoy-external-address",
@@ -158,6 +159,7 @@ class Exchange:
         "_idle_bytes",
         "_idle_mark_at",
         "_per_try_timer",
+        "_resent",
         "_retry_held",
         "_retry_timer",
         "attempt_start",
@@ -182,6 +184,7 @@ class Exchange:
         "request_complete",
         "request_end_at",
         "request_id",
+        "request_plan",
         "response_code_details",
         "response_complete",
         "response_flags",
@@ -197,6 +200,7 @@ class Exchange:
         "tried_hosts",
         "tunnel",
         "unsent",
+        "upstream_authority",
         "upstream_head_bytes",
         "upstream_ms",
     )
@@ -214,6 +218,8 @@ class Exchange:
         self.bytes_sent = 0
         self.compiled: CompiledRoute | None = None
         self.response_plan: HeaderPlan | None = None
+        self.request_plan: HeaderPlan | None = None
+        self.upstream_authority = b""
         self.upstream_ms = -1
         self.route_action: RouteAction | None = None
         self.cluster: ClusterRuntime | None = None
@@ -246,6 +252,7 @@ class Exchange:
         self._idle_mark_at = 0.0
         self._per_try_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._resent = False  # re-sent once after a stale keep-alive connection failed
         self._retry_held = False  # holds a max_retries slot until the retry's outcome
 
     # access-log record view ------------------------------------------------------------------
@@ -264,7 +271,7 @@ class Exchange:
 
     @property
     def authority(self) -> str:
-        return self.head.host.decode("latin-1")
+        return (self.upstream_authority or self.head.host).decode("latin-1")
 
     @property
     def upstream_host(self) -> str:
@@ -375,6 +382,7 @@ class Exchange:
             self.hash_key = self._hash(action.hash_policy)
         if head.expect_continue and not connection.closing:
             connection.write(CONTINUE_RESPONSE)
+        self.request_plan = request_plan
         self.upstream_head_bytes = self._upstream_head(action, compiled, request_plan)
         if not head.has_body:
             self.request_complete = True
@@ -438,9 +446,14 @@ class Exchange:
         return combined
 
     def _upstream_head(
-        self, action: RouteAction, compiled: CompiledRoute, plan: HeaderPlan
+        self,
+        action: RouteAction,
+        compiled: CompiledRoute,
+        plan: HeaderPlan,
+        rewrite_host: bytes = b"",
     ) -> bytes:
-        """The request head sent upstream, built once and reused by retries."""
+        """The request head sent upstream, built once and reused by retries (rebuilt per
+        try only for auto_host_rewrite, whose Host is the chosen host's name)."""
         ctx = self.connection.ctx
         head = self.head
         path = self.path_bytes
@@ -463,11 +476,11 @@ class Exchange:
         original_host = host = head.host
         if action.host_rewrite_literal is not None:
             host = action.host_rewrite_literal.encode("latin-1")
-        elif action.auto_host_rewrite and self.cluster is not None:
-            endpoints = self.cluster.config.endpoints
-            if endpoints:
-                host = endpoints[0].address.host.encode("latin-1")
-        head.host = host  # the access log shows the authority sent upstream, as Envoy's
+        elif rewrite_host:
+            host = rewrite_host
+        self.upstream_authority = host  # the access log shows what went upstream, as Envoy's
+        config = ctx.config
+        edge = config.use_remote_address
         request_id = b""
         forwarded_proto = False
         xff: bytes | None = None
@@ -482,6 +495,8 @@ class Exchange:
                 append(b"host: %s\r\n" % host)
                 continue
             if name == b"x-request-id":
+                if edge:
+                    continue  # an edge proxy does not trust an outside request id
                 request_id = value
             elif name == b"x-forwarded-proto":
                 forwarded_proto = True
@@ -491,8 +506,13 @@ class Exchange:
             elif name in _NOT_FORWARDED:
                 continue
             append(b"%s: %s\r\n" % (name, value))
-        config = ctx.config
-        if config.use_remote_address:
+        if not plan.fast:
+            # Route header edits apply to the client's headers, not to those the proxy
+            # itself sets below (as the fast path's removal set does not touch them).
+            edited = plan.apply(split_lines(b"".join(lines[1:])))
+            del lines[1:]
+            lines.extend(b"%s: %s\r\n" % pair for pair in edited)
+        if edge:
             remote = self.connection.remote_ip.encode("latin-1")
             append(b"x-envoy-external-address: %s\r\n" % remote)
             if not config.skip_xff_append:
@@ -502,20 +522,16 @@ class Exchange:
         if not forwarded_proto:
             append(b"x-forwarded-proto: http\r\n")
         if not request_id and config.generate_request_id:
-            request_id = _new_request_id()
+            request_id = self.request_id or _new_request_id()  # the same id on every try
             append(b"x-request-id: %s\r\n" % request_id)
         self.request_id = request_id
         if self.original_path:
             append(b"x-envoy-original-path: %s\r\n" % self.original_path)
-        if host is not original_host:
+        if host != original_host:
             append(b"x-envoy-original-host: %s\r\n" % original_host)
         append(compiled.timeout_header)
         if plan.fast:
             append(plan.add)
-        else:
-            edited = plan.apply(split_lines(b"".join(lines[1:])))
-            del lines[1:]
-            lines.extend(b"%s: %s\r\n" % pair for pair in edited)
         if self.tunnel:
             append(b"connection: upgrade\r\nupgrade: %s\r\n" % head.header(b"upgrade"))
         elif head.chunked:
@@ -577,14 +593,17 @@ class Exchange:
     def _attempt(self) -> None:
         cluster = self.cluster
         assert cluster is not None
-        policy = self._policy()
-        retry_other_host = policy is not None and policy.retry_other_host
-        exclude = self.tried_hosts[-1] if self.tried_hosts and retry_other_host else None
-        host = cluster.lb.choose(self.hash_key, exclude)
+        host = self._choose_host(cluster)
         if host is None:
             self.local_reply(503, b"no healthy upstream", "UH", "no_healthy_upstream")
             return
         self.host = host
+        action = self.route_action
+        if action is not None and action.auto_host_rewrite and host.hostname:
+            assert self.compiled is not None and self.request_plan is not None
+            self.upstream_head_bytes = self._upstream_head(
+                action, self.compiled, self.request_plan, host.hostname.encode("latin-1")
+            )
         self.tried_hosts.append(host)
         host.active_requests += 1
         self.attempt_start = self.connection.loop.time()
@@ -597,6 +616,21 @@ class Exchange:
         else:
             assert isinstance(conn, UpstreamConnection)
             self.pool_ready(conn)
+
+    def _choose_host(self, cluster: ClusterRuntime) -> Host | None:
+        """The LB's pick; with previous_hosts, Envoy picks again (up to
+        host_selection_retry_max_attempts times) while the pick was tried before, and
+        keeps the last pick if every one was."""
+        tried = self.tried_hosts
+        policy = self._policy()
+        if not tried or policy is None or not policy.retry_other_host:
+            return cluster.lb.choose(self.hash_key, None)
+        host = cluster.lb.choose(self.hash_key, tried[-1])
+        for _ in range(policy.host_selection_retry_max_attempts):
+            if host is None or host not in tried:
+                break
+            host = cluster.lb.choose(self.hash_key, tried[-1])
+        return host
 
     def _overflow_reply(self) -> None:
         """A circuit breaker is full: Envoy's fast 503, flagged UO."""
@@ -869,15 +903,15 @@ class Exchange:
             if name == b"content-length":
                 has_length = True
             append(b"%s: %s\r\n" % (name, value))
-        append(b"x-envoy-upstream-service-time: %d\r\n" % upstream_ms)
-        append(_date_line())
-        append(ctx.server_header)
         if plan.fast:
             append(plan.add)
-        else:
+        else:  # the upstream's headers only: date, server and framing stay the proxy's
             edited = plan.apply(split_lines(b"".join(lines[1:])))
             del lines[1:]
             lines.extend(b"%s: %s\r\n" % pair for pair in edited)
+        append(b"x-envoy-upstream-service-time: %d\r\n" % upstream_ms)
+        append(_date_line())
+        append(ctx.server_header)
         bodyless = no_body_status(status) or self.head.method == b"HEAD"
         close = connection.must_close(self.head)
         if status == 101:
@@ -947,8 +981,11 @@ class Exchange:
             return
         assert self.cluster is not None
         self.cluster.stats.upstream_rq_rx_reset += 1
-        if reused and not self.bytes_sent and self.request_complete and self._idempotent():
-            # A kept-alive connection the upstream had closed: not the request's fault.
+        replayable = not self.head.has_body or self.body_buffer is not None
+        if reused and not self._resent and replayable and self._idempotent():
+            # A kept-alive connection the upstream closed while idle: not the request's
+            # fault, so it goes once more, on another connection.
+            self._resent = True
             self._attempt()
             return
         if self._maybe_retry(_RESET_CONDITIONS):
@@ -1023,10 +1060,14 @@ class Exchange:
         headers: Headers = list(extra) if extra else []
         if body:
             headers.append((b"content-type", content_type))
-        if not no_body_status(status):  # RFC 9110: never on 1xx and 204 (Envoy omits it)
-            headers.append((b"content-length", b"%d" % len(body)))
         if overloaded:
             headers.append((b"x-envoy-overloaded", b"true"))
+        if self.response_plan is not None:
+            headers = self.response_plan.apply(headers)
+        if not no_body_status(status):  # RFC 9110: never on 1xx and 204 (Envoy omits it)
+            headers.append((b"content-length", b"%d" % len(body)))
+        headers.append((b"date", _date_line()[6:-2]))
+        headers.append((b"server", connection.ctx.server_header[8:-2]))
         # A body still on its way (or an upgrade's bytes) would be read as the next
         # request: close. A request without a body is complete even before its END event
         # (Envoy keeps those connections alive).
@@ -1034,10 +1075,6 @@ class Exchange:
         if close or unread or connection.must_close(self.head):
             connection.closing = True
             headers.append((b"connection", b"close"))
-        headers.append((b"date", _date_line()[6:-2]))
-        headers.append((b"server", connection.ctx.server_header[8:-2]))
-        if self.response_plan is not None:
-            headers = self.response_plan.apply(headers)
         self.response_headers = headers
         lines = [status_line(status)]
         lines.extend(b"%s: %s\r\n" % pair for pair in headers)

@@ -147,6 +147,10 @@ class ProxyProcess:
         self.runtime.drain_listeners()
 
 
+# gauges that are copies in every worker, not per-worker quantities to add up
+_SHARED_GAUGES = (".membership_total", ".membership_healthy")
+
+
 def config_dump(raw: dict[str, Any], version: int) -> dict[str, Any]:
     """Envoy-shaped ``/config_dump``: the bootstrap plus static listeners and clusters."""
     static = raw.get("static_resources", {})
@@ -456,6 +460,10 @@ class Supervisor:
         answers = await self.ask("stats") if self.workers_ready else []
         snapshots = [Snapshot.from_json(text) for text in answers if text]
         merged = merge(snapshots)
+        for name in merged.gauges:
+            if name.endswith(_SHARED_GAUGES):
+                # every worker holds the same cluster membership: report it once
+                merged.gauges[name] = max(snap.gauges.get(name, 0) for snap in snapshots)
         merged.gauges["server.concurrency"] = self.concurrency
         merged.gauges["server.live"] = int(self.state == "LIVE")
         return merged

@@ -286,7 +286,9 @@ class ClusterRuntime:
             ips = select_addresses(
                 lookup_family, [str(info[4][0]) for info in infos], logical=logical
             )
-            hosts.extend(_host(endpoint, SocketAddress(ip, address.port)) for ip in ips)
+            hosts.extend(
+                _host(endpoint, SocketAddress(ip, address.port), address.host) for ip in ips
+            )
         if [h.key for h in hosts] != [h.key for h in self.hosts]:
             self.set_hosts(hosts)
 
@@ -327,12 +329,14 @@ def select_addresses(
     return chosen[:1] if logical else chosen
 
 
-def _host(endpoint: Endpoint, address: SocketAddress) -> Host:
+def _host(endpoint: Endpoint, address: SocketAddress, dns_name: str = "") -> Host:
+    """A host; its hostname is the endpoint's ``hostname`` or, for DNS clusters, the name
+    resolved (what auto_host_rewrite sends, as in Envoy)."""
     return Host(
         address,
         weight=endpoint.weight,
         priority=endpoint.priority,
         locality=endpoint.locality,
         healthy=endpoint.healthy,
-        hostname=endpoint.hostname or endpoint.address.host,
+        hostname=endpoint.hostname or dns_name,
     )
