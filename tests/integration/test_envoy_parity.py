@@ -304,6 +304,37 @@ static_resources:
                   append_action: ADD_IF_ABSENT
                 response_headers_to_remove: [x-upstream-secret]
                 route: {cluster: mirror}
+              - match: {prefix: /autohost/named}
+                route: {cluster: named, auto_host_rewrite: true}
+              - match: {prefix: /autohost/plain}
+                route: {cluster: mirror, auto_host_rewrite: true}
+              - match: {path: /respstrip/direct}
+                response_headers_to_remove: [content-length, date, server]
+                direct_response: {status: 200, body: {inline_string: "kept\n"}}
+              - match: {prefix: /respstrip/proxied}
+                response_headers_to_add:
+                - header: {key: x-resp-route, value: route}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                response_headers_to_remove: [content-length, date, server]
+                route: {cluster: mirror}
+              - match: {prefix: /respstrip/fast}
+                response_headers_to_remove: [content-length, date, server]
+                route: {cluster: mirror}
+              - match: {prefix: /respstrip/service-time}
+                response_headers_to_add:
+                - header: {key: x-resp-route, value: route}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                response_headers_to_remove: [x-envoy-upstream-service-time]
+                route: {cluster: mirror}
+              - match: {prefix: /reqtimeout}
+                request_headers_to_remove: [x-envoy-expected-rq-timeout-ms]
+                route: {cluster: mirror}
+              - match: {prefix: /reqstrip}
+                request_headers_to_add:
+                - header: {key: x-req-route, value: route}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                request_headers_to_remove: [x-request-id, x-forwarded-proto]
+                route: {cluster: mirror}
               - match: {prefix: /mirror}
                 route: {cluster: mirror}
               - match: {prefix: /retry/}
@@ -353,6 +384,29 @@ static_resources:
             - name: edge
               domains: ["*"]
               routes:
+              - match: {prefix: /}
+                route: {cluster: mirror}
+  - name: edge_gen
+    address: {socket_address: {address: 127.0.0.1, port_value: $edge_gen}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: edge_gen
+          use_remote_address: true
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          route_config:
+            virtual_hosts:
+            - name: edge_gen
+              domains: ["*"]
+              routes:
+              - match: {prefix: /reqstrip}
+                request_headers_to_remove: [x-request-id, x-forwarded-proto]
+                route: {cluster: mirror}
               - match: {prefix: /}
                 route: {cluster: mirror}
   - name: tcp
@@ -440,6 +494,16 @@ static_resources:
       endpoints:
       - lb_endpoints:
         - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $mirror}}}
+  - name: named
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: named
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {socket_address: {address: 127.0.0.1, port_value: $mirror}}
+            hostname: backend.internal
   - name: tcp
     type: STATIC
     connect_timeout: 1s
@@ -554,6 +618,7 @@ CASES = [
         headers=(("x-forwarded-for", "10.0.0.1"), ("x-forwarded-proto", "https")),
     ),
     Case("client_envoy_headers", "/mirror/e", headers=(("x-envoy-max-retries", "3"),)),
+    Case("client_envoy_internal", "/mirror/i", headers=(("x-envoy-internal", "true"),)),
     Case("post_chunked", "/mirror/chunked", method="POST", body=b"chunked"),
     Case("retry_5xx_succeeds", "/retry/fail/{run}-k1/1"),
     Case("retry_5xx_exhausted", "/retry/fail/{run}-k2/5"),
@@ -566,11 +631,40 @@ CASES = [
     Case("route_timeout_header", "/slow/fast"),
     Case("route_no_timeout", "/notimeout/x"),
     Case("upstream_status_passthrough", "/status/418"),
+    Case("auto_host_rewrite_hostname", "/autohost/named/x"),
+    Case("auto_host_rewrite_no_hostname", "/autohost/plain/x"),
+    Case("response_remove_framing_direct", "/respstrip/direct"),
+    Case("response_remove_framing_proxied", "/respstrip/proxied/x"),
+    Case("response_remove_framing_fast", "/respstrip/fast/x"),
+    Case("response_remove_service_time", "/respstrip/service-time/x"),
+    Case("request_remove_expected_timeout", "/reqtimeout/x"),
+    Case("request_remove_proxy_headers", "/reqstrip/a"),
+    Case(
+        "request_remove_proxy_headers_client",
+        "/reqstrip/b",
+        headers=(("x-request-id", "client-id"), ("x-forwarded-proto", "https")),
+    ),
     Case("edge_xff_append", "/e", listener="edge", headers=(("x-forwarded-for", "10.0.0.1"),)),
     Case("edge_plain", "/e", listener="edge"),
+    Case("edge_client_request_id", "/e", listener="edge", headers=(("x-request-id", "client-id"),)),
+    Case("edge_gen_plain", "/e", listener="edge_gen"),
+    Case(
+        "edge_gen_client_request_id",
+        "/e",
+        listener="edge_gen",
+        headers=(("x-request-id", "client-id"),),
+    ),
+    # no edit but removals on this listener: the removal set alone (Shoal's fast path)
+    Case("edge_gen_request_remove_proxy_headers", "/reqstrip/c", listener="edge_gen"),
 ]
 
 CASES_BY_NAME = {case.name: case for case in CASES}
+# Cases sent twice more on one connection each: their responses must stay framed.
+KEEPALIVE_CASES = (
+    "response_remove_framing_direct",
+    "response_remove_framing_proxied",
+    "response_remove_framing_fast",
+)
 
 # (case, field) → why the difference is intended. A field is "status", "served_by",
 # "upstream", "headers" or "body".
@@ -587,6 +681,11 @@ KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
     ),
     ("edge_xff_append", "upstream"): _LOOPBACK_XFF,
     ("edge_plain", "upstream"): _LOOPBACK_XFF,
+    # (their request ids are compared in test_edge_request_id)
+    ("edge_client_request_id", "upstream"): _LOOPBACK_XFF,
+    ("edge_gen_plain", "upstream"): _LOOPBACK_XFF,
+    ("edge_gen_client_request_id", "upstream"): _LOOPBACK_XFF,
+    ("edge_gen_request_remove_proxy_headers", "upstream"): _LOOPBACK_XFF,
 }
 KNOWN_STAT_DIFFERENCES: dict[str, str] = {
     "cluster.flaky.upstream_rq_total": (
@@ -670,13 +769,14 @@ class Run:
     rr: list[str] = field(default_factory=list)
     split: Counter[str] = field(default_factory=Counter)
     tcp: bytes = b""
+    keepalive: dict[str, list[Result | str]] = field(default_factory=dict)
     stats: dict[str, str] = field(default_factory=dict)
     access_log: list[str] = field(default_factory=list)
     output: str = ""
     exit_code: int | None = None
 
 
-def exchange(port: int, case: Case, run: str) -> Result:
+def _request_bytes(case: Case, run: str) -> bytes:
     path = case.path.replace("{run}", TAGS[run])
     lines = [f"{case.method} {path} HTTP/1.1", f"Host: {case.host}"]
     lines += [f"{name}: {value}" for name, value in case.headers]
@@ -686,38 +786,84 @@ def exchange(port: int, case: Case, run: str) -> Result:
         body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     elif body:
         lines.append(f"Content-Length: {len(body)}")
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _read_response(sock: socket.socket, case: Case, data: bytes = b"") -> tuple[Result, bytes]:
+    """One response (framed by content-length, chunked encoding or the close) and the
+    bytes read past it."""
+
+    def more() -> bytes:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"{case.name}: closed mid-response: {data!r}")
+        return chunk
+
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"{case.name}: closed before a response: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    head_lines = head.decode("latin-1").split("\r\n")
+    status = int(head_lines[0].split(" ", 2)[1])
+    headers = []
+    for line in head_lines[1:]:
+        name, _, value = line.partition(":")
+        headers.append((name.strip().lower(), value.strip()))
+    values = dict(headers)
+    if case.method == "HEAD" or status in (204, 304):
+        return Result(status, headers, b""), rest
+    if "content-length" in values:
+        size = int(values["content-length"])
+        while len(rest) < size:
             chunk = sock.recv(65536)
             if not chunk:
-                raise ConnectionError(f"{case.name}: closed before a response: {data!r}")
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        head_lines = head.decode("latin-1").split("\r\n")
-        status = int(head_lines[0].split(" ", 2)[1])
-        headers = []
-        for line in head_lines[1:]:
-            name, _, value = line.partition(":")
-            headers.append((name.strip().lower(), value.strip()))
-        values = dict(headers)
-        if case.method == "HEAD" or status in (204, 304):
-            return Result(status, headers, b"")
-        if "content-length" in values:
-            size = int(values["content-length"])
-            while len(rest) < size:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                rest += chunk
-            return Result(status, headers, rest[:size])
-        sock.settimeout(2)
-        with contextlib.suppress(TimeoutError, ConnectionResetError):
-            while chunk := sock.recv(65536):
-                rest += chunk
-        return Result(status, headers, rest)
+                break
+            rest += chunk
+        return Result(status, headers, rest[:size]), rest[size:]
+    if values.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            while b"\r\n" not in rest:
+                rest += more()
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                while b"\r\n" not in rest:  # no trailers here: the final CRLF
+                    rest += more()
+                return Result(status, headers, body), rest.partition(b"\r\n")[2]
+            while len(rest) < size + 2:
+                rest += more()
+            body += rest[:size]
+            rest = rest[size + 2 :]
+    sock.settimeout(2)
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while chunk := sock.recv(65536):
+            rest += chunk
+    return Result(status, headers, rest), b""
+
+
+def exchange(port: int, case: Case, run: str) -> Result:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_request_bytes(case, run))
+        return _read_response(sock, case)[0]
+
+
+def exchange_twice(port: int, case: Case, run: str) -> list[Result | str]:
+    """The case twice on one keep-alive connection: each response, or what went wrong."""
+    outcomes: list[Result | str] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        left = b""
+        for _ in range(2):
+            try:
+                sock.sendall(_request_bytes(case, run))
+                result, left = _read_response(sock, case, left)
+            except OSError as exc:  # a closed connection, or a response that never ends
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+                break
+            outcomes.append(result)
+    return outcomes
 
 
 def admin_get(port: int, path: str) -> tuple[int, str]:
@@ -760,7 +906,7 @@ def run_proxy(name: str, config: Path, ports: dict[str, int], workdir: Path) -> 
                         break
                 assert time.monotonic() < deadline, f"{name} not ready"
                 time.sleep(0.05)
-            for port in (ports["main"], ports["edge"], ports["tcp"]):
+            for port in (ports["main"], ports["edge"], ports["edge_gen"], ports["tcp"]):
                 wait_for_port(port)
             for case in CASES:
                 run.results[case.name] = exchange(ports[case.listener], case, name)
@@ -768,6 +914,10 @@ def run_proxy(name: str, config: Path, ports: dict[str, int], workdir: Path) -> 
             run.rr = [exchange(ports["main"], rr, name).served_by for _ in range(6)]
             split = Case("split", "/weighted/split")
             run.split = Counter(exchange(ports["main"], split, name).served_by for _ in range(200))
+            for case_name in KEEPALIVE_CASES:
+                run.keepalive[case_name] = exchange_twice(
+                    ports["main"], CASES_BY_NAME[case_name], name
+                )
             with socket.create_connection(("127.0.0.1", ports["tcp"]), timeout=5) as sock:
                 sock.sendall(b"GET /tcp HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
                 while chunk := sock.recv(65536):
@@ -798,6 +948,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
             "admin": free_port(),
             "main": free_port(),
             "edge": free_port(),
+            "edge_gen": free_port(),
             "tcp": free_port(),
             "a": echoes[0].port,
             "b": echoes[1].port,
@@ -926,6 +1077,84 @@ def test_date_header(runs: dict[str, Run]) -> None:
         assert ("date" in envoy) == ("date" in shoal), f"{name}: date only on one side"
 
 
+def _mirror_headers(result: Result, name: str) -> list[str]:
+    """The values of header ``name`` in the mirror's lines, generated ids masked."""
+    seen = json.loads(result.body)
+    values = []
+    for line in seen["headers"]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            value = value.strip()
+            values.append("<uuid>" if _UUID.match(value) else value)
+    return values
+
+
+EDGE_CASES = [case.name for case in CASES if case.listener != "main"]
+
+
+@pytest.mark.parametrize("header", ["x-request-id", "x-forwarded-proto", "x-envoy-internal"])
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_edge_proxy_set_headers(runs: dict[str, Run], name: str, header: str) -> None:
+    """The edge cases' upstream view is a known difference (XFF): the headers the proxy
+    sets itself are compared here instead."""
+    envoy = _mirror_headers(runs["envoy"].results[name], header)
+    shoal = _mirror_headers(runs["shoal"].results[name], header)
+    assert shoal == envoy, f"{CASES_BY_NAME[name]}\n    envoy={envoy}\n    shoal={shoal}"
+
+
+def test_edge_replaces_the_client_request_id(runs: dict[str, Run]) -> None:
+    """use_remote_address with generated ids: an outside x-request-id is not trusted."""
+    for run in runs.values():
+        result = run.results["edge_gen_client_request_id"]
+        assert b"client-id" not in result.body, run.name
+        assert _mirror_headers(result, "x-request-id") == ["<uuid>"], run.name
+
+
+def test_client_envoy_internal_is_not_forwarded(runs: dict[str, Run]) -> None:
+    for run in runs.values():
+        result = run.results["client_envoy_internal"]
+        assert _mirror_headers(result, "x-envoy-internal") == [], run.name
+
+
+def test_auto_host_rewrite_uses_the_endpoint_hostname(runs: dict[str, Run]) -> None:
+    for run in runs.values():
+        named = run.results["auto_host_rewrite_hostname"]
+        assert _mirror_headers(named, "host") == ["backend.internal"], run.name
+        assert _mirror_headers(named, "x-envoy-original-host") == ["svc"], run.name
+        plain = run.results["auto_host_rewrite_no_hostname"]  # no hostname: Host unchanged
+        assert _mirror_headers(plain, "host") == ["svc"], run.name
+        assert _mirror_headers(plain, "x-envoy-original-host") == [], run.name
+
+
+@pytest.mark.parametrize("name", KEEPALIVE_CASES)
+def test_removing_framing_headers_keeps_responses_framed(runs: dict[str, Run], name: str) -> None:
+    """response_headers_to_remove naming content-length, date and server: the proxy
+    still frames the response and sets date and server, so keep-alive goes on."""
+    framing = {}
+    for run in runs.values():
+        outcomes = run.keepalive[name]
+        assert len(outcomes) == 2 and all(isinstance(o, Result) for o in outcomes), (
+            run.name,
+            outcomes,
+        )
+        kinds = set()
+        for outcome in outcomes:
+            assert isinstance(outcome, Result)
+            headers = dict(outcome.headers)
+            assert outcome.status == 200, (run.name, outcome)
+            assert "date" in headers and "server" in headers, (run.name, outcome.headers)
+            assert "connection" not in headers, (run.name, outcome.headers)
+            if "content-length" in headers:
+                kinds.add("content-length")
+            elif headers.get("transfer-encoding") == "chunked":
+                kinds.add("chunked")
+            else:
+                kinds.add("unframed")
+        assert kinds <= {"content-length", "chunked"}, (run.name, kinds)
+        framing[run.name] = kinds
+    assert framing["shoal"] == framing["envoy"], framing
+
+
 def test_round_robin_alternates(runs: dict[str, Run]) -> None:
     # Envoy starts at a random host; both must alternate over the two hosts.
     for run in runs.values():
@@ -1008,7 +1237,8 @@ MAIN_CASES = [case for case in CASES if case.listener == "main"]
 
 
 def _log_table(run: Run) -> dict[str, dict[str, str]]:
-    assert len(run.access_log) == len(MAIN_CASES) + 6 + 200, run.name
+    extra = 6 + 200 + 2 * len(KEEPALIVE_CASES)  # round robin, split, keep-alive pairs
+    assert len(run.access_log) == len(MAIN_CASES) + extra, run.name
     table = {}
     for case, line in zip(MAIN_CASES, run.access_log, strict=False):
         values = line.replace(TAGS[run.name], "{run}").split(" ")

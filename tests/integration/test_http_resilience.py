@@ -135,13 +135,17 @@ class Scripted:
     ``/slow-once/KEY/MS`` waits MS on the first hit only, ``/fail-then-slow/KEY/MS`` answers
     503 once and then waits MS before each 200, ``/status/N``; anything else 200.
     ``status`` forces every answer; ``close_reused`` closes a kept-alive connection when
-    its second request arrives, without answering. Every hit is counted by path."""
+    its second request arrives (after reading its body), without answering: those requests
+    are counted in ``dropped``. Every hit is counted by path, and a request whose body
+    ended short (the sender closed first) is listed in ``short_bodies``."""
 
     def __init__(self, name: str, *, status: int | None = None, close_reused: bool = False):
         self.name = name
         self.status = status
         self.close_reused = close_reused
         self.hits: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.short_bodies: list[str] = []
         self.headers: dict[str, dict[str, str]] = {}  # the last request's, by path
         self.connections = 0
         self.lock = threading.Lock()
@@ -181,10 +185,14 @@ class Scripted:
                     headers[name.strip().lower()] = value.strip()
                 self.headers[target] = headers
                 length = int(headers.get("content-length", 0))
-                if length:
-                    reader.read(length)
+                if length and len(reader.read(length)) < length:
+                    with self.lock:
+                        self.short_bodies.append(target)
+                    return
                 served += 1
                 if self.close_reused and served > 1:
+                    with self.lock:
+                        self.dropped[target] += 1
                     return
                 status, delay = self._decide(target)
                 if delay:
@@ -697,6 +705,42 @@ def test_retry_host_predicate_moves_the_retry_to_another_host(
         assert bad.hits[path] == 1
 
 
+def test_previous_hosts_redraws_up_to_host_selection_retry_max_attempts(
+    make_proxy: Any, tmp_path: Path, three: Any
+) -> None:
+    """Each echo fails a /fail/KEY/1 key once (its counter is per process, so once per
+    host). With previous_hosts, a retry's pick is redrawn (here up to 10 times) while it
+    is any host already tried, not only the last one: the three tries meet three hosts,
+    all fail, and the request ends 503. Were only the last host avoided, the second retry
+    would go back to the first host half of the time and get its 200."""
+    policy = retry(
+        "5xx",
+        2,
+        retry_host_predicate=[PREVIOUS_HOSTS],
+        host_selection_retry_max_attempts=10,
+        retry_back_off={"base_interval": "0.01s"},
+    )
+    proxy = start_proxy(
+        make_proxy,
+        tmp_path,
+        [route_to("r", retry_policy=policy)],
+        [cluster("r", *(endpoint(e.port) for e in three), lb_policy="RANDOM")],
+    )
+    statuses: Counter[int] = Counter()
+    last: Counter[str | None] = Counter()
+    for _ in range(50):
+        reply = request(proxy.port, f"/fail/{key()}/1")
+        statuses[reply.status] += 1
+        last[reply.served_by] += 1
+    # a 503 means three distinct hosts each answered their one failure; a repeated host
+    # would have answered 200 (2**-11 per request with 10 redraws)
+    assert statuses[503] >= 45 and statuses[503] + statuses[200] == 50, statuses
+    assert set(last) == {"a", "b", "c"}, last
+    stats = proxy.stats()
+    assert stats["cluster.r.upstream_rq_retry"] == 100  # two retries for every request
+    assert stats["cluster.r.upstream_rq_total"] == 150
+
+
 def test_max_retries_circuit_breaker(make_proxy: Any, tmp_path: Path, scripted: Any) -> None:
     upstream = scripted("s")
     proxy = start_proxy(
@@ -1106,6 +1150,59 @@ def test_stale_pooled_connection_is_retried_for_idempotent_requests(
     assert upstream.connections == 2
 
 
+def test_stale_pooled_connection_never_resends_a_body_it_did_not_keep(
+    make_proxy: Any, tmp_path: Path, scripted: Any
+) -> None:
+    """A PUT is idempotent, but without a retry policy its body is streamed, not kept:
+    it cannot go again, so the stale connection's failure is the client's 503 UC."""
+    upstream = scripted("s", close_reused=True)
+    proxy = start_proxy(
+        make_proxy,
+        tmp_path,
+        [route_to("s", timeout="3s")],
+        [cluster("s", endpoint(upstream.port))],
+    )
+    assert request(proxy.port, "/one").status == 200
+    path = f"/put/{key()}"
+    reply = request(proxy.port, path, method="PUT", body=b"b" * 1000)
+    assert reply.status == 503, reply  # not a 504 after waiting on a re-sent bodiless PUT
+    assert reply.elapsed < 1.5
+    assert reply.body.startswith(b"upstream connect error or disconnect/reset before headers.")
+    assert b"connection termination" in reply.body
+    # the PUT reached the upstream once, whole, on the stale connection; nothing more
+    assert upstream.dropped[path] == 1 and upstream.hits[path] == 0
+    assert upstream.connections == 1
+    stats = proxy.stats()
+    assert stats["cluster.s.upstream_rq_total"] == 2
+    assert stats["cluster.s.upstream_cx_total"] == 1
+    assert flags_of(log_lines(proxy, path)[0]) == "UC"
+    assert upstream.short_bodies == []
+
+
+def test_stale_resend_happens_at_most_once(make_proxy: Any, tmp_path: Path, scripted: Any) -> None:
+    """Three pooled connections, all stale: a GET goes on one, is re-sent once on another,
+    and then is the client's 503 UC; it does not walk the whole pool."""
+    upstream = scripted("s", close_reused=True)
+    proxy = start_proxy(
+        make_proxy, tmp_path, [route_to("s")], [cluster("s", endpoint(upstream.port))]
+    )
+    warm = [f"/slow-once/{key()}/300" for _ in range(3)]
+    replies = concurrently(*(lambda path=path: request(proxy.port, path) for path in warm))
+    assert [r.status for r in replies] == [200, 200, 200]
+    assert upstream.connections == 3  # each served one request: all stale now
+    path = f"/get/{key()}"
+    reply = request(proxy.port, path)
+    assert reply.status == 503
+    assert b"connection termination" in reply.body
+    assert upstream.dropped[path] == 2  # the first try and exactly one re-send
+    assert upstream.hits[path] == 0
+    assert upstream.connections == 3  # no third try on a fresh connection
+    stats = proxy.stats()
+    assert stats["cluster.s.upstream_rq_total"] == 3 + 2
+    assert stats["cluster.s.upstream_rq_retry"] == 0
+    assert flags_of(log_lines(proxy, path)[0]) == "UC"
+
+
 # --- TCP proxy -------------------------------------------------------------------------------
 
 
@@ -1257,10 +1354,15 @@ def test_dns_cluster_on_localhost(make_proxy: Any, tmp_path: Path, echo_a: Echo,
         type=kind,
         dns_lookup_family="V4_ONLY",
     )
-    proxy = start_proxy(make_proxy, tmp_path, [route_to("dns")], [dns])
+    routes = [route_to("dns", "/auto", auto_host_rewrite=True), route_to("dns")]
+    proxy = start_proxy(make_proxy, tmp_path, routes, [dns])
     for _ in range(5):
         reply = request(proxy.port, "/dns")
         assert reply.status == 200 and reply.served_by == "a"
+        assert reply.json()["headers"]["host"] == "svc"
+    # auto_host_rewrite sends the name the host was resolved from
+    seen = request(proxy.port, "/auto").json()["headers"]
+    assert seen["host"] == "localhost" and seen["x-envoy-original-host"] == "svc"
     assert proxy.stats()["cluster.dns.membership_total"] == 1
     clusters = proxy.admin("/clusters")[1]
     assert f"dns::127.0.0.1:{echo_a.port}::hostname::localhost" in clusters

@@ -90,21 +90,30 @@ class Supervisor:
         return pids
 
 
-def config(port: int, admin_port: int, echo: Echo) -> dict[str, Any]:
+def config(
+    port: int, admin_port: int, echo: Echo, cluster: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Routes everything to cluster ``a``: ``echo`` alone, unless ``cluster`` is given."""
     vhosts = [{"name": "all", "domains": ["*"], "routes": [route_to("a")]}]
-    return bootstrap([http_listener(port, vhosts)], [static_cluster("a", echo.port)], admin_port)
+    clusters = [cluster or static_cluster("a", echo.port)]
+    return bootstrap([http_listener(port, vhosts)], clusters, admin_port)
 
 
 @pytest.fixture
 def launch(tmp_path: Path, echo_a: Echo) -> Iterator[Callable[..., Supervisor]]:
     started: list[Supervisor] = []
 
-    def run(*args: str, gated: bool = False, env: dict[str, str] | None = None) -> Supervisor:
+    def run(
+        *args: str,
+        gated: bool = False,
+        env: dict[str, str] | None = None,
+        cluster: dict[str, Any] | None = None,
+    ) -> Supervisor:
         workdir = tmp_path / f"proxy{len(started)}"
         workdir.mkdir()
         port, admin_port = free_port(), free_port()
         path = workdir / "bootstrap.yaml"
-        path.write_text(yaml.safe_dump(config(port, admin_port, echo_a)))
+        path.write_text(yaml.safe_dump(config(port, admin_port, echo_a, cluster)))
         gate = workdir / "gate"
         log_path = workdir / "proxy.log"
         command = ["-c", GATED_SHOAL] if gated else ["-m", "shoal"]
@@ -214,6 +223,26 @@ def test_ready_is_503_pre_initializing_until_every_worker_is_listening(
         ]
         == 20
     )
+
+
+def test_membership_gauges_count_each_host_once(
+    launch: Callable[..., Supervisor], echo_a: Echo
+) -> None:
+    """Every worker holds the whole cluster: membership is reported once, not summed over
+    the workers as per-worker gauges are."""
+    cluster = static_cluster("a", echo_a.port, free_port(), free_port())
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    endpoints[2]["health_status"] = "UNHEALTHY"
+    supervisor = launch("--concurrency", "2", cluster=cluster)
+    wait_for(lambda: supervisor.admin("/ready")[0] == 200, what="LIVE")
+    assert len(supervisor.workers()) == 2
+    gauges = json.loads(supervisor.admin("/stats?format=json")[1])["gauges"]
+    assert gauges["server.concurrency"] == 2
+    assert gauges["cluster.a.membership_total"] == 3
+    assert gauges["cluster.a.membership_healthy"] == 2
+    text = supervisor.admin("/stats")[1].splitlines()
+    assert "cluster.a.membership_total: 3" in text
+    assert "cluster.a.membership_healthy: 2" in text
 
 
 def test_sigterm_while_workers_start_exits_zero(launch: Callable[..., Supervisor]) -> None:

@@ -495,8 +495,8 @@ class Exchange:
                 append(b"host: %s\r\n" % host)
                 continue
             if name == b"x-request-id":
-                if edge:
-                    continue  # an edge proxy does not trust an outside request id
+                if edge and config.generate_request_id:
+                    continue  # an edge proxy replaces an outside request id
                 request_id = value
             elif name == b"x-forwarded-proto":
                 forwarded_proto = True
@@ -506,12 +506,6 @@ class Exchange:
             elif name in _NOT_FORWARDED:
                 continue
             append(b"%s: %s\r\n" % (name, value))
-        if not plan.fast:
-            # Route header edits apply to the client's headers, not to those the proxy
-            # itself sets below (as the fast path's removal set does not touch them).
-            edited = plan.apply(split_lines(b"".join(lines[1:])))
-            del lines[1:]
-            lines.extend(b"%s: %s\r\n" % pair for pair in edited)
         if edge:
             remote = self.connection.remote_ip.encode("latin-1")
             append(b"x-envoy-external-address: %s\r\n" % remote)
@@ -532,6 +526,10 @@ class Exchange:
         append(compiled.timeout_header)
         if plan.fast:
             append(plan.add)
+        else:  # route edits see the headers set above, as Envoy's do
+            edited = plan.apply(split_lines(b"".join(lines[1:])))
+            del lines[1:]
+            lines.extend(b"%s: %s\r\n" % pair for pair in edited)
         if self.tunnel:
             append(b"connection: upgrade\r\nupgrade: %s\r\n" % head.header(b"upgrade"))
         elif head.chunked:
@@ -903,13 +901,13 @@ class Exchange:
             if name == b"content-length":
                 has_length = True
             append(b"%s: %s\r\n" % (name, value))
+        append(b"x-envoy-upstream-service-time: %d\r\n" % upstream_ms)
         if plan.fast:
             append(plan.add)
-        else:  # the upstream's headers only: date, server and framing stay the proxy's
+        else:  # date, server and framing stay the proxy's: they are added after the edits
             edited = plan.apply(split_lines(b"".join(lines[1:])))
             del lines[1:]
             lines.extend(b"%s: %s\r\n" % pair for pair in edited)
-        append(b"x-envoy-upstream-service-time: %d\r\n" % upstream_ms)
         append(_date_line())
         append(ctx.server_header)
         bodyless = no_body_status(status) or self.head.method == b"HEAD"

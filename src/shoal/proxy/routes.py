@@ -36,19 +36,34 @@ def header_value(headers: Headers, name: bytes) -> str | None:
 
 Level = tuple[frozenset[bytes], tuple[tuple[bytes, bytes, str], ...]]
 
+# Headers the proxy itself sets before route edits run; Envoy's route removals reach them.
+PROXY_SET = frozenset(
+    {
+        b"x-request-id",
+        b"x-forwarded-proto",
+        b"x-forwarded-for",
+        b"x-envoy-external-address",
+        b"x-envoy-expected-rq-timeout-ms",
+        b"x-envoy-original-path",
+        b"x-envoy-original-host",
+        b"x-envoy-upstream-service-time",
+    }
+)
+
 
 class HeaderPlan:
     """One direction's header edits for a route, compiled once.
 
     Envoy applies the levels in order — weighted cluster, route, virtual host, route
     configuration — each removing its names and then adding its headers, so with
-    overwrite actions the least specific level wins. When every option simply appends
-    and no level removes what an earlier one added (the common case), the plan is one
-    removal set and ready-made lines (``fast``); otherwise ``apply`` replays the levels
-    on the message's headers.
+    overwrite actions the least specific level wins. The edits see the headers the proxy set
+    before them (x-request-id, x-forwarded-proto, ...). When every option simply appends,
+    no level removes what an earlier one added and nothing removes a proxy-set header (the
+    common case), the plan is one removal set for the client's headers and ready-made lines
+    (``fast``); otherwise ``apply`` replays the levels on the message's headers.
     """
 
-    __slots__ = ("add", "fast", "levels", "remove")
+    __slots__ = ("add", "fast", "levels", "remove", "remove_all")
 
     def __init__(self, levels: list[tuple[frozenset[str], tuple[HeaderValueOption, ...]]]) -> None:
         self.levels: tuple[Level, ...] = tuple(
@@ -68,7 +83,8 @@ class HeaderPlan:
             for key, _, action in options_bytes:
                 fast = fast and action == "append_if_exists_or_add"
                 added.add(key)
-        self.fast = fast
+        self.remove_all = frozenset(n for removals_bytes, _ in self.levels for n in removals_bytes)
+        self.fast = fast and not self.remove_all & PROXY_SET
         self.remove = frozenset(n for removals_bytes, _ in self.levels for n in removals_bytes)
         self.add = b"".join(
             b"%s: %s\r\n" % (key, value) for _, opts in self.levels for key, value, _ in opts
