@@ -30,6 +30,7 @@ HOT_MODULES = [
     "shoal/upstream/cluster.py",
     "shoal/upstream/lb.py",
     "shoal/upstream/host.py",
+    "shoal/upstream/outlier.py",
     "shoal/observe/stats.py",
 ]
 STAMP = SRC / "shoal" / ".compiled"

@@ -825,7 +825,9 @@ def test_translate_functions_for_xds() -> None:
     json_format.ParseDict(cluster(), cluster_proto)
     assert translate_cluster(cluster_proto).name == "backend"
     json_format.ParseDict({"health_checks": [{"timeout": "1s"}]}, cluster_proto)
-    with pytest.raises(ConfigError, match=r"cds: resources\[0\]\.health_checks: active health"):
+    with pytest.raises(
+        ConfigError, match=r"cds: resources\[0\]\.health_checks\[0\]\.interval: interval is"
+    ):
         translate_cluster(cluster_proto, source="cds", field="resources[0]")
 
 
@@ -957,10 +959,10 @@ ERRORS = {
         f"{LISTENER}.address.socket_address.protocol",
         "not supported",
     ),
-    "outlier detection": (
-        with_cluster(outlier_detection={}),
-        f"{CLUSTER}.outlier_detection",
-        "outlier detection not supported yet",
+    "outlier detection monitors": (
+        with_cluster(outlier_detection={"monitors": [{"name": "m"}]}),
+        f"{CLUSTER}.outlier_detection.monitors",
+        "monitor extensions are not supported yet",
     ),
     "common_lb_config must be empty": (
         with_cluster(common_lb_config={"healthy_panic_threshold": {"value": 10}}),

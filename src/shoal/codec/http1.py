@@ -450,3 +450,14 @@ CONTINUE_RESPONSE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 def encode_headers(headers: Headers) -> bytes:
     return b"".join([b"%s: %s\r\n" % pair for pair in headers])
+
+
+def header_value(headers: Headers, name: bytes) -> str | None:
+    """All values of a header joined with "," (as Envoy presents repeated headers)."""
+    found: list[bytes] = []
+    for key, value in headers:
+        if key == name:
+            found.append(value)
+    if not found:
+        return None
+    return (found[0] if len(found) == 1 else b",".join(found)).decode("latin-1")

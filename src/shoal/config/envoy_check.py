@@ -62,6 +62,24 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         ".UpgradeConfig": "upgrade_type enabled",
         "envoy.extensions.filters.http.router.v3.Router": "dynamic_stats start_child_span",
         "envoy.extensions.filters.http.buffer.v3.Buffer": "max_request_bytes",
+        "envoy.extensions.filters.http.fault.v3.HTTPFault": (
+            "delay abort upstream_cluster headers max_active_faults"
+        ),
+        "envoy.extensions.filters.http.fault.v3.FaultAbort": (
+            "http_status grpc_status header_abort percentage"
+        ),
+        "envoy.extensions.filters.common.fault.v3.FaultDelay": (
+            "fixed_delay header_delay percentage"
+        ),
+        "envoy.type.v3.FractionalPercent": "numerator denominator",
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit": (
+            "stat_prefix status token_bucket filter_enabled filter_enforced"
+            " request_headers_to_add_when_not_enforced response_headers_to_add"
+            " local_rate_limit_per_downstream_connection enable_x_ratelimit_headers"
+        ),
+        "envoy.type.v3.HttpStatus": "code",
+        "envoy.type.v3.TokenBucket": "max_tokens tokens_per_fill fill_interval",
+        "envoy.config.core.v3.RuntimeFractionalPercent": "default_value runtime_key",
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": (
             "stat_prefix cluster weighted_clusters idle_timeout access_log max_connect_attempts"
         ),
@@ -76,11 +94,12 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         ),
         "envoy.config.route.v3.VirtualHost": (
             "name domains routes retry_policy request_headers_to_add request_headers_to_remove"
-            " response_headers_to_add response_headers_to_remove"
+            " response_headers_to_add response_headers_to_remove typed_per_filter_config"
         ),
         "envoy.config.route.v3.Route": (
             "name match route redirect direct_response request_headers_to_add"
             " request_headers_to_remove response_headers_to_add response_headers_to_remove"
+            " typed_per_filter_config"
         ),
         "envoy.config.route.v3.RouteMatch": (
             "prefix path safe_regex case_sensitive headers query_parameters"
@@ -130,7 +149,33 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " maglev_lb_config least_request_lb_config load_assignment circuit_breakers"
             " dns_refresh_rate dns_lookup_family per_connection_buffer_limit_bytes"
             " typed_extension_protocol_options max_requests_per_connection common_lb_config"
+            " outlier_detection health_checks"
         ),
+        "envoy.config.cluster.v3.OutlierDetection": (
+            "consecutive_5xx interval base_ejection_time max_ejection_percent"
+            " enforcing_consecutive_5xx enforcing_success_rate success_rate_minimum_hosts"
+            " success_rate_request_volume success_rate_stdev_factor consecutive_gateway_failure"
+            " enforcing_consecutive_gateway_failure split_external_local_origin_errors"
+            " consecutive_local_origin_failure enforcing_consecutive_local_origin_failure"
+            " enforcing_local_origin_success_rate failure_percentage_threshold"
+            " enforcing_failure_percentage enforcing_failure_percentage_local_origin"
+            " failure_percentage_minimum_hosts failure_percentage_request_volume"
+            " max_ejection_time max_ejection_time_jitter"
+            " successful_active_health_check_uneject_host always_eject_one_host"
+        ),
+        "envoy.config.core.v3.HealthCheck": (
+            "timeout interval initial_jitter interval_jitter interval_jitter_percent"
+            " unhealthy_threshold healthy_threshold reuse_connection http_health_check"
+            " tcp_health_check no_traffic_interval no_traffic_healthy_interval"
+            " unhealthy_interval unhealthy_edge_interval healthy_edge_interval"
+        ),
+        "envoy.config.core.v3.HealthCheck.HttpHealthCheck": (
+            "host path request_headers_to_add request_headers_to_remove expected_statuses"
+            " retriable_statuses method"
+        ),
+        "envoy.config.core.v3.HealthCheck.TcpHealthCheck": "send receive",
+        "envoy.config.core.v3.HealthCheck.Payload": "text binary",
+        "envoy.type.v3.Int64Range": "start end",
         "envoy.config.cluster.v3.Cluster.RingHashLbConfig": "minimum_ring_size maximum_ring_size",
         "envoy.config.cluster.v3.Cluster.MaglevLbConfig": "table_size",
         "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig": "choice_count",
@@ -180,8 +225,18 @@ _WHY_NOT: dict[tuple[str, str], str] = {
     ("envoy.config.listener.v3.FilterChain", "transport_socket"): f"TLS {NOT_YET}",
     ("envoy.config.cluster.v3.Cluster", "transport_socket"): f"TLS {NOT_YET}",
     ("envoy.config.cluster.v3.Cluster", "eds_cluster_config"): "EDS needs xDS",
-    ("envoy.config.cluster.v3.Cluster", "health_checks"): f"active health checking {NOT_YET}",
-    ("envoy.config.cluster.v3.Cluster", "outlier_detection"): f"outlier detection {NOT_YET}",
+    (
+        "envoy.config.core.v3.HealthCheck",
+        "grpc_health_check",
+    ): f"gRPC health checks need HTTP/2, which is {NOT_YET}",
+    (
+        "envoy.config.core.v3.HealthCheck.HttpHealthCheck",
+        "codec_client_type",
+    ): f"HTTP/2 and HTTP/3 health checks are {NOT_YET}",
+    (
+        "envoy.config.cluster.v3.OutlierDetection",
+        "monitors",
+    ): f"outlier detection monitor extensions are {NOT_YET}",
     (
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
         "http2_protocol_options",

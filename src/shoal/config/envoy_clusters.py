@@ -9,12 +9,15 @@ import math
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
+from envoy.config.core.v3.base_pb2 import RequestMethod
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.message import Message
 
 from shoal.config.envoy_fields import (
     Ctx,
     choice,
+    duration,
+    flag,
     required,
     seconds,
     socket_address,
@@ -22,15 +25,22 @@ from shoal.config.envoy_fields import (
     uint,
     unpack,
 )
+from shoal.config.envoy_headers import headers_to_add
 from shoal.config.model import (
+    DEFAULT_EXPECTED_STATUSES,
     CircuitBreakerThresholds,
     Cluster,
     DiscoveryType,
     DnsLookupFamily,
     Endpoint,
+    HealthCheck,
+    HttpHealthCheck,
     LbPolicy,
     Locality,
+    OutlierDetection,
     Seconds,
+    StatusRange,
+    TcpHealthCheck,
 )
 
 _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -56,6 +66,12 @@ _DNS_LOOKUP_FAMILIES: dict[int, DnsLookupFamily] = {
 _UNHEALTHY = frozenset(
     {health_check_pb2.UNHEALTHY, health_check_pb2.DRAINING, health_check_pb2.TIMEOUT}
 )
+# RequestMethod → the health check request's method (unset means GET; CONNECT is invalid)
+_HC_METHODS = {
+    number: name if name != "METHOD_UNSPECIFIED" else "GET"
+    for name, number in RequestMethod.items()
+    if name != "CONNECT"
+}
 
 
 def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
@@ -107,6 +123,12 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
         idle_timeout=idle_timeout,
         max_requests_per_connection=max_requests,
         overprovisioning_factor=overprovisioning,
+        outlier_detection=(
+            _outlier_detection(proto.outlier_detection, ctx.at("outlier_detection"))
+            if proto.HasField("outlier_detection")
+            else None
+        ),
+        health_checks=_health_checks(proto, ctx),
     )
 
 
@@ -198,3 +220,177 @@ def _upstream_http_options(proto: Message, ctx: Ctx) -> tuple[Seconds | None, in
                 )
             max_requests = uint(common, "max_requests_per_connection", 0, common_ctx) or None
     return idle_timeout, max_requests
+
+
+def _outlier_detection(config: Message, ctx: Ctx) -> OutlierDetection:
+    """Envoy's OutlierDetection with its defaults; percentages are at most 100 and
+    max_ejection_time (default max(300 s, base_ejection_time)) not below base_ejection_time,
+    as Envoy checks."""
+    d = OutlierDetection()
+    base = seconds(config, "base_ejection_time", d.base_ejection_time, ctx, positive=True)
+    max_time = seconds(
+        config, "max_ejection_time", max(d.max_ejection_time, base), ctx, positive=True
+    )
+    if max_time < base:
+        raise ctx.at("max_ejection_time").error(
+            "max_ejection_time cannot be smaller than base_ejection_time"
+        )
+
+    def count(name: str) -> int:
+        return uint(config, name, getattr(d, name), ctx)
+
+    def percent(name: str) -> int:
+        return uint(config, name, getattr(d, name), ctx, hi=100)
+
+    return OutlierDetection(
+        consecutive_5xx=count("consecutive_5xx"),
+        consecutive_gateway_failure=count("consecutive_gateway_failure"),
+        consecutive_local_origin_failure=count("consecutive_local_origin_failure"),
+        split_external_local_origin_errors=bool(config.split_external_local_origin_errors),
+        interval=seconds(config, "interval", d.interval, ctx, positive=True),
+        base_ejection_time=base,
+        max_ejection_time=max_time,
+        max_ejection_time_jitter=seconds(
+            config, "max_ejection_time_jitter", d.max_ejection_time_jitter, ctx
+        ),
+        max_ejection_percent=percent("max_ejection_percent"),
+        always_eject_one_host=flag(config, "always_eject_one_host", d.always_eject_one_host),
+        enforcing_consecutive_5xx=percent("enforcing_consecutive_5xx"),
+        enforcing_consecutive_gateway_failure=percent("enforcing_consecutive_gateway_failure"),
+        enforcing_consecutive_local_origin_failure=percent(
+            "enforcing_consecutive_local_origin_failure"
+        ),
+        enforcing_success_rate=percent("enforcing_success_rate"),
+        enforcing_local_origin_success_rate=percent("enforcing_local_origin_success_rate"),
+        enforcing_failure_percentage=percent("enforcing_failure_percentage"),
+        enforcing_failure_percentage_local_origin=percent(
+            "enforcing_failure_percentage_local_origin"
+        ),
+        success_rate_minimum_hosts=count("success_rate_minimum_hosts"),
+        success_rate_request_volume=count("success_rate_request_volume"),
+        success_rate_stdev_factor=count("success_rate_stdev_factor"),
+        failure_percentage_threshold=percent("failure_percentage_threshold"),
+        failure_percentage_minimum_hosts=count("failure_percentage_minimum_hosts"),
+        failure_percentage_request_volume=count("failure_percentage_request_volume"),
+        successful_active_health_check_uneject_host=flag(
+            config,
+            "successful_active_health_check_uneject_host",
+            d.successful_active_health_check_uneject_host,
+        ),
+    )
+
+
+def _health_checks(cluster: Message, ctx: Ctx) -> tuple[HealthCheck, ...]:
+    """At most one check: Envoy runs several only when each has a ``name``, a field this
+    version of the API does not have."""
+    checks = cluster.health_checks
+    if len(checks) > 1:
+        raise ctx.at("health_checks").error(
+            "only one health check per cluster is supported (Envoy needs a name for each of"
+            " several)"
+        )
+    return tuple(_health_check(c, ctx.at("health_checks", i)) for i, c in enumerate(checks))
+
+
+def _health_check(config: Message, ctx: Ctx) -> HealthCheck:
+    """Envoy's HealthCheck: timeout, interval and both thresholds are required."""
+    for name in ("timeout", "interval", "unhealthy_threshold", "healthy_threshold"):
+        if not config.HasField(name):
+            raise ctx.at(name).error(f"{name} is required")
+    kind = config.WhichOneof("health_checker")
+    checker: HttpHealthCheck | TcpHealthCheck
+    if kind == "http_health_check":
+        checker = _http_health_check(config.http_health_check, ctx.at(kind))
+    elif kind == "tcp_health_check":
+        checker = _tcp_health_check(config.tcp_health_check, ctx.at(kind))
+    else:  # grpc and custom checkers are refused by the field check before this
+        raise ctx.error("a health checker is required: http_health_check or tcp_health_check")
+
+    def interval(name: str) -> Seconds:  # 0 in the model: Envoy's default for that interval
+        return seconds(config, name, 0.0, ctx, positive=True)
+
+    return HealthCheck(
+        timeout=seconds(config, "timeout", 0.0, ctx, positive=True),
+        interval=seconds(config, "interval", 0.0, ctx, positive=True),
+        unhealthy_threshold=uint(config, "unhealthy_threshold", 0, ctx),
+        healthy_threshold=uint(config, "healthy_threshold", 0, ctx),
+        checker=checker,
+        initial_jitter=duration(config, "initial_jitter", ctx) or 0.0,
+        interval_jitter=duration(config, "interval_jitter", ctx) or 0.0,
+        interval_jitter_percent=int(config.interval_jitter_percent),
+        no_traffic_interval=seconds(config, "no_traffic_interval", 60.0, ctx, positive=True),
+        no_traffic_healthy_interval=interval("no_traffic_healthy_interval"),
+        unhealthy_interval=interval("unhealthy_interval"),
+        unhealthy_edge_interval=interval("unhealthy_edge_interval"),
+        healthy_edge_interval=interval("healthy_edge_interval"),
+        reuse_connection=flag(config, "reuse_connection", True),
+    )
+
+
+def _http_health_check(config: Message, ctx: Ctx) -> HttpHealthCheck:
+    path = required(str(config.path), ctx.at("path"), "path")
+    if any(c in path for c in "\r\n\x00") or " " in path:
+        raise ctx.at("path").error(f"invalid path {path!r}")
+    host = str(config.host)
+    if any(c in host for c in "\r\n\x00"):
+        raise ctx.at("host").error(f"invalid host {host!r}")
+    added = headers_to_add(config, "request_headers_to_add", ctx)
+    removed = frozenset(str(name).lower() for name in config.request_headers_to_remove)
+    for index, option in enumerate(added):
+        if option.key == "host" or option.key.startswith(":"):
+            raise ctx.at("request_headers_to_add", index).error(
+                ":-prefixed or host headers may not be modified"
+            )
+    if any(name == "host" or name.startswith(":") for name in removed):
+        raise ctx.at("request_headers_to_remove").error(
+            ":-prefixed or host headers may not be removed"
+        )
+    return HttpHealthCheck(
+        path=path,
+        host=host,
+        method=choice(_HC_METHODS, config, "method", ctx),
+        expected_statuses=(
+            _status_ranges(config, "expected_statuses", ctx) or DEFAULT_EXPECTED_STATUSES
+        ),
+        retriable_statuses=_status_ranges(config, "retriable_statuses", ctx),
+        request_headers_to_add=added,
+        request_headers_to_remove=removed,
+    )
+
+
+def _status_ranges(config: Message, name: str, ctx: Ctx) -> tuple[StatusRange, ...]:
+    """Int64Ranges of statuses, [start, end) within [100, 600), with Envoy's checks."""
+    ranges = []
+    for index, item in enumerate(getattr(config, name)):
+        here = ctx.at(name, index)
+        start, end = int(item.start), int(item.end)
+        if start >= end:
+            raise here.error(f"expecting start < end, but found start={start} and end={end}")
+        if start < 100:
+            raise here.at("start").error(f"expecting start >= 100, but found start={start}")
+        if end > 600:
+            raise here.at("end").error(f"expecting end <= 600, but found end={end}")
+        ranges.append((start, end))
+    return tuple(ranges)
+
+
+def _tcp_health_check(config: Message, ctx: Ctx) -> TcpHealthCheck:
+    return TcpHealthCheck(
+        send=_payload(config.send, ctx.at("send")) if config.HasField("send") else b"",
+        receive=tuple(
+            _payload(item, ctx.at("receive", index)) for index, item in enumerate(config.receive)
+        ),
+    )
+
+
+def _payload(payload: Message, ctx: Ctx) -> bytes:
+    """A Payload: ``text`` is hex (Envoy's form, e.g. "000000FF"), ``binary`` raw bytes."""
+    kind = payload.WhichOneof("payload")
+    if kind == "binary":
+        return bytes(payload.binary)
+    if kind != "text" or not payload.text:
+        raise ctx.error("payload needs text (hex) or binary")
+    try:
+        return bytes.fromhex(str(payload.text))
+    except ValueError:
+        raise ctx.at("text").error(f"invalid hex string {payload.text!r}") from None

@@ -14,6 +14,8 @@ from typing import TypeVar
 
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -40,6 +42,8 @@ EXTENSIONS: dict[str, type[Message]] = {
         tcp_proxy_pb2.TcpProxy,
         router_pb2.Router,
         buffer_pb2.Buffer,
+        fault_pb2.HTTPFault,
+        local_rate_limit_pb2.LocalRateLimit,
         file_pb2.FileAccessLog,
         http_protocol_options_pb2.HttpProtocolOptions,
         previous_hosts_pb2.PreviousHostsPredicate,

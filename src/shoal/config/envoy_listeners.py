@@ -31,7 +31,9 @@ from shoal.config.envoy_fields import (
     typed_config,
     uint,
 )
+from shoal.config.envoy_filters import FILTER_TYPES, filter_config
 from shoal.config.envoy_routes import build_route_configuration
+from shoal.config.filters import HttpFilter
 from shoal.config.model import (
     AccessLog,
     HttpConnectionManager,
@@ -125,6 +127,7 @@ def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
         raise ctx.at("route_config").error("route_config is required (rds needs xDS)")
     common = hcm.common_http_protocol_options
     common_ctx = ctx.at("common_http_protocol_options")
+    max_request_bytes, http_filters = _http_filters(hcm.http_filters, ctx.at("http_filters"))
     return HttpConnectionManager(
         stat_prefix=required(str(hcm.stat_prefix), ctx.at("stat_prefix"), "stat_prefix"),
         route_config=build_route_configuration(hcm.route_config, ctx.at("route_config")),
@@ -135,7 +138,8 @@ def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
         stream_idle_timeout=timeout(hcm, "stream_idle_timeout", 300.0, ctx),
         max_stream_duration=timeout(common, "max_stream_duration", None, common_ctx),
         max_request_headers_kb=uint(hcm, "max_request_headers_kb", 60, ctx, lo=1, hi=8192),
-        max_request_bytes=_http_filters(hcm.http_filters, ctx.at("http_filters")),
+        max_request_bytes=max_request_bytes,
+        http_filters=http_filters,
         use_remote_address=flag(hcm, "use_remote_address", False),
         xff_num_trusted_hops=int(hcm.xff_num_trusted_hops),
         skip_xff_append=bool(hcm.skip_xff_append),
@@ -149,15 +153,21 @@ def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
     )
 
 
-def _http_filters(filters: Any, ctx: Ctx) -> int | None:
-    """Check the router is present and last; return the buffer filter's limit, if any."""
+def _http_filters(filters: Any, ctx: Ctx) -> tuple[int | None, tuple[HttpFilter, ...]]:
+    """Check the router is present and last; return the buffer filter's limit, if any, and
+    the other filters in order."""
     if not filters:
         raise ctx.error("the router filter (envoy.filters.http.router) is required")
     last = len(filters) - 1
     max_request_bytes = None
+    chain: list[HttpFilter] = []
     for index, item in enumerate(filters):
         here = ctx.at(index)
-        config = typed_config(item, here, router_pb2.Router, buffer_pb2.Buffer)
+        config = typed_config(item, here, router_pb2.Router, buffer_pb2.Buffer, *FILTER_TYPES)
+        if isinstance(config, FILTER_TYPES):
+            name = required(str(item.name), here.at("name"), "name")
+            chain.append(HttpFilter(name, filter_config(config, here.at("typed_config"))))
+            continue
         is_router = isinstance(config, router_pb2.Router)
         if is_router and index != last:
             raise here.error("the router filter must be the last HTTP filter")
@@ -170,7 +180,7 @@ def _http_filters(filters: Any, ctx: Ctx) -> int | None:
             max_request_bytes = uint(config, "max_request_bytes", 0, config_ctx, lo=1)
             if not max_request_bytes:
                 raise config_ctx.at("max_request_bytes").error("max_request_bytes is required")
-    return max_request_bytes
+    return max_request_bytes, tuple(chain)
 
 
 def _tcp_proxy(proxy: Message, ctx: Ctx) -> TcpProxy:

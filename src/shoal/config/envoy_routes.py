@@ -6,9 +6,6 @@ here, once per config version.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf.message import Message
@@ -28,13 +25,12 @@ from shoal.config.envoy_fields import (
     typed_config,
     uint,
 )
+from shoal.config.envoy_filters import per_filter_configs
+from shoal.config.envoy_headers import PRESENT, header_matcher, headers_to_add, string_match
 from shoal.config.model import (
-    AppendAction,
     DirectResponse,
     HashPolicy,
-    HeaderMatcher,
     HeaderMutations,
-    HeaderValueOption,
     QueryParameterMatcher,
     Redirect,
     RetryPolicy,
@@ -42,7 +38,6 @@ from shoal.config.model import (
     RouteAction,
     RouteConfiguration,
     RouteMatch,
-    StringMatch,
     VirtualHost,
     WeightedCluster,
 )
@@ -54,12 +49,6 @@ _RETRY_ON = frozenset({
     "retriable-headers", "http3-post-connect-failure", "cancelled", "deadline-exceeded",
     "internal", "resource-exhausted", "unavailable",
 })  # fmt: skip
-_APPEND_ACTIONS: dict[int, AppendAction] = {
-    base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD: "append_if_exists_or_add",
-    base_pb2.HeaderValueOption.ADD_IF_ABSENT: "add_if_absent",
-    base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD: "overwrite_if_exists_or_add",
-    base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS: "overwrite_if_exists",
-}
 _REDIRECT_CODES = {
     route_components_pb2.RedirectAction.MOVED_PERMANENTLY: 301,
     route_components_pb2.RedirectAction.FOUND: 302,
@@ -67,13 +56,6 @@ _REDIRECT_CODES = {
     route_components_pb2.RedirectAction.TEMPORARY_REDIRECT: 307,
     route_components_pb2.RedirectAction.PERMANENT_REDIRECT: 308,
 }
-_HEADER_MATCH_KINDS: dict[str, Literal["exact", "prefix", "suffix", "contains"]] = {
-    "exact_match": "exact",
-    "prefix_match": "prefix",
-    "suffix_match": "suffix",
-    "contains_match": "contains",
-}
-_PRESENT = StringMatch("present")
 
 
 def build_route_configuration(config: Message, ctx: Ctx) -> RouteConfiguration:
@@ -102,6 +84,7 @@ def _virtual_host(host: Message, ctx: Ctx) -> VirtualHost:
         routes=tuple(_route(r, routes_ctx.at(i)) for i, r in enumerate(host.routes)),
         headers=_header_mutations(host, ctx),
         retry_policy=_retry_policy(host, ctx),
+        per_filter=per_filter_configs(host, ctx),
     )
 
 
@@ -121,6 +104,7 @@ def _route(route: Message, ctx: Ctx) -> Route:
         else None,
         redirect=_redirect(route.redirect, here) if kind == "redirect" else None,
         headers=_header_mutations(route, ctx),
+        per_filter=per_filter_configs(route, ctx),
     )
 
 
@@ -134,31 +118,12 @@ def _route_match(match: Message, ctx: Ctx) -> RouteMatch:
         value=regex.pattern if regex else str(getattr(match, kind)),
         regex=regex,
         case_sensitive=flag(match, "case_sensitive", True),
-        headers=tuple(
-            _header_matcher(h, ctx.at("headers", i)) for i, h in enumerate(match.headers)
-        ),
+        headers=tuple(header_matcher(h, ctx.at("headers", i)) for i, h in enumerate(match.headers)),
         query_parameters=tuple(
             _query_parameter_matcher(q, ctx.at("query_parameters", i))
             for i, q in enumerate(match.query_parameters)
         ),
     )
-
-
-def _header_matcher(matcher: Message, ctx: Ctx) -> HeaderMatcher:
-    """No match specifier means "header present", as in Envoy."""
-    name = required(str(matcher.name).lower(), ctx.at("name"), "name")
-    kind = matcher.WhichOneof("header_match_specifier")
-    invert = bool(matcher.invert_match)
-    if kind in _HEADER_MATCH_KINDS:
-        match = StringMatch(_HEADER_MATCH_KINDS[kind], str(getattr(matcher, kind)))
-    elif kind == "safe_regex_match":
-        regex = compile_regex(matcher.safe_regex_match, ctx.at(kind))
-        match = StringMatch("regex", regex.pattern, regex=regex)
-    elif kind == "string_match":
-        match = _string_match(matcher.string_match, ctx.at(kind))
-    else:
-        return HeaderMatcher(name, _PRESENT, invert, kind is None or bool(matcher.present_match))
-    return HeaderMatcher(name, match, invert)
 
 
 def _query_parameter_matcher(matcher: Message, ctx: Ctx) -> QueryParameterMatcher:
@@ -167,23 +132,11 @@ def _query_parameter_matcher(matcher: Message, ctx: Ctx) -> QueryParameterMatche
     name = required(str(matcher.name), ctx.at("name"), "name")
     if matcher.HasField("string_match"):
         return QueryParameterMatcher(
-            name, _string_match(matcher.string_match, ctx.at("string_match"))
+            name, string_match(matcher.string_match, ctx.at("string_match"))
         )
     if matcher.HasField("present_match") and not matcher.present_match:
         raise ctx.at("present_match").error("present_match: false is not supported")
-    return QueryParameterMatcher(name, _PRESENT)
-
-
-def _string_match(matcher: Message, ctx: Ctx) -> StringMatch:
-    """Envoy ignores ``ignore_case`` for safe_regex; so does the model."""
-    kind = matcher.WhichOneof("match_pattern")
-    if kind is None:
-        raise ctx.error("one of exact, prefix, suffix, contains or safe_regex is required")
-    ignore_case = bool(matcher.ignore_case)
-    if kind == "safe_regex":
-        regex = compile_regex(matcher.safe_regex, ctx.at(kind))
-        return StringMatch("regex", regex.pattern, ignore_case, regex)
-    return StringMatch(kind, str(getattr(matcher, kind)), ignore_case)
+    return QueryParameterMatcher(name, PRESENT)
 
 
 def _route_action(action: Message, ctx: Ctx) -> RouteAction:
@@ -329,25 +282,8 @@ def _header_mutations(owner: Message, ctx: Ctx) -> HeaderMutations:
     """The four *_headers_to_add/remove fields shared by route config, vhost, route and
     weighted cluster; header names are lower-cased."""
     return HeaderMutations(
-        request_add=_headers_to_add(owner, "request_headers_to_add", ctx),
+        request_add=headers_to_add(owner, "request_headers_to_add", ctx),
         request_remove=frozenset(str(h).lower() for h in owner.request_headers_to_remove),
-        response_add=_headers_to_add(owner, "response_headers_to_add", ctx),
+        response_add=headers_to_add(owner, "response_headers_to_add", ctx),
         response_remove=frozenset(str(h).lower() for h in owner.response_headers_to_remove),
     )
-
-
-def _headers_to_add(owner: Message, field: str, ctx: Ctx) -> tuple[HeaderValueOption, ...]:
-    """HeaderValueOption list; the deprecated ``append`` bool maps to append_action."""
-    options = []
-    for index, option in enumerate(getattr(owner, field)):
-        here = ctx.at(field, index)
-        key = required(str(option.header.key).lower(), here.at("header", "key"), "header key")
-        action = choice(_APPEND_ACTIONS, option, "append_action", here)
-        if option.HasField("append"):
-            if action != "append_if_exists_or_add":
-                raise here.at("append").error("append and append_action are exclusive")
-            action = (
-                "append_if_exists_or_add" if option.append.value else "overwrite_if_exists_or_add"
-            )
-        options.append(HeaderValueOption(key, str(option.header.value), action))
-    return tuple(options)

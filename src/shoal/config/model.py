@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from shoal.config.filters import FilterConfig, HttpFilter
 
 Seconds = float
 
@@ -194,6 +197,8 @@ class Route:
     direct_response: DirectResponse | None = None
     redirect: Redirect | None = None
     headers: HeaderMutations = HeaderMutations()
+    # typed_per_filter_config: filter name → that filter's per-route config
+    per_filter: tuple[tuple[str, FilterConfig], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +209,7 @@ class VirtualHost:
     headers: HeaderMutations = HeaderMutations()
     retry_policy: RetryPolicy | None = None
     hash_policy: tuple[HashPolicy, ...] = ()
+    per_filter: tuple[tuple[str, FilterConfig], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +252,7 @@ class HttpConnectionManager:
     strip_matching_host_port: bool = False
     upgrade_types: frozenset[str] = frozenset()  # lower-cased, e.g. {"websocket"}
     drain_timeout: Seconds = 5.0
+    http_filters: tuple[HttpFilter, ...] = ()  # before the router, in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +323,103 @@ class CircuitBreakerThresholds:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Envoy's passive health checking (``Cluster.outlier_detection``), Envoy's defaults.
+
+    Thresholds are counts; ``enforcing_*`` are the percent chance that a detected outlier is
+    really ejected; ``success_rate_stdev_factor`` is in thousandths (1900 → 1.9 stdev).
+    """
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    consecutive_local_origin_failure: int = 5
+    split_external_local_origin_errors: bool = False
+    interval: Seconds = 10.0
+    base_ejection_time: Seconds = 30.0
+    max_ejection_time: Seconds = 300.0  # Envoy: max(300 s, base_ejection_time) when unset
+    max_ejection_time_jitter: Seconds = 0.0
+    max_ejection_percent: int = 10
+    always_eject_one_host: bool = False
+    enforcing_consecutive_5xx: int = 100
+    enforcing_consecutive_gateway_failure: int = 0
+    enforcing_consecutive_local_origin_failure: int = 100
+    enforcing_success_rate: int = 100
+    enforcing_local_origin_success_rate: int = 100
+    enforcing_failure_percentage: int = 0
+    enforcing_failure_percentage_local_origin: int = 0
+    success_rate_minimum_hosts: int = 5
+    success_rate_request_volume: int = 100
+    success_rate_stdev_factor: int = 1900
+    failure_percentage_threshold: int = 85
+    failure_percentage_minimum_hosts: int = 5
+    failure_percentage_request_volume: int = 50
+    successful_active_health_check_uneject_host: bool = True
+
+
+StatusRange = tuple[int, int]  # [start, end), as Envoy's Int64Range
+DEFAULT_EXPECTED_STATUSES: tuple[StatusRange, ...] = ((200, 201),)  # Envoy: 200 only
+
+
+@dataclass(frozen=True, slots=True)
+class HttpHealthCheck:
+    """An HTTP/1.1 health check request; ``host`` empty means the cluster's name (Envoy)."""
+
+    path: str
+    host: str = ""
+    method: str = "GET"
+    expected_statuses: tuple[StatusRange, ...] = DEFAULT_EXPECTED_STATUSES
+    retriable_statuses: tuple[StatusRange, ...] = ()
+    request_headers_to_add: tuple[HeaderValueOption, ...] = ()
+    request_headers_to_remove: frozenset[str] = frozenset()
+
+    def expected(self, status: int) -> bool:
+        return any(start <= status < end for start, end in self.expected_statuses)
+
+    def retriable(self, status: int) -> bool:
+        return any(start <= status < end for start, end in self.retriable_statuses)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpHealthCheck:
+    """Connect, write ``send`` (if any), then find each ``receive`` block in order."""
+
+    send: bytes = b""
+    receive: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Envoy's active health check (``Cluster.health_checks[0]``). An interval given as 0
+    (Envoy forbids 0) takes Envoy's default, resolved on construction."""
+
+    timeout: Seconds
+    interval: Seconds
+    unhealthy_threshold: int
+    healthy_threshold: int
+    checker: HttpHealthCheck | TcpHealthCheck
+    initial_jitter: Seconds = 0.0
+    interval_jitter: Seconds = 0.0
+    interval_jitter_percent: int = 0
+    no_traffic_interval: Seconds = 60.0
+    no_traffic_healthy_interval: Seconds = 0.0  # 0: no_traffic_interval
+    unhealthy_interval: Seconds = 0.0  # 0: interval
+    unhealthy_edge_interval: Seconds = 0.0  # 0: unhealthy_interval
+    healthy_edge_interval: Seconds = 0.0  # 0: interval
+    reuse_connection: bool = True
+
+    def __post_init__(self) -> None:
+        defaults = (
+            ("no_traffic_healthy_interval", self.no_traffic_interval),
+            ("unhealthy_interval", self.interval),
+            ("unhealthy_edge_interval", self.unhealthy_interval or self.interval),
+            ("healthy_edge_interval", self.interval),
+        )
+        for name, default in defaults:
+            if not getattr(self, name):
+                object.__setattr__(self, name, default)
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     type: DiscoveryType = DiscoveryType.STATIC
@@ -334,6 +438,8 @@ class Cluster:
     idle_timeout: Seconds | None = 3600.0  # upstream connection idle timeout
     max_requests_per_connection: int | None = None
     overprovisioning_factor: int = 140  # percent, as Envoy's default
+    outlier_detection: OutlierDetection | None = None
+    health_checks: tuple[HealthCheck, ...] = ()
 
 
 # --- bootstrap ---------------------------------------------------------------------------------

@@ -34,12 +34,15 @@ from shoal.codec.http1 import (
     Upgrade,
     connection_tokens,
     encode_chunk,
+    header_value,
     no_body_status,
     status_line,
 )
+from shoal.config.filters import FilterConfig
 from shoal.config.model import HashPolicy, Redirect, RetryPolicy, RouteAction
 from shoal.errors import RemoteProtocolError
-from shoal.proxy.routes import CompiledRoute, HeaderPlan, header_value, split_lines
+from shoal.filters.base import Delay, HttpFilter, LocalReply
+from shoal.proxy.routes import CompiledRoute, HeaderPlan, split_lines
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
 from shoal.upstream.lb import hash_key_of
 
@@ -156,6 +159,7 @@ class Exchange:
 
     __slots__ = (
         "_chunked_response",
+        "_held",
         "_idle_bytes",
         "_idle_mark_at",
         "_per_try_timer",
@@ -252,6 +256,7 @@ class Exchange:
         self._idle_mark_at = 0.0
         self._per_try_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._held: asyncio.TimerHandle | None = None  # a filter's delay
         self._resent = False  # re-sent once after a stale keep-alive connection failed
         self._retry_held = False  # holds a max_retries slot until the retry's outcome
 
@@ -339,6 +344,68 @@ class Exchange:
             return
         self.compiled = compiled
         self.response_plan = compiled.response_plan
+        if ctx.filters and self._run_filters(ctx.filters):
+            return
+        self._dispatch(compiled)
+
+    def _run_filters(self, filters: tuple[HttpFilter, ...]) -> bool:
+        """Run the filter chain; True when a filter answered or is holding the request."""
+        now = self.connection.loop.time()
+        for index, http_filter in enumerate(filters):
+            outcome = http_filter.on_request(self, now)
+            if outcome is None:
+                continue
+            if isinstance(outcome, LocalReply):
+                self._filter_reply(outcome)
+            else:
+                self._held = self.connection.loop.call_later(
+                    outcome.seconds, self._after_delay, outcome, filters[index + 1 :]
+                )
+            return True
+        return False
+
+    def _after_delay(self, delay: Delay, rest: tuple[HttpFilter, ...]) -> None:
+        self._held = None
+        for http_filter in delay.done:
+            http_filter.delay_done()
+        if self.done:
+            return
+        self.response_flags = "DI"
+        if delay.then is not None:
+            self._filter_reply(delay.then)
+        elif not (rest and self._run_filters(rest)):
+            assert self.compiled is not None
+            self._dispatch(self.compiled)
+
+    def _filter_reply(self, reply: LocalReply) -> None:
+        flags = (
+            reply.flags if self.response_flags == "-" else f"{self.response_flags},{reply.flags}"
+        )
+        self.local_reply(reply.status, reply.body, flags, reply.details, extra=reply.headers)
+
+    # the FilteredRequest view
+
+    @property
+    def request_headers(self) -> Headers:
+        return self.head.headers
+
+    @property
+    def route_cluster(self) -> str:
+        action = self.compiled.route.action if self.compiled is not None else None
+        return action.cluster if action is not None else ""
+
+    @property
+    def connection_key(self) -> int:
+        return self.connection.id
+
+    def per_filter(self, name: str) -> FilterConfig | None:
+        return self.compiled.per_filter.get(name) if self.compiled is not None else None
+
+    def _dispatch(self, compiled: CompiledRoute) -> None:
+        """The router: local answers, or the cluster, breakers and the first try."""
+        connection = self.connection
+        ctx = connection.ctx
+        head = self.head
         route = compiled.route
         if route.direct_response is not None:
             self.local_reply(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from shoal.config.model import AccessLog, HttpConnectionManager, Listener, TcpProxy
+from shoal.filters.base import HttpFilter
 from shoal.observe.accesslog import (
     DEFAULT_FORMAT,
     AccessLogRecord,
@@ -96,6 +97,7 @@ class HttpListenerContext:
         "config",
         "connections",
         "draining",
+        "filters",
         "listener",
         "routes",
         "server_header",
@@ -108,12 +110,14 @@ class HttpListenerContext:
         clusters: dict[str, ClusterRuntime],
         stats: HttpStats,
         logs: AccessLogs,
+        filters: tuple[HttpFilter, ...] = (),
     ) -> None:
         assert isinstance(listener.filter, HttpConnectionManager)
         config = listener.filter
         self.listener = listener
         self.config = config
         self.routes = RouteTable(config.route_config)
+        self.filters = filters
         self.clusters = clusters
         self.stats = stats
         self.access_logs = [logs.sink(a) for a in config.access_logs]

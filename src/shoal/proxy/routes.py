@@ -8,7 +8,8 @@ wins. The host → virtual host answer is cached, since a sidecar sees few disti
 
 from __future__ import annotations
 
-from shoal.codec.http1 import Headers
+from shoal.codec.http1 import Headers, header_value
+from shoal.config.filters import FilterConfig
 from shoal.config.model import (
     HeaderMatcher,
     HeaderMutations,
@@ -21,17 +22,6 @@ from shoal.config.model import (
 )
 
 _HOST_CACHE_LIMIT = 4096
-
-
-def header_value(headers: Headers, name: bytes) -> str | None:
-    """All values of a header joined with "," (as Envoy presents repeated headers)."""
-    found: list[bytes] = []
-    for key, value in headers:
-        if key == name:
-            found.append(value)
-    if not found:
-        return None
-    return (found[0] if len(found) == 1 else b",".join(found)).decode("latin-1")
 
 
 Level = tuple[frozenset[bytes], tuple[tuple[bytes, bytes, str], ...]]
@@ -133,6 +123,7 @@ class CompiledRoute:
         "cluster_plans",
         "headers",
         "kind",
+        "per_filter",
         "query",
         "regex",
         "request_plan",
@@ -166,6 +157,11 @@ class CompiledRoute:
         self.timeout_header = (
             b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(timeout * 1000) if timeout else b""
         )
+        # typed_per_filter_config: the route's entry wins over the virtual host's
+        self.per_filter: dict[str, FilterConfig] = {
+            **dict(vhost.per_filter),
+            **dict(route.per_filter),
+        }
         levels = [route.headers, vhost.headers, config.headers]
         self.request_plan, self.response_plan = _plans(levels)
         # A weighted cluster's own edits come first, before the route's.

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from shoal.config.model import Bootstrap, Cluster, HttpConnectionManager, Listener
+from shoal.filters.base import HttpFilter
+from shoal.filters.chain import build_filters
 from shoal.observe.stats import Histogram, Snapshot
 from shoal.proxy.http import HttpConnection
 from shoal.proxy.listeners import (
@@ -61,6 +63,7 @@ class ProxyRuntime:
         self.config_version = 0
         self._flush_timer: asyncio.TimerHandle | None = None
         self.downstream_rq_time: dict[str, Histogram] = {}
+        self.filters: dict[str, HttpFilter] = {}  # by stat prefix
 
     # applying config ---------------------------------------------------------------------------
 
@@ -130,7 +133,7 @@ class ProxyRuntime:
                     continue
                 runtime = ClusterRuntime(config)
                 if current is not None:
-                    runtime.stats = current.stats  # counters survive a config change
+                    runtime.inherit_stats(current)  # counters survive a config change
                 started.append(runtime)
                 await runtime.start()
                 clusters[config.name] = runtime
@@ -144,7 +147,11 @@ class ProxyRuntime:
         config = listener.filter
         if isinstance(config, HttpConnectionManager):
             stats = self.http_stats.setdefault(config.stat_prefix, HttpStats())
-            context: Context = HttpListenerContext(listener, clusters, stats, self.access_logs)
+            chain, instances = build_filters(config.stat_prefix, config.http_filters, self.filters)
+            self.filters.update(instances)
+            context: Context = HttpListenerContext(
+                listener, clusters, stats, self.access_logs, chain
+            )
         else:
             tcp_stats = self.tcp_stats.setdefault(config.stat_prefix, TcpStats())
             context = TcpListenerContext(listener, clusters, tcp_stats, self.access_logs)
@@ -224,6 +231,17 @@ class ProxyRuntime:
             gauges[prefix + "membership_total"] = len(cluster.hosts)
             gauges[prefix + "membership_healthy"] = sum(h.healthy for h in cluster.hosts)
             histograms[prefix + "upstream_rq_time"] = stats.upstream_rq_time
+            outlier = cluster.outlier
+            if outlier is not None:
+                for counter, value in outlier.counters.items():
+                    counters[f"{prefix}outlier_detection.{counter}"] = value
+                gauges[prefix + "outlier_detection.ejections_active"] = outlier.ejections_active
+            health = cluster.health
+            if health is not None:
+                for counter, value in health.counters.items():
+                    counters[f"{prefix}health_check.{counter}"] = value
+                gauges[prefix + "health_check.healthy"] = health.healthy_count()
+                gauges[prefix + "health_check.degraded"] = 0
         for prefix_name, http in self.http_stats.items():
             prefix = f"http.{prefix_name}."
             for counter in HTTP_COUNTERS:
@@ -234,6 +252,12 @@ class ProxyRuntime:
                 counters[f"{prefix}downstream_rq_{klass}xx"] = http.downstream_rq_xx[klass]
             counters[prefix + "downstream_rq_completed"] = sum(http.downstream_rq_xx)
             histograms[prefix + "downstream_rq_time"] = http.downstream_rq_time
+        for prefix, instance in self.filters.items():
+            for name, value in instance.counters().items():
+                if name.startswith("active"):
+                    gauges[prefix + name] = value
+                else:
+                    counters[prefix + name] = value
         for prefix_name, tcp in self.tcp_stats.items():
             for counter in TCP_COUNTERS:
                 counters[f"tcp.{prefix_name}.{counter}"] = getattr(tcp, counter)
@@ -259,7 +283,7 @@ class ProxyRuntime:
                 base = f"{name}::{host.key}::"
                 lines.append(
                     f"{base}cx_idle::{idle}\n{base}rq_active::{host.active_requests}\n"
-                    f"{base}health_flags::{'healthy' if host.healthy else '/failed_eds_health'}\n"
+                    f"{base}health_flags::{host.health_flags()}\n"
                     f"{base}weight::{host.weight}\n{base}priority::{host.priority}\n"
                     f"{base}hostname::{host.hostname}"
                 )

@@ -148,7 +148,12 @@ class ProxyProcess:
 
 
 # gauges that are copies in every worker, not per-worker quantities to add up
-_SHARED_GAUGES = (".membership_total", ".membership_healthy")
+_SHARED_GAUGES = (
+    ".membership_total",
+    ".membership_healthy",
+    ".health_check.healthy",
+    ".health_check.degraded",
+)
 
 
 def config_dump(raw: dict[str, Any], version: int) -> dict[str, Any]:

@@ -19,8 +19,10 @@ from typing import Protocol
 from shoal.config.model import Cluster, DiscoveryType, DnsLookupFamily, Endpoint, SocketAddress
 from shoal.observe.stats import Histogram, int_fields
 from shoal.transport.upstream import UpstreamConnection
+from shoal.upstream.health import HealthChecker
 from shoal.upstream.host import Host
 from shoal.upstream.lb import LoadBalancer, build_lb
+from shoal.upstream.outlier import OutlierDetector
 
 log = logging.getLogger("shoal.upstream")
 
@@ -142,9 +144,11 @@ class ClusterRuntime:
         "_dns_task",
         "config",
         "cx_active",
+        "health",
         "hosts",
         "lb",
         "on_hosts_changed",
+        "outlier",
         "pools",
         "retries_active",
         "rq_active",
@@ -164,29 +168,68 @@ class ClusterRuntime:
         self._dns_task: asyncio.Task[None] | None = None
         self.hosts: list[Host] = []
         self.lb: LoadBalancer = build_lb(config, [])
+        # passive and active health checking (Envoy's outlier_detection / health_checks)
+        self.outlier: OutlierDetector | None = None
+        if config.outlier_detection is not None:
+            self.outlier = OutlierDetector(config.outlier_detection, self)
+        self.health: HealthChecker | None = None
+        if config.health_checks:
+            self.health = HealthChecker(config.health_checks[0], self, config.name)
         if config.type is DiscoveryType.STATIC:
             self.set_hosts([_host(ep, ep.address) for ep in config.endpoints])
 
     def set_hosts(self, hosts: list[Host]) -> None:
-        """Install a new host set, keeping the live state of hosts that stay."""
+        """Install a new host set, keeping the live state of hosts that stay. With active
+        health checking, a new host starts failed until its first check passes (Envoy)."""
         old = {h.key: h for h in self.hosts}
         merged = []
         for fresh in hosts:
             host = old.get(fresh.key)
             if host is None:
                 host = fresh
+                host.hc_failed = self.health is not None
             else:
                 host.weight, host.priority = fresh.weight, fresh.priority
-                host.locality, host.healthy = fresh.locality, fresh.healthy
+                host.locality, host.eds_unhealthy = fresh.locality, fresh.eds_unhealthy
+            host.update_health()
             merged.append(host)
         self.hosts = merged
         self.lb = build_lb(self.config, merged)
+        if self.outlier is not None:
+            self.outlier.hosts_changed(merged)
+        if self.health is not None:
+            self.health.hosts_changed(merged)
         keys = {h.key for h in merged}
         for key in [k for k in self.pools if k not in keys]:
             for conn in self.pools.pop(key).idle:
                 conn.close()
         if self.on_hosts_changed is not None:
             self.on_hosts_changed()
+
+    # health ---------------------------------------------------------------------------------
+
+    def refresh_health(self) -> None:
+        """A host's health flags changed (health check, outlier ejection or return): the
+        balancer is rebuilt from the hosts' ``healthy`` (and panics as Envoy does when too
+        few are healthy)."""
+        self.lb = build_lb(self.config, self.hosts)
+
+    def has_traffic(self) -> bool:
+        """Whether an upstream connection was ever opened for traffic (health checks use
+        their slower no-traffic intervals until then, as in Envoy)."""
+        return self.stats.upstream_cx_total > 0
+
+    def health_check_passed(self, host: Host) -> None:
+        if self.outlier is not None:
+            self.outlier.health_check_passed(host)
+
+    def inherit_stats(self, previous: ClusterRuntime) -> None:
+        """Counters survive a config change of the cluster (gauges are recomputed)."""
+        self.stats = previous.stats
+        if self.outlier is not None and previous.outlier is not None:
+            self.outlier.counters = previous.outlier.counters
+        if self.health is not None and previous.health is not None:
+            self.health.counters = previous.health.counters
 
     # circuit breakers and pools -------------------------------------------------------------
 
@@ -255,10 +298,15 @@ class ClusterRuntime:
     # DNS ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Resolve DNS clusters once before use (warming), then keep refreshing."""
+        """Warm the cluster as Envoy does: resolve DNS clusters once (then keep refreshing),
+        start outlier detection, and wait for the first health check of every host."""
         if self.config.type in (DiscoveryType.STRICT_DNS, DiscoveryType.LOGICAL_DNS):
             await self._resolve()
             self._dns_task = asyncio.get_running_loop().create_task(self._refresh())
+        if self.outlier is not None:
+            self.outlier.start()
+        if self.health is not None:
+            await self.health.start()
 
     async def _refresh(self) -> None:
         while True:
@@ -295,6 +343,10 @@ class ClusterRuntime:
     def close(self) -> None:
         if self._dns_task is not None:
             self._dns_task.cancel()
+        if self.outlier is not None:
+            self.outlier.close()
+        if self.health is not None:
+            self.health.close()
         for pool in self.pools.values():
             for conn in pool.idle:
                 conn.close()

@@ -1,0 +1,143 @@
+"""Envoy HTTP filters (fault, local_ratelimit) → :mod:`shoal.config.filters`.
+
+Internal to :mod:`shoal.config.envoy`. The same messages configure the connection manager's
+filter chain and the per-route overrides (``typed_per_filter_config``).
+"""
+
+from __future__ import annotations
+
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from google.protobuf.message import Message
+
+from shoal.config.envoy_fields import Ctx, duration, uint, unpack
+from shoal.config.envoy_headers import header_matcher, headers_to_add
+from shoal.config.filters import (
+    Fault,
+    FaultAbort,
+    FaultDelay,
+    FilterConfig,
+    LocalRateLimit,
+    TokenBucket,
+)
+
+FILTER_TYPES = (fault_pb2.HTTPFault, local_rate_limit_pb2.LocalRateLimit)
+_DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}  # FractionalPercent.DenominatorType
+
+
+def filter_config(message: Message, ctx: Ctx) -> FilterConfig:
+    """An unpacked fault or local_ratelimit message as Shoal's config."""
+    if isinstance(message, fault_pb2.HTTPFault):
+        return _fault(message, ctx)
+    assert isinstance(message, local_rate_limit_pb2.LocalRateLimit)
+    return _local_rate_limit(message, ctx)
+
+
+def per_filter_configs(owner: Message, ctx: Ctx) -> tuple[tuple[str, FilterConfig], ...]:
+    """``typed_per_filter_config`` of a route or virtual host, keyed by filter name."""
+    here = ctx.at("typed_per_filter_config")
+    return tuple(
+        (
+            str(name),
+            filter_config(unpack(packed, here.at(str(name)), *FILTER_TYPES), here.at(str(name))),
+        )
+        for name, packed in sorted(owner.typed_per_filter_config.items())
+    )
+
+
+def _fraction(percent: Message, ctx: Ctx) -> float:
+    """A FractionalPercent as a share in 0..1 (Envoy caps it at 100%)."""
+    denominator = _DENOMINATORS.get(int(percent.denominator))
+    if denominator is None:
+        raise ctx.at("denominator").error("unknown denominator")
+    return min(1.0, int(percent.numerator) / denominator)
+
+
+def _fault(fault: Message, ctx: Ctx) -> Fault:
+    abort = None
+    if fault.HasField("abort"):
+        here = ctx.at("abort")
+        config = fault.abort
+        kind = config.WhichOneof("error_type")
+        if kind == "grpc_status":
+            raise here.at(kind).error("grpc_status aborts need HTTP/2, not supported yet")
+        if kind is None:
+            raise here.error("one of http_status or header_abort is required")
+        status = int(config.http_status) if kind == "http_status" else 0
+        if kind == "http_status" and not 200 <= status < 600:
+            raise here.at("http_status").error("http_status must be in [200, 600)")
+        abort = FaultAbort(
+            status=status,
+            fraction=_percentage(config, here),
+            header_controlled=kind == "header_abort",
+        )
+    delay = None
+    if fault.HasField("delay"):
+        here = ctx.at("delay")
+        config = fault.delay
+        kind = config.WhichOneof("fault_delay_secifier")
+        if kind is None:
+            raise here.error("one of fixed_delay or header_delay is required")
+        delay = FaultDelay(
+            seconds=duration(config, "fixed_delay", here) or 0.0,
+            fraction=_percentage(config, here),
+            header_controlled=kind == "header_delay",
+        )
+    headers_ctx = ctx.at("headers")
+    return Fault(
+        abort=abort,
+        delay=delay,
+        headers=tuple(header_matcher(h, headers_ctx.at(i)) for i, h in enumerate(fault.headers)),
+        upstream_cluster=str(fault.upstream_cluster),
+        max_active_faults=uint(fault, "max_active_faults", 0, ctx)
+        if fault.HasField("max_active_faults")
+        else None,
+    )
+
+
+def _percentage(config: Message, ctx: Ctx) -> float:
+    """An abort or delay's share of requests; Envoy's default is 100%."""
+    if not config.HasField("percentage"):
+        return 1.0
+    return _fraction(config.percentage, ctx.at("percentage"))
+
+
+def _local_rate_limit(limit: Message, ctx: Ctx) -> LocalRateLimit:
+    if not limit.stat_prefix:
+        raise ctx.at("stat_prefix").error("stat_prefix is required")
+    bucket = None
+    if limit.HasField("token_bucket"):
+        here = ctx.at("token_bucket")
+        config = limit.token_bucket
+        max_tokens = int(config.max_tokens)
+        if max_tokens <= 0:
+            raise here.at("max_tokens").error("max_tokens must be greater than 0")
+        fill = duration(config, "fill_interval", here)
+        if not fill:
+            raise here.at("fill_interval").error("fill_interval must be greater than 0")
+        bucket = TokenBucket(max_tokens, uint(config, "tokens_per_fill", 1, here, lo=1), fill)
+    status = 429
+    if limit.HasField("status"):
+        status = int(limit.status.code)
+        if status < 400:
+            status = 429  # Envoy: a status below 400 means the default, 429
+    return LocalRateLimit(
+        stat_prefix=str(limit.stat_prefix),
+        bucket=bucket,
+        enabled=_runtime_fraction(limit, "filter_enabled", ctx),
+        enforced=_runtime_fraction(limit, "filter_enforced", ctx),
+        status=status,
+        response_headers_to_add=headers_to_add(limit, "response_headers_to_add", ctx),
+        request_headers_to_add_when_not_enforced=headers_to_add(
+            limit, "request_headers_to_add_when_not_enforced", ctx
+        ),
+        x_ratelimit_headers=int(limit.enable_x_ratelimit_headers) != 0,
+        per_connection=bool(limit.local_rate_limit_per_downstream_connection),
+    )
+
+
+def _runtime_fraction(owner: Message, name: str, ctx: Ctx) -> float:
+    """A RuntimeFractionalPercent's default value (no runtime here); unset means 0%."""
+    if not owner.HasField(name):
+        return 0.0
+    return _fraction(getattr(owner, name).default_value, ctx.at(name, "default_value"))

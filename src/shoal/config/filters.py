@@ -1,0 +1,70 @@
+"""Runtime config of Shoal's HTTP filters (Envoy's fault and local_ratelimit), frozen.
+
+Built from the Envoy protos by :mod:`shoal.config.envoy_filters`; a filter may also carry
+per-route overrides (Envoy's ``typed_per_filter_config``, keyed by the filter's name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shoal.config.model import HeaderMatcher, HeaderValueOption, Seconds
+
+
+@dataclass(frozen=True, slots=True)
+class FaultAbort:
+    status: int = 0  # 0 with header_controlled: the status comes from the request header
+    fraction: float = 1.0  # share of requests aborted, 0..1
+    header_controlled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDelay:
+    seconds: Seconds = 0.0
+    fraction: float = 1.0
+    header_controlled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """``envoy.extensions.filters.http.fault.v3.HTTPFault``."""
+
+    abort: FaultAbort | None = None
+    delay: FaultDelay | None = None
+    headers: tuple[HeaderMatcher, ...] = ()
+    upstream_cluster: str = ""
+    max_active_faults: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBucket:
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval: Seconds
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRateLimit:
+    """``envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit``; a filter with no
+    bucket only counts, and limits where a route supplies one."""
+
+    stat_prefix: str
+    bucket: TokenBucket | None = None
+    enabled: float = 0.0  # filter_enabled share (Envoy's default: 0, i.e. off)
+    enforced: float = 0.0  # filter_enforced share
+    status: int = 429
+    response_headers_to_add: tuple[HeaderValueOption, ...] = ()
+    request_headers_to_add_when_not_enforced: tuple[HeaderValueOption, ...] = ()
+    x_ratelimit_headers: bool = False
+    per_connection: bool = False
+
+
+FilterConfig = Fault | LocalRateLimit
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFilter:
+    """One entry of the connection manager's filter chain (the router excluded)."""
+
+    name: str
+    config: FilterConfig

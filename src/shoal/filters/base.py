@@ -1,0 +1,58 @@
+"""The filter contract: a filter looks at a routed request and lets it continue, answers it
+locally, or holds it for a while (Envoy's Continue / local reply / StopIteration+resume).
+
+Filters run only when configured, so a chain costs nothing on the default path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shoal.codec.http1 import Headers
+from shoal.config.filters import FilterConfig
+
+
+@dataclass(slots=True)
+class LocalReply:
+    status: int
+    body: bytes
+    flags: str
+    details: str
+    headers: Headers = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Delay:
+    """Hold the request ``seconds``; then answer ``then`` if set, else continue."""
+
+    seconds: float
+    then: LocalReply | None = None
+    done: list[HttpFilter] = field(default_factory=list)  # filters to tell when it ends
+
+
+Outcome = LocalReply | Delay | None
+
+
+class FilteredRequest(Protocol):
+    """What a filter may read of the request."""
+
+    @property
+    def request_headers(self) -> Headers: ...
+    @property
+    def route_cluster(self) -> str: ...
+    @property
+    def connection_key(self) -> int: ...
+    def per_filter(self, name: str) -> FilterConfig | None: ...
+
+
+class HttpFilter(Protocol):
+    name: str
+    stats: dict[str, int]  # cumulative counters, carried over when the config changes
+
+    @property
+    def config(self) -> FilterConfig: ...
+
+    def on_request(self, request: FilteredRequest, now: float) -> Outcome: ...
+    def delay_done(self) -> None: ...
+    def counters(self) -> dict[str, int]: ...
