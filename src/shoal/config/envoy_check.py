@@ -74,8 +74,8 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         "envoy.type.v3.FractionalPercent": "numerator denominator",
         "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit": (
             "stat_prefix status token_bucket filter_enabled filter_enforced"
-            " request_headers_to_add_when_not_enforced response_headers_to_add"
-            " local_rate_limit_per_downstream_connection enable_x_ratelimit_headers"
+            " response_headers_to_add local_rate_limit_per_downstream_connection"
+            " enable_x_ratelimit_headers"
         ),
         "envoy.type.v3.HttpStatus": "code",
         "envoy.type.v3.TokenBucket": "max_tokens tokens_per_fill fill_interval",

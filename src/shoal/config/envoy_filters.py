@@ -128,9 +128,6 @@ def _local_rate_limit(limit: Message, ctx: Ctx) -> LocalRateLimit:
         enforced=_runtime_fraction(limit, "filter_enforced", ctx),
         status=status,
         response_headers_to_add=headers_to_add(limit, "response_headers_to_add", ctx),
-        request_headers_to_add_when_not_enforced=headers_to_add(
-            limit, "request_headers_to_add_when_not_enforced", ctx
-        ),
         x_ratelimit_headers=int(limit.enable_x_ratelimit_headers) != 0,
         per_connection=bool(limit.local_rate_limit_per_downstream_connection),
     )

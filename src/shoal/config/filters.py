@@ -54,7 +54,6 @@ class LocalRateLimit:
     enforced: float = 0.0  # filter_enforced share
     status: int = 429
     response_headers_to_add: tuple[HeaderValueOption, ...] = ()
-    request_headers_to_add_when_not_enforced: tuple[HeaderValueOption, ...] = ()
     x_ratelimit_headers: bool = False
     per_connection: bool = False
 

@@ -714,8 +714,11 @@ class Exchange:
             self.cluster.release(self.host, conn)
             return
         self.conn = conn
-        assert self.cluster is not None
-        self.cluster.stats.upstream_rq_total += 1  # per try on the wire, as Envoy counts
+        cluster = self.cluster
+        assert cluster is not None and self.host is not None
+        cluster.stats.upstream_rq_total += 1  # per try on the wire, as Envoy counts
+        if cluster.outlier is not None:
+            cluster.outlier.record_local_success(self.host)
         parts = self.body_buffer if self.body_buffer is not None else self.unsent
         data = self.upstream_head_bytes
         if parts:
@@ -733,6 +736,7 @@ class Exchange:
     def pool_failure(self, reason: str, transport_reason: str) -> None:
         self.pending = False
         self._end_attempt()
+        self._report_failure("connect_failure")
         if self._maybe_retry(_CONNECT_CONDITIONS):
             return
         self._reset_reply(reason, transport_reason, "UF")
@@ -755,6 +759,12 @@ class Exchange:
             self._flags(flag),
             "upstream_reset_before_response_started{" + detail + "}",
         )
+
+    def _report_failure(self, kind: str) -> None:
+        """Tell the cluster's outlier detector about a failure of the current try."""
+        cluster = self.cluster
+        if cluster is not None and cluster.outlier is not None and self.host is not None:
+            cluster.outlier.record_local_failure(self.host, kind)
 
     def _policy(self) -> RetryPolicy | None:
         return self.compiled.retry_policy if self.compiled is not None else None
@@ -820,6 +830,7 @@ class Exchange:
         self._per_try_timer = None
         assert self.cluster is not None
         self.cluster.stats.upstream_rq_per_try_timeout += 1
+        self._report_failure("timeout")
         conn = self.conn
         if conn is not None:
             conn.abort()
@@ -902,6 +913,8 @@ class Exchange:
             return
         assert self.cluster is not None
         self.cluster.stats.upstream_rq_timeout += 1
+        if self.conn is not None:
+            self._report_failure("timeout")
         self.reset_upstream()
         if self.response_started:
             self.response_flags = "UT"
@@ -930,6 +943,9 @@ class Exchange:
         status = head.status
         conn = self.conn
         assert conn is not None and self.cluster is not None and self.host is not None
+        outlier = self.cluster.outlier
+        if outlier is not None:
+            outlier.record_response(self.host, status)
         retried = self._retry_held  # this try is a retry
         if (
             status >= 500 or status == 409 or status in self._retriable_codes()
@@ -1039,6 +1055,7 @@ class Exchange:
         self._end_attempt()
         if self.done:
             return
+        self._report_failure("reset")
         if self.response_started:
             self.response_flags = "UC"
             self.connection.abort()
