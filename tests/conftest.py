@@ -25,11 +25,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Compiled hot-path modules shadow their .py files: rebuild them if the source moved
     on, so the suite never tests stale code (a no-op when they are fresh or absent)."""
     if any((ROOT / "src").rglob("*.so")):
-        subprocess.run(
+        built = subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "compile.py")],
-            check=True,
-            stdout=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
         )
+        if built.returncode:
+            pytest.exit(f"compiling the hot-path modules failed:\n{built.stderr}", returncode=3)
 
 
 def free_port(family: int = socket.AF_INET) -> int:

@@ -182,7 +182,12 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         "envoy.config.cluster.v3.CircuitBreakers": "thresholds",
         "envoy.config.cluster.v3.CircuitBreakers.Thresholds": (
             "priority max_connections max_pending_requests max_requests max_retries track_remaining"
+            " retry_budget"
         ),
+        "envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget": (
+            "budget_percent min_retry_concurrency"
+        ),
+        "envoy.type.v3.Percent": "value",
         "envoy.config.endpoint.v3.ClusterLoadAssignment": "cluster_name endpoints policy",
         "envoy.config.endpoint.v3.ClusterLoadAssignment.Policy": "overprovisioning_factor",
         "envoy.config.endpoint.v3.LocalityLbEndpoints": (

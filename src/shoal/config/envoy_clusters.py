@@ -6,6 +6,7 @@ Internal to :mod:`shoal.config.envoy`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
@@ -151,8 +152,24 @@ def _circuit_breakers(config: Message, ctx: Ctx) -> dict[int, CircuitBreakerThre
             ),
             max_requests=uint(t, "max_requests", defaults.max_requests, here),
             max_retries=uint(t, "max_retries", defaults.max_retries, here),
+            **_retry_budget(t, here),
         )
     return result
+
+
+def _retry_budget(thresholds: Message, ctx: Ctx) -> dict[str, Any]:
+    """Envoy's retry budget: 20% of active plus pending requests, at least 3, by default."""
+    if not thresholds.HasField("retry_budget"):
+        return {}
+    budget = thresholds.retry_budget
+    here = ctx.at("retry_budget")
+    percent = float(budget.budget_percent.value) if budget.HasField("budget_percent") else 20.0
+    if not 0.0 <= percent <= 100.0:
+        raise here.at("budget_percent").error("budget_percent must be in [0, 100]")
+    return {
+        "retry_budget": percent / 100.0,
+        "min_retry_concurrency": uint(budget, "min_retry_concurrency", 3, here),
+    }
 
 
 def _load_assignment(

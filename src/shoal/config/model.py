@@ -320,6 +320,10 @@ class CircuitBreakerThresholds:
     max_pending_requests: int = 1024
     max_requests: int = 1024
     max_retries: int = 3
+    # retry_budget (replaces max_retries when set): retries may be this share of the
+    # active and pending requests, but at least min_retry_concurrency
+    retry_budget: float | None = None
+    min_retry_concurrency: int = 3
 
 
 @dataclass(frozen=True, slots=True)

@@ -792,7 +792,7 @@ class Exchange:
             return False
         cluster = self.cluster
         assert cluster is not None
-        if cluster.retries_active >= cluster.config.circuit_breakers.max_retries:
+        if cluster.retries_active >= cluster.retry_limit():
             cluster.stats.upstream_rq_retry_overflow += 1
             self.response_flags = "UO"
             return False

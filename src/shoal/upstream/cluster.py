@@ -275,6 +275,15 @@ class ClusterRuntime:
         else:
             pool.release(conn)
 
+    def retry_limit(self) -> int:
+        """Concurrent retries allowed: max_retries, or with a retry budget a share of the
+        active and pending requests (at least min_retry_concurrency), as Envoy computes."""
+        limits = self.config.circuit_breakers
+        if limits.retry_budget is None:
+            return limits.max_retries
+        budget = int(limits.retry_budget * (self.rq_active + self.rq_pending))
+        return max(limits.min_retry_concurrency, budget)
+
     def waiting_elsewhere(self) -> bool:
         return (
             self.rq_pending > 0 and self.cx_active >= self.config.circuit_breakers.max_connections
