@@ -78,6 +78,19 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " enable_x_ratelimit_headers"
         ),
         "envoy.type.v3.HttpStatus": "code",
+        "envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency": (
+            "gradient_controller_config enabled concurrency_limit_exceeded_status"
+        ),
+        "envoy.extensions.filters.http.adaptive_concurrency.v3.GradientControllerConfig": (
+            "sample_aggregate_percentile concurrency_limit_params min_rtt_calc_params"
+        ),
+        "envoy.extensions.filters.http.adaptive_concurrency.v3.GradientControllerConfig"
+        ".ConcurrencyLimitCalculationParams": "max_concurrency_limit concurrency_update_interval",
+        "envoy.extensions.filters.http.adaptive_concurrency.v3.GradientControllerConfig"
+        ".MinimumRTTCalculationParams": (
+            "interval fixed_value request_count jitter min_concurrency buffer"
+        ),
+        "envoy.config.core.v3.RuntimeFeatureFlag": "default_value runtime_key",
         "envoy.type.v3.TokenBucket": "max_tokens tokens_per_fill fill_interval",
         "envoy.config.core.v3.RuntimeFractionalPercent": "default_value runtime_key",
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": (
@@ -99,7 +112,7 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         "envoy.config.route.v3.Route": (
             "name match route redirect direct_response request_headers_to_add"
             " request_headers_to_remove response_headers_to_add response_headers_to_remove"
-            " typed_per_filter_config"
+            " typed_per_filter_config metadata"
         ),
         "envoy.config.route.v3.RouteMatch": (
             "prefix path safe_regex case_sensitive headers query_parameters"
@@ -149,8 +162,11 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " maglev_lb_config least_request_lb_config load_assignment circuit_breakers"
             " dns_refresh_rate dns_lookup_family per_connection_buffer_limit_bytes"
             " typed_extension_protocol_options max_requests_per_connection common_lb_config"
-            " outlier_detection health_checks"
+            " outlier_detection health_checks metadata"
         ),
+        # metadata changes nothing in Envoy; shoal reads filter_metadata["shoal.circuit_breaker"]
+        # (config/envoy_breaker.py) and ignores every other key
+        "envoy.config.core.v3.Metadata": "filter_metadata",
         "envoy.config.cluster.v3.OutlierDetection": (
             "consecutive_5xx interval base_ejection_time max_ejection_percent"
             " enforcing_consecutive_5xx enforcing_success_rate success_rate_minimum_hosts"
@@ -230,6 +246,13 @@ _WHY_NOT: dict[tuple[str, str], str] = {
     ("envoy.config.listener.v3.FilterChain", "transport_socket"): f"TLS {NOT_YET}",
     ("envoy.config.cluster.v3.Cluster", "transport_socket"): f"TLS {NOT_YET}",
     ("envoy.config.cluster.v3.Cluster", "eds_cluster_config"): "EDS needs xDS",
+    (
+        "envoy.config.core.v3.Metadata",
+        "typed_filter_metadata",
+    ): (
+        "typed_filter_metadata is not supported; shoal reads"
+        ' filter_metadata["shoal.circuit_breaker"]'
+    ),
     (
         "envoy.config.core.v3.HealthCheck",
         "grpc_health_check",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.filters.http.adaptive_concurrency.v3 import adaptive_concurrency_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
@@ -44,6 +45,7 @@ EXTENSIONS: dict[str, type[Message]] = {
         buffer_pb2.Buffer,
         fault_pb2.HTTPFault,
         local_rate_limit_pb2.LocalRateLimit,
+        adaptive_concurrency_pb2.AdaptiveConcurrency,
         file_pb2.FileAccessLog,
         http_protocol_options_pb2.HttpProtocolOptions,
         previous_hosts_pb2.PreviousHostsPredicate,

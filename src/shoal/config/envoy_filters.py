@@ -6,6 +6,7 @@ filter chain and the per-route overrides (``typed_per_filter_config``).
 
 from __future__ import annotations
 
+from envoy.extensions.filters.http.adaptive_concurrency.v3 import adaptive_concurrency_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from google.protobuf.message import Message
@@ -13,6 +14,7 @@ from google.protobuf.message import Message
 from shoal.config.envoy_fields import Ctx, duration, uint, unpack
 from shoal.config.envoy_headers import header_matcher, headers_to_add
 from shoal.config.filters import (
+    AdaptiveConcurrency,
     Fault,
     FaultAbort,
     FaultDelay,
@@ -21,7 +23,11 @@ from shoal.config.filters import (
     TokenBucket,
 )
 
-FILTER_TYPES = (fault_pb2.HTTPFault, local_rate_limit_pb2.LocalRateLimit)
+FILTER_TYPES = (
+    fault_pb2.HTTPFault,
+    local_rate_limit_pb2.LocalRateLimit,
+    adaptive_concurrency_pb2.AdaptiveConcurrency,
+)
 _DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}  # FractionalPercent.DenominatorType
 
 
@@ -29,6 +35,8 @@ def filter_config(message: Message, ctx: Ctx) -> FilterConfig:
     """An unpacked fault or local_ratelimit message as Shoal's config."""
     if isinstance(message, fault_pb2.HTTPFault):
         return _fault(message, ctx)
+    if isinstance(message, adaptive_concurrency_pb2.AdaptiveConcurrency):
+        return _adaptive_concurrency(message, ctx)
     assert isinstance(message, local_rate_limit_pb2.LocalRateLimit)
     return _local_rate_limit(message, ctx)
 
@@ -138,3 +146,48 @@ def _runtime_fraction(owner: Message, name: str, ctx: Ctx) -> float:
     if not owner.HasField(name):
         return 0.0
     return _fraction(getattr(owner, name).default_value, ctx.at(name, "default_value"))
+
+
+def _adaptive_concurrency(config: Message, ctx: Ctx) -> AdaptiveConcurrency:
+    """The gradient controller (the only one Envoy has), with Envoy's defaults."""
+    if not config.HasField("gradient_controller_config"):
+        raise ctx.at("gradient_controller_config").error("gradient_controller_config is required")
+    here = ctx.at("gradient_controller_config")
+    gradient = config.gradient_controller_config
+    limits = gradient.concurrency_limit_params
+    limits_ctx = here.at("concurrency_limit_params")
+    interval = duration(limits, "concurrency_update_interval", limits_ctx)
+    if not interval:
+        raise limits_ctx.at("concurrency_update_interval").error(
+            "concurrency_update_interval is required and must be greater than 0"
+        )
+    rtt = gradient.min_rtt_calc_params
+    rtt_ctx = here.at("min_rtt_calc_params")
+    status = 503
+    if config.HasField("concurrency_limit_exceeded_status"):
+        status = int(config.concurrency_limit_exceeded_status.code)
+        if status < 400:
+            status = 503  # Envoy: a non-error status means the default
+    return AdaptiveConcurrency(
+        update_interval=interval,
+        percentile=_percent(gradient, "sample_aggregate_percentile", 50.0, here) / 100.0,
+        max_limit=uint(limits, "max_concurrency_limit", 1000, limits_ctx, lo=1),
+        min_rtt_interval=duration(rtt, "interval", rtt_ctx) or 60.0,
+        min_rtt_fixed=duration(rtt, "fixed_value", rtt_ctx),
+        min_rtt_requests=uint(rtt, "request_count", 50, rtt_ctx, lo=1),
+        jitter=_percent(rtt, "jitter", 15.0, rtt_ctx) / 100.0,
+        min_concurrency=uint(rtt, "min_concurrency", 3, rtt_ctx, lo=1),
+        buffer=_percent(rtt, "buffer", 25.0, rtt_ctx) / 100.0,
+        enabled=bool(config.enabled.default_value.value) if config.HasField("enabled") else True,
+        status=status,
+    )
+
+
+def _percent(owner: Message, name: str, default: float, ctx: Ctx) -> float:
+    """An ``envoy.type.v3.Percent`` field (0..100), ``default`` when unset."""
+    if not owner.HasField(name):
+        return default
+    value = float(getattr(owner, name).value)
+    if not 0.0 <= value <= 100.0:
+        raise ctx.at(name, "value").error("must be in [0, 100]")
+    return value

@@ -58,7 +58,25 @@ class LocalRateLimit:
     per_connection: bool = False
 
 
-FilterConfig = Fault | LocalRateLimit
+@dataclass(frozen=True, slots=True)
+class AdaptiveConcurrency:
+    """``envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency`` with
+    its gradient controller (Envoy's defaults)."""
+
+    update_interval: Seconds
+    percentile: float = 0.5
+    max_limit: int = 1000
+    min_rtt_interval: Seconds = 60.0
+    min_rtt_fixed: Seconds | None = None
+    min_rtt_requests: int = 50
+    jitter: float = 0.15
+    min_concurrency: int = 3
+    buffer: float = 0.25
+    enabled: bool = True
+    status: int = 503
+
+
+FilterConfig = Fault | LocalRateLimit | AdaptiveConcurrency
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ Filters run only when configured, so a chain costs nothing on the default path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +45,9 @@ class FilteredRequest(Protocol):
     @property
     def connection_key(self) -> int: ...
     def per_filter(self, name: str) -> FilterConfig | None: ...
+    def on_finish(self, callback: Callable[[float, bool], None]) -> None:
+        """Call ``callback(latency_seconds, ok)`` when the request ends (ok: no 5xx, no
+        reset, no timeout)."""
 
 
 class HttpFilter(Protocol):
@@ -56,3 +60,4 @@ class HttpFilter(Protocol):
     def on_request(self, request: FilteredRequest, now: float) -> Outcome: ...
     def delay_done(self) -> None: ...
     def counters(self) -> dict[str, int]: ...
+    def gauges(self) -> dict[str, int]: ...

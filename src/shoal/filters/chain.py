@@ -3,8 +3,9 @@ when a filter's config did not change."""
 
 from __future__ import annotations
 
-from shoal.config.filters import Fault, LocalRateLimit
+from shoal.config.filters import AdaptiveConcurrency, Fault, LocalRateLimit
 from shoal.config.filters import HttpFilter as HttpFilterConfig
+from shoal.filters.adaptive_concurrency import AdaptiveConcurrencyFilter
 from shoal.filters.base import HttpFilter
 from shoal.filters.fault import FaultFilter
 from shoal.filters.local_ratelimit import LocalRateLimitFilter
@@ -14,6 +15,8 @@ def stat_prefix(manager_prefix: str, config: HttpFilterConfig) -> str:
     """Envoy's stat names: ``http.<prefix>.fault.*``, ``<stat>.http_local_rate_limit.*``."""
     if isinstance(config.config, Fault):
         return f"http.{manager_prefix}.fault."
+    if isinstance(config.config, AdaptiveConcurrency):
+        return f"http.{manager_prefix}.adaptive_concurrency.gradient_controller."
     return f"{config.config.stat_prefix}.http_local_rate_limit."
 
 
@@ -44,5 +47,7 @@ def build_filters(
 def _new(config: HttpFilterConfig) -> HttpFilter:
     if isinstance(config.config, Fault):
         return FaultFilter(config.name, config.config)
+    if isinstance(config.config, AdaptiveConcurrency):
+        return AdaptiveConcurrencyFilter(config.name, config.config)
     assert isinstance(config.config, LocalRateLimit)
     return LocalRateLimitFilter(config.name, config.config)

@@ -57,7 +57,10 @@ class FaultFilter:
         self.active -= 1
 
     def counters(self) -> dict[str, int]:
-        return {**self.stats, "active_faults": self.active}
+        return dict(self.stats)
+
+    def gauges(self) -> dict[str, int]:
+        return {"active_faults": self.active}
 
     def _chosen(self, fraction: float, request: FilteredRequest, header: bytes) -> bool:
         percent = _number(header_value(request.request_headers, header))

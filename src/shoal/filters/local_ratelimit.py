@@ -79,5 +79,8 @@ class LocalRateLimitFilter:
     def counters(self) -> dict[str, int]:
         return dict(self.stats)
 
+    def gauges(self) -> dict[str, int]:
+        return {}
+
     def _share(self, fraction: float) -> bool:
         return fraction >= 1.0 or (fraction > 0 and self.rng.random() < fraction)

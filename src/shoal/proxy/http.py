@@ -17,6 +17,7 @@ import random
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qsl
@@ -162,6 +163,7 @@ class Exchange:
         "_held",
         "_idle_bytes",
         "_idle_mark_at",
+        "_on_finish",
         "_per_try_timer",
         "_resent",
         "_retry_held",
@@ -257,6 +259,7 @@ class Exchange:
         self._per_try_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
         self._held: asyncio.TimerHandle | None = None  # a filter's delay
+        self._on_finish: list[Callable[[float, bool], None]] = []  # filters watching the end
         self._resent = False  # re-sent once after a stale keep-alive connection failed
         self._retry_held = False  # holds a max_retries slot until the retry's outcome
 
@@ -400,6 +403,9 @@ class Exchange:
 
     def per_filter(self, name: str) -> FilterConfig | None:
         return self.compiled.per_filter.get(name) if self.compiled is not None else None
+
+    def on_finish(self, callback: Callable[[float, bool], None]) -> None:
+        self._on_finish.append(callback)
 
     def _dispatch(self, compiled: CompiledRoute) -> None:
         """The router: local answers, or the cluster, breakers and the first try."""
@@ -1194,6 +1200,10 @@ class Exchange:
             if status:
                 codes = cluster.stats.codes
                 codes[status] = codes.get(status, 0) + 1
+        if self._on_finish:
+            ok = 0 < status < 500 and self.response_flags == "-"
+            for callback in self._on_finish:
+                callback(self.duration, ok)
         for access_log in ctx.access_logs:
             access_log(self)
         connection.exchange_done(self)

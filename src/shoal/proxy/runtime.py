@@ -27,6 +27,7 @@ from shoal.proxy.listeners import (
     TcpListenerContext,
 )
 from shoal.proxy.tcp import TCP_COUNTERS, TcpSession, TcpStats
+from shoal.upstream.breaker import ROUTE_BREAKERS
 from shoal.upstream.cluster import CLUSTER_COUNTERS, ClusterRuntime, ClusterStats
 
 log = logging.getLogger("shoal.proxy")
@@ -242,6 +243,16 @@ class ProxyRuntime:
                     counters[f"{prefix}health_check.{counter}"] = value
                 gauges[prefix + "health_check.healthy"] = health.healthy_count()
                 gauges[prefix + "health_check.degraded"] = 0
+            breaker = cluster.breaker
+            if breaker is not None:
+                for counter, value in breaker.counters.items():
+                    counters[f"{prefix}circuit_breaker.{counter}"] = value
+                gauges[prefix + "circuit_breaker.state"] = breaker.state_code
+        for route_name, breaker in ROUTE_BREAKERS.breakers.items():
+            prefix = f"route.{route_name}.circuit_breaker."
+            for counter, value in breaker.counters.items():
+                counters[prefix + counter] = value
+            gauges[prefix + "state"] = breaker.state_code
         for prefix_name, http in self.http_stats.items():
             prefix = f"http.{prefix_name}."
             for counter in HTTP_COUNTERS:
@@ -254,10 +265,9 @@ class ProxyRuntime:
             histograms[prefix + "downstream_rq_time"] = http.downstream_rq_time
         for prefix, instance in self.filters.items():
             for name, value in instance.counters().items():
-                if name.startswith("active"):
-                    gauges[prefix + name] = value
-                else:
-                    counters[prefix + name] = value
+                counters[prefix + name] = value
+            for name, value in instance.gauges().items():
+                gauges[prefix + name] = value
         for prefix_name, tcp in self.tcp_stats.items():
             for counter in TCP_COUNTERS:
                 counters[f"tcp.{prefix_name}.{counter}"] = getattr(tcp, counter)
