@@ -31,6 +31,7 @@ HOT_MODULES = [
     "shoal/upstream/lb.py",
     "shoal/upstream/host.py",
     "shoal/upstream/outlier.py",
+    "shoal/upstream/breaker.py",
     "shoal/observe/stats.py",
 ]
 STAMP = SRC / "shoal" / ".compiled"

@@ -980,10 +980,10 @@ ERRORS = {
         f"{FILTER}.codec_type",
         "HTTP2 is not supported yet",
     ),
-    "HTTP/2 upstream": (
+    "route to an HTTP/2 upstream": (
         with_options(explicit_http_config={"http2_protocol_options": {}}),
-        f"{OPTIONS}.explicit_http_config.http2_protocol_options",
-        "HTTP/2 upstreams not yet supported",
+        LISTENER,
+        "proxying to HTTP/2 upstreams is not supported yet",
     ),
     "file data source": (
         with_log(log_format={"text_format_source": {"filename": "/etc/format"}}),

@@ -385,3 +385,18 @@ def test_tcp_check_sends_and_expects(receive: tuple[bytes, ...]) -> None:
         await target.stop()
 
     run(scenario)
+
+
+def test_closing_during_the_first_round_does_not_hang_start() -> None:
+    async def scenario() -> None:
+        hanging = Target("hang")
+        await hanging.start()
+        checker = HealthChecker(http_check(timeout=30), FakeCluster(hanging.port), "web")
+        starting = asyncio.create_task(checker.start())
+        await asyncio.sleep(0.1)
+        assert not starting.done()
+        checker.close()
+        await asyncio.wait_for(starting, 2)
+        await hanging.stop()
+
+    run(scenario)

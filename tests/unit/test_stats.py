@@ -220,6 +220,11 @@ def test_render_text() -> None:
         ("server.hot-restart.epoch:1", "envoy_server_hot_restart_epoch_1", ""),
         ('cluster.we"i\\rd.upstream_cx_total', "envoy_cluster_upstream_cx_total",
          'envoy_cluster_name="we\\"i\\\\rd"'),
+        # Shoal's error-rate breakers
+        ("cluster.web.circuit_breaker.opened", "envoy_cluster_circuit_breaker_opened",
+         'envoy_cluster_name="web"'),
+        ("route.shop.v1.circuit_breaker.state", "envoy_route_circuit_breaker_state",
+         'envoy_route="shop.v1"'),
     ],
 )  # fmt: skip
 def test_prometheus_names_and_tags(stat: str, metric: str, labels: str) -> None:

@@ -22,6 +22,7 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from shoal.config.envoy_breaker import check_cluster_fallbacks
 from shoal.config.envoy_check import check
 from shoal.config.envoy_clusters import build_cluster
 from shoal.config.envoy_fields import Ctx, socket_address, unique
@@ -31,6 +32,7 @@ from shoal.config.model import (
     Admin,
     Bootstrap,
     Cluster,
+    HttpConnectionManager,
     Listener,
     Node,
     RouteConfiguration,
@@ -136,6 +138,7 @@ def _bootstrap(proto: Message, ctx: Ctx) -> Bootstrap:
         build_cluster(c, clusters_ctx.at(i)) for i, c in enumerate(proto.static_resources.clusters)
     )
     unique((c.name for c in clusters), clusters_ctx, "name", "cluster name")
+    check_cluster_fallbacks(clusters, clusters_ctx)
     listeners_ctx = replace(
         static_ctx.at("listeners"), clusters=frozenset(c.name for c in clusters)
     )
@@ -144,6 +147,7 @@ def _bootstrap(proto: Message, ctx: Ctx) -> Bootstrap:
         for i, item in enumerate(proto.static_resources.listeners)
     )
     unique((item.name for item in listeners), listeners_ctx, "name", "listener name")
+    _check_http2_targets(listeners, clusters, listeners_ctx)
     unique(
         (str(item.address) if item.address.port else "" for item in listeners),
         listeners_ctx,
@@ -162,6 +166,34 @@ def _bootstrap(proto: Message, ctx: Ctx) -> Bootstrap:
         ),
         source=ctx.source,
     )
+
+
+def _check_http2_targets(
+    listeners: tuple[Listener, ...], clusters: tuple[Cluster, ...], ctx: Ctx
+) -> None:
+    """Routes proxy over HTTP/1.1 only, so a route to an HTTP/2 cluster is an error (the
+    rate limit filter's gRPC cluster is fine)."""
+    http2 = {c.name for c in clusters if c.http2}
+    if not http2:
+        return
+    for index, listener in enumerate(listeners):
+        manager = listener.filter
+        if not isinstance(manager, HttpConnectionManager):
+            continue
+        for vhost in manager.route_config.virtual_hosts:
+            for route in vhost.routes:
+                action = route.action
+                names = (
+                    {action.cluster, *(w.name for w in action.weighted_clusters)}
+                    if action
+                    else set()
+                )
+                for name in sorted(names & http2):
+                    raise ctx.at(index).error(
+                        f"route {route.name or route.match.value!r} in virtual host "
+                        f"{vhost.name!r} targets cluster {name!r}, which has "
+                        "http2_protocol_options: proxying to HTTP/2 upstreams is not supported yet"
+                    )
 
 
 def _admin(admin: Message, ctx: Ctx) -> Admin | None:

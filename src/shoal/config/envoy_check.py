@@ -91,6 +91,24 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             "interval fixed_value request_count jitter min_concurrency buffer"
         ),
         "envoy.config.core.v3.RuntimeFeatureFlag": "default_value runtime_key",
+        "envoy.extensions.filters.http.ratelimit.v3.RateLimit": (
+            "domain timeout failure_mode_deny rate_limit_service status_on_error"
+            " rate_limited_status disable_x_envoy_ratelimited_header rate_limits"
+        ),
+        "envoy.config.ratelimit.v3.RateLimitServiceConfig": "grpc_service transport_api_version",
+        "envoy.config.core.v3.GrpcService": "envoy_grpc timeout",
+        "envoy.config.core.v3.GrpcService.EnvoyGrpc": "cluster_name",
+        "envoy.config.route.v3.RateLimit": "actions",
+        "envoy.config.route.v3.RateLimit.Action": (
+            "generic_key request_headers remote_address destination_cluster header_value_match"
+        ),
+        "envoy.config.route.v3.RateLimit.Action.GenericKey": "descriptor_value descriptor_key",
+        "envoy.config.route.v3.RateLimit.Action.RequestHeaders": (
+            "header_name descriptor_key skip_if_absent"
+        ),
+        "envoy.config.route.v3.RateLimit.Action.HeaderValueMatch": (
+            "descriptor_key descriptor_value expect_match headers"
+        ),
         "envoy.type.v3.TokenBucket": "max_tokens tokens_per_fill fill_interval",
         "envoy.config.core.v3.RuntimeFractionalPercent": "default_value runtime_key",
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": (
@@ -215,7 +233,7 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             "common_http_protocol_options explicit_http_config"
         ),
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig": (
-            "http_protocol_options"
+            "http_protocol_options http2_protocol_options"
         ),
     }.items()
 }
@@ -265,10 +283,6 @@ _WHY_NOT: dict[tuple[str, str], str] = {
         "envoy.config.cluster.v3.OutlierDetection",
         "monitors",
     ): f"outlier detection monitor extensions are {NOT_YET}",
-    (
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
-        "http2_protocol_options",
-    ): "HTTP/2 upstreams not yet supported",
 }
 
 

@@ -14,6 +14,7 @@ from envoy.config.core.v3.base_pb2 import RequestMethod
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.message import Message
 
+from shoal.config.envoy_breaker import breaker_policy
 from shoal.config.envoy_fields import (
     Ctx,
     choice,
@@ -97,7 +98,7 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
     endpoints, overprovisioning = _load_assignment(
         proto.load_assignment, ctx.at("load_assignment"), discovery
     )
-    idle_timeout, max_requests = _upstream_http_options(proto, ctx)
+    idle_timeout, max_requests, http2 = _upstream_http_options(proto, ctx)
     return Cluster(
         name=name,
         type=discovery,
@@ -122,6 +123,7 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
             proto, "per_connection_buffer_limit_bytes", 1024 * 1024, ctx
         ),
         idle_timeout=idle_timeout,
+        http2=http2,
         max_requests_per_connection=max_requests,
         overprovisioning_factor=overprovisioning,
         outlier_detection=(
@@ -130,6 +132,7 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
             else None
         ),
         health_checks=_health_checks(proto, ctx),
+        breaker=breaker_policy(proto, ctx),
     )
 
 
@@ -213,10 +216,12 @@ def _load_assignment(
     return tuple(endpoints), overprovisioning
 
 
-def _upstream_http_options(proto: Message, ctx: Ctx) -> tuple[Seconds | None, int | None]:
-    """Upstream connection idle timeout and max requests per connection, from the typed
-    HttpProtocolOptions (HTTP/1.1 only) or the deprecated cluster field."""
+def _upstream_http_options(proto: Message, ctx: Ctx) -> tuple[Seconds | None, int | None, bool]:
+    """Upstream connection idle timeout, max requests per connection (from the typed
+    HttpProtocolOptions or the deprecated cluster field) and whether the cluster speaks
+    HTTP/2 (only gRPC services such as the rate limit service may use that yet)."""
     idle_timeout: Seconds | None = 3600.0
+    http2 = False
     max_requests = uint(proto, "max_requests_per_connection", 0, ctx) or None
     for key, packed in proto.typed_extension_protocol_options.items():
         here = ctx.at(f"typed_extension_protocol_options[{key}]")
@@ -227,6 +232,7 @@ def _upstream_http_options(proto: Message, ctx: Ctx) -> tuple[Seconds | None, in
             raise here.at("explicit_http_config").error(
                 "explicit_http_config is required (http_protocol_options for HTTP/1.1)"
             )
+        http2 = options.explicit_http_config.HasField("http2_protocol_options")
         common = options.common_http_protocol_options
         common_ctx = here.at("common_http_protocol_options")
         idle_timeout = timeout(common, "idle_timeout", 3600.0, common_ctx)
@@ -236,7 +242,7 @@ def _upstream_http_options(proto: Message, ctx: Ctx) -> tuple[Seconds | None, in
                     "also set by the deprecated cluster-level max_requests_per_connection"
                 )
             max_requests = uint(common, "max_requests_per_connection", 0, common_ctx) or None
-    return idle_timeout, max_requests
+    return idle_timeout, max_requests, http2
 
 
 def _outlier_detection(config: Message, ctx: Ctx) -> OutlierDetection:

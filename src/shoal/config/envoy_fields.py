@@ -17,6 +17,7 @@ from envoy.extensions.filters.http.adaptive_concurrency.v3 import adaptive_concu
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -46,6 +47,7 @@ EXTENSIONS: dict[str, type[Message]] = {
         fault_pb2.HTTPFault,
         local_rate_limit_pb2.LocalRateLimit,
         adaptive_concurrency_pb2.AdaptiveConcurrency,
+        rate_limit_pb2.RateLimit,
         file_pb2.FileAccessLog,
         http_protocol_options_pb2.HttpProtocolOptions,
         previous_hosts_pb2.PreviousHostsPredicate,

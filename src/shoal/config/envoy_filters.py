@@ -9,9 +9,10 @@ from __future__ import annotations
 from envoy.extensions.filters.http.adaptive_concurrency.v3 import adaptive_concurrency_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from google.protobuf.message import Message
 
-from shoal.config.envoy_fields import Ctx, duration, uint, unpack
+from shoal.config.envoy_fields import Ctx, cluster_ref, duration, required, uint, unpack
 from shoal.config.envoy_headers import header_matcher, headers_to_add
 from shoal.config.filters import (
     AdaptiveConcurrency,
@@ -19,7 +20,9 @@ from shoal.config.filters import (
     FaultAbort,
     FaultDelay,
     FilterConfig,
+    GlobalRateLimit,
     LocalRateLimit,
+    RateLimitAction,
     TokenBucket,
 )
 
@@ -27,6 +30,7 @@ FILTER_TYPES = (
     fault_pb2.HTTPFault,
     local_rate_limit_pb2.LocalRateLimit,
     adaptive_concurrency_pb2.AdaptiveConcurrency,
+    rate_limit_pb2.RateLimit,
 )
 _DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}  # FractionalPercent.DenominatorType
 
@@ -37,6 +41,8 @@ def filter_config(message: Message, ctx: Ctx) -> FilterConfig:
         return _fault(message, ctx)
     if isinstance(message, adaptive_concurrency_pb2.AdaptiveConcurrency):
         return _adaptive_concurrency(message, ctx)
+    if isinstance(message, rate_limit_pb2.RateLimit):
+        return _global_rate_limit(message, ctx)
     assert isinstance(message, local_rate_limit_pb2.LocalRateLimit)
     return _local_rate_limit(message, ctx)
 
@@ -191,3 +197,76 @@ def _percent(owner: Message, name: str, default: float, ctx: Ctx) -> float:
     if not 0.0 <= value <= 100.0:
         raise ctx.at(name, "value").error("must be in [0, 100]")
     return value
+
+
+def _global_rate_limit(config: Message, ctx: Ctx) -> GlobalRateLimit:
+    """The rate limit filter with filter-level ``rate_limits`` (route-level ``rate_limits``
+    are not supported yet: every request through the filter is checked)."""
+    domain = required(str(config.domain), ctx.at("domain"), "domain")
+    service = config.rate_limit_service
+    service_ctx = ctx.at("rate_limit_service")
+    if not service.grpc_service.HasField("envoy_grpc"):
+        raise service_ctx.at("grpc_service").error("grpc_service.envoy_grpc is required")
+    cluster = cluster_ref(
+        str(service.grpc_service.envoy_grpc.cluster_name),
+        service_ctx.at("grpc_service", "envoy_grpc", "cluster_name"),
+    )
+    if int(service.transport_api_version) != 2:  # V3
+        raise service_ctx.at("transport_api_version").error("transport_api_version must be V3")
+    limits_ctx = ctx.at("rate_limits")
+    descriptors = tuple(
+        _descriptor(limit, limits_ctx.at(index)) for index, limit in enumerate(config.rate_limits)
+    )
+    if not descriptors:
+        raise limits_ctx.error("at least one rate limit (filter-level rate_limits) is required")
+    status = int(config.status_on_error.code) if config.HasField("status_on_error") else 500
+    limited = (
+        int(config.rate_limited_status.code) if config.HasField("rate_limited_status") else 429
+    )
+    return GlobalRateLimit(
+        domain=domain,
+        cluster=cluster,
+        descriptors=descriptors,
+        timeout=duration(config, "timeout", ctx) or 0.02,
+        failure_mode_deny=bool(config.failure_mode_deny),
+        status_on_error=status if status >= 400 else 500,
+        rate_limited_status=limited if limited >= 400 else 429,
+        x_envoy_ratelimited_header=not config.disable_x_envoy_ratelimited_header,
+    )
+
+
+def _descriptor(limit: Message, ctx: Ctx) -> tuple[RateLimitAction, ...]:
+    actions_ctx = ctx.at("actions")
+    if not limit.actions:
+        raise actions_ctx.error("at least one action is required")
+    return tuple(_action(a, actions_ctx.at(i)) for i, a in enumerate(limit.actions))
+
+
+def _action(action: Message, ctx: Ctx) -> RateLimitAction:
+    kind = str(action.WhichOneof("action_specifier"))
+    here = ctx.at(kind)
+    if kind == "generic_key":
+        spec = action.generic_key
+        value = required(str(spec.descriptor_value), here.at("descriptor_value"), "value")
+        return RateLimitAction(kind, str(spec.descriptor_key) or "generic_key", value)
+    if kind == "request_headers":
+        spec = action.request_headers
+        return RateLimitAction(
+            kind,
+            required(str(spec.descriptor_key), here.at("descriptor_key"), "descriptor_key"),
+            header=required(str(spec.header_name).lower(), here.at("header_name"), "header_name"),
+            skip_if_absent=bool(spec.skip_if_absent),
+        )
+    if kind in ("remote_address", "destination_cluster"):
+        return RateLimitAction(kind, kind)
+    if kind == "header_value_match":
+        spec = action.header_value_match
+        headers_ctx = here.at("headers")
+        return RateLimitAction(
+            kind,
+            str(spec.descriptor_key) or "header_match",
+            required(str(spec.descriptor_value), here.at("descriptor_value"), "descriptor_value"),
+            headers=tuple(header_matcher(h, headers_ctx.at(i)) for i, h in enumerate(spec.headers)),
+            expect_match=spec.expect_match.value if spec.HasField("expect_match") else True,
+        )
+    raise ctx.error(f"rate limit action {kind} is not supported yet")

@@ -76,7 +76,37 @@ class AdaptiveConcurrency:
     status: int = 503
 
 
-FilterConfig = Fault | LocalRateLimit | AdaptiveConcurrency
+@dataclass(frozen=True, slots=True)
+class RateLimitAction:
+    """One descriptor entry source (Envoy's RateLimit.Action): ``generic_key``,
+    ``request_headers``, ``remote_address``, ``destination_cluster`` or
+    ``header_value_match``."""
+
+    kind: str
+    key: str = ""
+    value: str = ""
+    header: str = ""  # lower-cased, for request_headers
+    skip_if_absent: bool = False
+    headers: tuple[HeaderMatcher, ...] = ()  # for header_value_match
+    expect_match: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalRateLimit:
+    """``envoy.extensions.filters.http.ratelimit.v3.RateLimit`` with filter-level
+    ``rate_limits``: each entry makes one descriptor from its actions."""
+
+    domain: str
+    cluster: str  # the rate limit service's cluster (gRPC)
+    descriptors: tuple[tuple[RateLimitAction, ...], ...] = ()
+    timeout: Seconds = 0.02
+    failure_mode_deny: bool = False
+    status_on_error: int = 500
+    rate_limited_status: int = 429
+    x_envoy_ratelimited_header: bool = True
+
+
+FilterConfig = Fault | LocalRateLimit | AdaptiveConcurrency | GlobalRateLimit
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,16 @@ class HeaderMatcher:
     invert: bool = False
     present: bool = True  # for present_match: false means "must be absent"
 
+    def test(self, value: str | None) -> bool:
+        """Whether a header with ``value`` (None: absent) matches, as Envoy decides."""
+        if self.match.kind == "present":
+            result = (value is not None) == self.present
+        elif value is None:
+            return False  # a missing header fails a value match, inverted or not
+        else:
+            result = self.match.matches(value)
+        return result != self.invert
+
 
 @dataclass(frozen=True, slots=True)
 class QueryParameterMatcher:
@@ -187,6 +197,45 @@ class Redirect:
     strip_query: bool = False
 
 
+# --- error-rate circuit breaker (Shoal's own: metadata "shoal.circuit_breaker") --------------
+
+BreakerWindow = Literal["count", "time"]
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerLocalReply:
+    """The answer to a request the breaker refuses; header names lower-cased."""
+
+    status: int = 503
+    body: bytes = b"circuit breaker open"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerPolicy:
+    """An error-rate / slow-call breaker (``shoal.upstream.breaker``), from a cluster's or a
+    route's ``metadata.filter_metadata["shoal.circuit_breaker"]``.
+
+    The window is the last ``window_size`` requests (``"count"``) or the last
+    ``window_duration`` in ``window_buckets`` buckets (``"time"``). Slow calls count only
+    when ``slow_call_duration`` is set and ``slow_call_ratio`` is below 1. While open, a
+    request gets ``local_reply``, or goes to ``fallback_cluster`` when that is set.
+    """
+
+    window: BreakerWindow = "count"
+    window_size: int = 100
+    window_duration: Seconds = 10.0
+    window_buckets: int = 10
+    minimum_requests: int = 20
+    error_ratio: float = 0.5
+    slow_call_duration: Seconds | None = None
+    slow_call_ratio: float = 1.0
+    open_duration: Seconds = 5.0
+    half_open_trials: int = 3
+    local_reply: BreakerLocalReply = BreakerLocalReply()
+    fallback_cluster: str = ""  # "": answer with local_reply
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """Exactly one of ``action``, ``direct_response`` and ``redirect`` is set."""
@@ -199,6 +248,7 @@ class Route:
     headers: HeaderMutations = HeaderMutations()
     # typed_per_filter_config: filter name → that filter's per-route config
     per_filter: tuple[tuple[str, FilterConfig], ...] = ()
+    breaker: CircuitBreakerPolicy | None = None  # route-level error-rate breaker
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,9 +491,11 @@ class Cluster:
     per_connection_buffer_limit_bytes: int = 1024 * 1024
     idle_timeout: Seconds | None = 3600.0  # upstream connection idle timeout
     max_requests_per_connection: int | None = None
+    http2: bool = False  # explicit http2_protocol_options: for gRPC services, not for routes
     overprovisioning_factor: int = 140  # percent, as Envoy's default
     outlier_detection: OutlierDetection | None = None
     health_checks: tuple[HealthCheck, ...] = ()
+    breaker: CircuitBreakerPolicy | None = None  # cluster-level error-rate breaker
 
 
 # --- bootstrap ---------------------------------------------------------------------------------

@@ -32,7 +32,14 @@ class Delay:
     done: list[HttpFilter] = field(default_factory=list)  # filters to tell when it ends
 
 
-Outcome = LocalReply | Delay | None
+@dataclass(slots=True)
+class Wait:
+    """Hold the request until ``start``'s callback brings the outcome (None: continue)."""
+
+    start: Callable[[Callable[[LocalReply | None], None]], None]
+
+
+Outcome = LocalReply | Delay | Wait | None
 
 
 class FilteredRequest(Protocol):
@@ -44,6 +51,8 @@ class FilteredRequest(Protocol):
     def route_cluster(self) -> str: ...
     @property
     def connection_key(self) -> int: ...
+    @property
+    def remote_ip(self) -> str: ...
     def per_filter(self, name: str) -> FilterConfig | None: ...
     def on_finish(self, callback: Callable[[float, bool], None]) -> None:
         """Call ``callback(latency_seconds, ok)`` when the request ends (ok: no 5xx, no

@@ -3,12 +3,13 @@ when a filter's config did not change."""
 
 from __future__ import annotations
 
-from shoal.config.filters import AdaptiveConcurrency, Fault, LocalRateLimit
+from shoal.config.filters import AdaptiveConcurrency, Fault, GlobalRateLimit, LocalRateLimit
 from shoal.config.filters import HttpFilter as HttpFilterConfig
 from shoal.filters.adaptive_concurrency import AdaptiveConcurrencyFilter
 from shoal.filters.base import HttpFilter
 from shoal.filters.fault import FaultFilter
 from shoal.filters.local_ratelimit import LocalRateLimitFilter
+from shoal.filters.ratelimit import GlobalRateLimitFilter, Resolve
 
 
 def stat_prefix(manager_prefix: str, config: HttpFilterConfig) -> str:
@@ -17,6 +18,8 @@ def stat_prefix(manager_prefix: str, config: HttpFilterConfig) -> str:
         return f"http.{manager_prefix}.fault."
     if isinstance(config.config, AdaptiveConcurrency):
         return f"http.{manager_prefix}.adaptive_concurrency.gradient_controller."
+    if isinstance(config.config, GlobalRateLimit):
+        return f"cluster.{config.config.cluster}.ratelimit."
     return f"{config.config.stat_prefix}.http_local_rate_limit."
 
 
@@ -24,6 +27,7 @@ def build_filters(
     manager_prefix: str,
     configs: tuple[HttpFilterConfig, ...],
     existing: dict[str, HttpFilter],
+    resolve: Resolve,
 ) -> tuple[tuple[HttpFilter, ...], dict[str, HttpFilter]]:
     """The chain for one connection manager, and the instances by stat prefix (so the
     next reload and the stats scrape find them)."""
@@ -35,7 +39,7 @@ def build_filters(
         if current is not None and current.config == config.config:
             instance = current
         else:
-            instance = _new(config)
+            instance = _new(config, resolve)
             if current is not None:  # counters are cumulative, as Envoy's
                 for key, value in current.stats.items():
                     instance.stats[key] = instance.stats.get(key, 0) + value
@@ -44,10 +48,12 @@ def build_filters(
     return tuple(chain), by_prefix
 
 
-def _new(config: HttpFilterConfig) -> HttpFilter:
+def _new(config: HttpFilterConfig, resolve: Resolve) -> HttpFilter:
     if isinstance(config.config, Fault):
         return FaultFilter(config.name, config.config)
     if isinstance(config.config, AdaptiveConcurrency):
         return AdaptiveConcurrencyFilter(config.name, config.config)
+    if isinstance(config.config, GlobalRateLimit):
+        return GlobalRateLimitFilter(config.name, config.config, resolve)
     assert isinstance(config.config, LocalRateLimit)
     return LocalRateLimitFilter(config.name, config.config)

@@ -30,13 +30,7 @@ class FaultFilter:
         if config.upstream_cluster and config.upstream_cluster != request.route_cluster:
             return None
         for matcher in config.headers:
-            value = header_value(headers, matcher.name.encode("latin-1"))
-            present = value is not None
-            if matcher.match.kind == "present":
-                matched = present == matcher.present
-            else:
-                matched = present and matcher.match.matches(value or "")
-            if matched == matcher.invert:
+            if not matcher.test(header_value(headers, matcher.name.encode("latin-1"))):
                 return None
         delay = self._delay(config.delay, request)
         abort = self._abort(config.abort, request)

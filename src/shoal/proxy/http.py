@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
+from functools import partial
 from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qsl
 
@@ -42,13 +43,14 @@ from shoal.codec.http1 import (
 from shoal.config.filters import FilterConfig
 from shoal.config.model import HashPolicy, Redirect, RetryPolicy, RouteAction
 from shoal.errors import RemoteProtocolError
-from shoal.filters.base import Delay, HttpFilter, LocalReply
+from shoal.filters.base import Delay, HttpFilter, LocalReply, Wait
 from shoal.proxy.routes import CompiledRoute, HeaderPlan, split_lines
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
 from shoal.upstream.lb import hash_key_of
 
 if TYPE_CHECKING:
     from shoal.proxy.listeners import HttpListenerContext
+    from shoal.upstream.breaker import ErrorRateBreaker
     from shoal.upstream.cluster import ClusterRuntime
     from shoal.upstream.host import Host
 
@@ -159,6 +161,7 @@ class Exchange:
     """One request and its response; the unit of routing, retry, timeout and logging."""
 
     __slots__ = (
+        "_breakers",
         "_chunked_response",
         "_held",
         "_idle_bytes",
@@ -260,6 +263,7 @@ class Exchange:
         self._retry_timer: asyncio.TimerHandle | None = None
         self._held: asyncio.TimerHandle | None = None  # a filter's delay
         self._on_finish: list[Callable[[float, bool], None]] = []  # filters watching the end
+        self._breakers: list[ErrorRateBreaker] = []  # breakers that let this request through
         self._resent = False  # re-sent once after a stale keep-alive connection failed
         self._retry_held = False  # holds a max_retries slot until the retry's outcome
 
@@ -360,6 +364,8 @@ class Exchange:
                 continue
             if isinstance(outcome, LocalReply):
                 self._filter_reply(outcome)
+            elif isinstance(outcome, Wait):
+                outcome.start(partial(self._after_wait, rest=filters[index + 1 :]))
             else:
                 self._held = self.connection.loop.call_later(
                     outcome.seconds, self._after_delay, outcome, filters[index + 1 :]
@@ -379,6 +385,21 @@ class Exchange:
         elif not (rest and self._run_filters(rest)):
             assert self.compiled is not None
             self._dispatch(self.compiled)
+
+    def _after_wait(self, result: LocalReply | None, rest: tuple[HttpFilter, ...]) -> None:
+        """A filter that asked someone (the rate limit service) has its answer."""
+        if self.done:
+            return
+        connection = self.connection
+        connection.cork()  # the answer may be a whole response: one write
+        try:
+            if result is not None:
+                self._filter_reply(result)
+            elif not (rest and self._run_filters(rest)):
+                assert self.compiled is not None
+                self._dispatch(self.compiled)
+        finally:
+            connection.uncork()
 
     def _filter_reply(self, reply: LocalReply) -> None:
         flags = (
@@ -400,6 +421,10 @@ class Exchange:
     @property
     def connection_key(self) -> int:
         return self.connection.id
+
+    @property
+    def remote_ip(self) -> str:
+        return self.connection.remote_ip
 
     def per_filter(self, name: str) -> FilterConfig | None:
         return self.compiled.per_filter.get(name) if self.compiled is not None else None
@@ -429,6 +454,11 @@ class Exchange:
         assert action is not None
         self.route_action = action
         cluster_name = self._pick_cluster(action)
+        if compiled.breaker is not None or ctx.breakers:
+            fallback = self._ask_breakers(compiled, cluster_name)
+            if fallback is None:
+                return  # refused and answered locally
+            cluster_name = fallback
         plans = compiled.cluster_plans.get(cluster_name) if compiled.cluster_plans else None
         request_plan, self.response_plan = plans or (
             compiled.request_plan,
@@ -468,6 +498,36 @@ class Exchange:
         ):
             return  # envoy.filters.http.buffer: nothing goes upstream before the whole body
         self._attempt()
+
+    def _ask_breakers(self, compiled: CompiledRoute, cluster_name: str) -> str | None:
+        """Ask the route's and the cluster's error-rate breakers; the cluster to use (the
+        fallback cluster when one refuses), or None when a local fallback was sent."""
+        now = self.connection.loop.time()
+        cluster = self.connection.ctx.clusters.get(cluster_name)
+        for breaker in (compiled.breaker, cluster.breaker if cluster is not None else None):
+            if breaker is None:
+                continue
+            if breaker.allow(now):
+                self._breakers.append(breaker)
+                continue
+            for admitted in self._breakers:  # a refused request is no verdict on them
+                admitted.release()
+            self._breakers.clear()
+            policy = breaker.policy
+            if policy.fallback_cluster:
+                breaker.counters["fallback_cluster"] += 1
+                return policy.fallback_cluster
+            breaker.counters["fallback_local"] += 1
+            reply = policy.local_reply
+            self.local_reply(
+                reply.status,
+                reply.body,
+                "UO",
+                "circuit_breaker_open",
+                extra=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers],
+            )
+            return None
+        return cluster_name
 
     def _absolute_form(self, target: bytes) -> bool:
         """``GET http://host/path``: the target names the authority (HTTP_PROXY use)."""
@@ -1061,7 +1121,6 @@ class Exchange:
         self._end_attempt()
         if self.done:
             return
-        self._report_failure("reset")
         if self.response_started:
             self.response_flags = "UC"
             self.connection.abort()
@@ -1076,6 +1135,7 @@ class Exchange:
             self._resent = True
             self._attempt()
             return
+        self._report_failure("reset")  # after the stale re-send: that was not the host's fault
         if self._maybe_retry(_RESET_CONDITIONS):
             return
         self._reset_reply(reason, "", "UC")
@@ -1200,10 +1260,15 @@ class Exchange:
             if status:
                 codes = cluster.stats.codes
                 codes[status] = codes.get(status, 0) + 1
-        if self._on_finish:
+        if self._on_finish or self._breakers:
             ok = 0 < status < 500 and self.response_flags == "-"
             for callback in self._on_finish:
                 callback(self.duration, ok)
+            for breaker in self._breakers:
+                if status:
+                    breaker.record(connection.loop.time(), ok, self.duration)
+                else:
+                    breaker.release()  # the client left before an answer: no verdict
         for access_log in ctx.access_logs:
             access_log(self)
         connection.exchange_done(self)

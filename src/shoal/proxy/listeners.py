@@ -92,6 +92,7 @@ class AccessLogs:
 class HttpListenerContext:
     __slots__ = (
         "access_logs",
+        "breakers",
         "buffer_limit",
         "clusters",
         "config",
@@ -118,6 +119,8 @@ class HttpListenerContext:
         self.config = config
         self.routes = RouteTable(config.route_config)
         self.filters = filters
+        # whether any cluster has an error-rate breaker (routes' own are on CompiledRoute)
+        self.breakers = any(c.breaker is not None for c in clusters.values())
         self.clusters = clusters
         self.stats = stats
         self.access_logs = [logs.sink(a) for a in config.access_logs]

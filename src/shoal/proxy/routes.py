@@ -20,6 +20,7 @@ from shoal.config.model import (
     RouteConfiguration,
     VirtualHost,
 )
+from shoal.upstream.breaker import build_breaker
 
 _HOST_CACHE_LIMIT = 4096
 
@@ -119,6 +120,7 @@ class CompiledRoute:
     """A route with everything the hot path needs precomputed."""
 
     __slots__ = (
+        "breaker",
         "case_sensitive",
         "cluster_plans",
         "headers",
@@ -157,6 +159,8 @@ class CompiledRoute:
         self.timeout_header = (
             b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(timeout * 1000) if timeout else b""
         )
+        # the route-level error-rate breaker: one per route per config version
+        self.breaker = build_breaker(route.breaker, route.name) if route.breaker else None
         # typed_per_filter_config: the route's entry wins over the virtual host's
         self.per_filter: dict[str, FilterConfig] = {
             **dict(vhost.per_filter),
@@ -187,19 +191,9 @@ class CompiledRoute:
                 if self.regex.fullmatch(bare) is None:
                     return False
         for name, matcher in self.headers:
-            if not _header_matches(matcher, header_value(headers, name)):
+            if not matcher.test(header_value(headers, name)):
                 return False
         return not self.query or _query_matches(self.query, path)
-
-
-def _header_matches(matcher: HeaderMatcher, value: str | None) -> bool:
-    if matcher.match.kind == "present":
-        result = (value is not None) == matcher.present
-    elif value is None:
-        return False  # as Envoy: a missing header fails a value match, inverted or not
-    else:
-        result = matcher.match.matches(value)
-    return result != matcher.invert
 
 
 def _query_matches(matchers: tuple[QueryParameterMatcher, ...], path: str) -> bool:

@@ -144,11 +144,19 @@ class ProxyRuntime:
             raise
         return clusters
 
+    def service_address(self, cluster_name: str) -> tuple[str, int] | None:
+        """A host of a service cluster (the rate limit service), from the current config."""
+        cluster = self.clusters.get(cluster_name)
+        host = cluster.lb.choose() if cluster is not None else None
+        return (host.address.host, host.address.port) if host is not None else None
+
     def _context(self, listener: Listener, clusters: dict[str, ClusterRuntime]) -> Context:
         config = listener.filter
         if isinstance(config, HttpConnectionManager):
             stats = self.http_stats.setdefault(config.stat_prefix, HttpStats())
-            chain, instances = build_filters(config.stat_prefix, config.http_filters, self.filters)
+            chain, instances = build_filters(
+                config.stat_prefix, config.http_filters, self.filters, self.service_address
+            )
             self.filters.update(instances)
             context: Context = HttpListenerContext(
                 listener, clusters, stats, self.access_logs, chain

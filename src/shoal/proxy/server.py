@@ -153,6 +153,7 @@ _SHARED_GAUGES = (
     ".membership_healthy",
     ".health_check.healthy",
     ".health_check.degraded",
+    ".circuit_breaker.state",  # each worker has its own breaker: the highest state code
 )
 
 

@@ -185,11 +185,16 @@ class TcpSession(asyncio.Protocol):
                     _, side = await self.loop.create_connection(
                         lambda: _UpstreamSide(self), host.address.host, host.address.port
                     )
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as exc:
                 cluster.cx_active -= 1
                 cluster.stats.upstream_cx_connect_fail += 1
                 self.response_flags = "UF"
+                if cluster.outlier is not None:
+                    kind = "timeout" if isinstance(exc, TimeoutError) else "connect_failure"
+                    cluster.outlier.record_local_failure(host, kind)
                 continue
+            if cluster.outlier is not None:  # for a TCP proxy the connection is the exchange
+                cluster.outlier.record_local_success(host, final=True)
             if self.downstream is None or self.downstream.is_closing():
                 side.transport.close()  # type: ignore[union-attr]
                 return

@@ -19,6 +19,7 @@ from typing import Protocol
 from shoal.config.model import Cluster, DiscoveryType, DnsLookupFamily, Endpoint, SocketAddress
 from shoal.observe.stats import Histogram, int_fields
 from shoal.transport.upstream import UpstreamConnection
+from shoal.upstream.breaker import ErrorRateBreaker
 from shoal.upstream.health import HealthChecker
 from shoal.upstream.host import Host
 from shoal.upstream.lb import LoadBalancer, build_lb
@@ -142,6 +143,7 @@ class HostPool:
 class ClusterRuntime:
     __slots__ = (
         "_dns_task",
+        "breaker",
         "config",
         "cx_active",
         "health",
@@ -172,6 +174,10 @@ class ClusterRuntime:
         self.outlier: OutlierDetector | None = None
         if config.outlier_detection is not None:
             self.outlier = OutlierDetector(config.outlier_detection, self)
+        # the error-rate breaker (Shoal's metadata "shoal.circuit_breaker"); the proxy asks it
+        self.breaker: ErrorRateBreaker | None = None
+        if config.breaker is not None:
+            self.breaker = ErrorRateBreaker(config.breaker, config.name)
         self.health: HealthChecker | None = None
         if config.health_checks:
             self.health = HealthChecker(config.health_checks[0], self, config.name)
@@ -230,6 +236,8 @@ class ClusterRuntime:
             self.outlier.counters = previous.outlier.counters
         if self.health is not None and previous.health is not None:
             self.health.counters = previous.health.counters
+        if self.breaker is not None and previous.breaker is not None:
+            self.breaker.inherit(previous.breaker)
 
     # circuit breakers and pools -------------------------------------------------------------
 

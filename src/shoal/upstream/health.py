@@ -164,6 +164,7 @@ class HealthChecker:
                 await asyncio.sleep(self._interval(healthy, transition))
         finally:
             session.close()
+            session.first_done.set()  # nobody waits forever for a host no longer checked
 
     async def _check(self, session: _Session) -> str:
         checker = self.config.checker

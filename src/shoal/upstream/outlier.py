@@ -273,11 +273,16 @@ class OutlierDetector:
         if monitor.consecutive_local == self.config.consecutive_local_origin_failure:
             self._consecutive(monitor, CONSECUTIVE_LOCAL_ORIGIN_FAILURE)
 
-    def record_local_success(self, host: Host) -> None:
+    def record_local_success(self, host: Host, *, final: bool = False) -> None:
         """A connection to ``host`` was had for a request (Envoy's LocalOriginConnectSuccess,
         reported when the pool hands one over): in split mode, resets the consecutive
-        local-origin failures and counts a local-origin success; otherwise nothing."""
+        local-origin failures and counts a local-origin success; otherwise nothing.
+
+        ``final``: the connection is the whole exchange (the TCP proxy; Envoy's
+        LocalOriginConnectSuccessFinal), which without the split counts as a 200 answer."""
         if not self.config.split_external_local_origin_errors:
+            if final:
+                self.record_response(host, 200)
             return
         monitor = self._monitors.get(host.key)
         if monitor is None:
@@ -301,6 +306,13 @@ class OutlierDetector:
     def num_ejections(self, host: Host) -> int:
         monitor = self._monitors.get(host.key)
         return monitor.num_ejections if monitor is not None else 0
+
+    def ejection_time(self, host: Host) -> float:
+        """How long an ejection of ``host`` lasts now (base x back-off, capped; no jitter)."""
+        monitor = self._monitors.get(host.key)
+        backoff = monitor.backoff if monitor is not None else 0
+        config = self.config
+        return min(config.base_ejection_time * backoff, config.max_ejection_time)
 
     def host_success_rate(self, host: Host) -> float:
         """The host's success rate (percent) in the last interval, -1 when not computed."""
@@ -377,13 +389,6 @@ class OutlierDetector:
         monitor.last_unejection = now
         self._dirty = True
 
-    def ejection_time(self, host: Host) -> float:
-        """How long ``host`` stays ejected from its last ejection (without jitter)."""
-        monitor = self._monitors.get(host.key)
-        backoff = monitor.backoff if monitor is not None else 1
-        config = self.config
-        return min(config.base_ejection_time * backoff, config.max_ejection_time)
-
     def on_interval(self) -> None:
         """The interval tick: return hosts whose time is over, run success-rate and
         failure-percentage detection over the interval just ended, shrink back-offs."""
@@ -393,7 +398,8 @@ class OutlierDetector:
         for monitor in self._monitors.values():
             if monitor.host.ejected:
                 ejected_for = min(base * monitor.backoff, cap) + monitor.jitter
-                if ejected_for <= now - monitor.last_ejection + 1e-9:
+                # in whole milliseconds, as Envoy (and no float rounding surprises)
+                if round(ejected_for * 1000) <= round((now - monitor.last_ejection) * 1000):
                     self._uneject(monitor, now)
             monitor.roll()
             monitor.success_rate = monitor.local_success_rate = -1.0
@@ -404,7 +410,7 @@ class OutlierDetector:
                 not monitor.host.ejected
                 and monitor.backoff
                 and monitor.last_unejection >= 0
-                and now - monitor.last_unejection >= config.interval
+                and round((now - monitor.last_unejection) * 1000) >= round(config.interval * 1000)
             ):
                 monitor.backoff -= 1
         self._apply()

@@ -494,3 +494,24 @@ def test_stats_and_prometheus_names() -> None:
     clusters = runtime.clusters_text()
     assert "web::10.0.0.1:80::health_flags::/failed_outlier_check" in clusters
     assert "web::10.0.0.4:80::health_flags::healthy" in clusters
+
+
+def test_tcp_proxy_connection_counts_as_a_success_without_split() -> None:
+    cluster, _ = make_cluster(consecutive_5xx=3, max_ejection_percent=100)
+    out = detector(cluster)
+    bad = cluster.hosts[0]
+    for _ in range(4):
+        out.record_local_failure(bad, "connect_failure")
+        out.record_local_failure(bad, "timeout")
+        out.record_local_success(bad, final=True)  # a TCP proxy connection: a 200
+        out.record_local_success(bad)  # an HTTP pool connection: nothing without split
+    assert not bad.ejected
+
+
+def test_counters_survive_a_config_change_of_the_cluster() -> None:
+    cluster, _ = make_cluster(consecutive_5xx=1, max_ejection_percent=100)
+    fail(cluster, cluster.hosts[0], 1)
+    replacement = ClusterRuntime(cluster.config)
+    replacement.inherit_stats(cluster)
+    assert counters(replacement)["ejections_enforced_total"] == 1
+    assert detector(replacement).ejections_active == 0  # a gauge: the new hosts are fresh
