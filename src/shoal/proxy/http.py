@@ -262,8 +262,10 @@ class Exchange:
         self._per_try_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
         self._held: asyncio.TimerHandle | None = None  # a filter's delay
-        self._on_finish: list[Callable[[float, bool], None]] = []  # filters watching the end
-        self._breakers: list[ErrorRateBreaker] = []  # breakers that let this request through
+        # filters watching the end, breakers that let this request through (made on demand:
+        # most requests have neither)
+        self._on_finish: list[Callable[[float, bool], None]] | None = None
+        self._breakers: list[ErrorRateBreaker] | None = None
         self._resent = False  # re-sent once after a stale keep-alive connection failed
         self._retry_held = False  # holds a max_retries slot until the retry's outcome
 
@@ -430,6 +432,8 @@ class Exchange:
         return self.compiled.per_filter.get(name) if self.compiled is not None else None
 
     def on_finish(self, callback: Callable[[float, bool], None]) -> None:
+        if self._on_finish is None:
+            self._on_finish = []
         self._on_finish.append(callback)
 
     def _dispatch(self, compiled: CompiledRoute) -> None:
@@ -508,11 +512,13 @@ class Exchange:
             if breaker is None:
                 continue
             if breaker.allow(now):
+                if self._breakers is None:
+                    self._breakers = []
                 self._breakers.append(breaker)
                 continue
-            for admitted in self._breakers:  # a refused request is no verdict on them
+            for admitted in self._breakers or ():  # a refused request is no verdict on them
                 admitted.release()
-            self._breakers.clear()
+            self._breakers = None
             policy = breaker.policy
             if policy.fallback_cluster:
                 breaker.counters["fallback_cluster"] += 1
@@ -1260,11 +1266,11 @@ class Exchange:
             if status:
                 codes = cluster.stats.codes
                 codes[status] = codes.get(status, 0) + 1
-        if self._on_finish or self._breakers:
+        if self._on_finish is not None or self._breakers is not None:
             ok = 0 < status < 500 and self.response_flags == "-"
-            for callback in self._on_finish:
+            for callback in self._on_finish or ():
                 callback(self.duration, ok)
-            for breaker in self._breakers:
+            for breaker in self._breakers or ():
                 if status:
                     breaker.record(connection.loop.time(), ok, self.duration)
                 else:
