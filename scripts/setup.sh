@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-DEBS=(nginx wrk curl)
+# redis-server: the rate limit tests start their own on a free port; the Debian service
+# (systemd) is never used.
+DEBS=(nginx wrk curl redis-server)
 
 missing=()
 for pkg in "${DEBS[@]}"; do

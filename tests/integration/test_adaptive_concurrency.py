@@ -84,9 +84,7 @@ def _proxy(make_proxy: Any, upstream: int, adaptive: bool) -> Any:
     return proxy
 
 
-def _load(
-    port: int, clients: int, seconds: float, settle: float = 0.0
-) -> tuple[list[float], int]:
+def _load(port: int, clients: int, seconds: float, settle: float = 0.0) -> tuple[list[float], int]:
     """Clients on keep-alive connections, each sending its next request when the last is
     answered (10 ms later after a 503): (latencies of 200s, count of 503s). Requests sent
     in the first ``settle`` seconds are not counted (the controller is still adapting)."""

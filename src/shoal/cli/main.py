@@ -8,11 +8,28 @@ import sys
 
 from shoal import __version__
 from shoal.proxy.server import run_proxy
+from shoal.ratelimit.service import Settings, run_ratelimit
 
 
 def _proxy(args: argparse.Namespace) -> int:
     return run_proxy(
         args.config, concurrency=args.concurrency, drain_time=args.drain_time_s, watch=args.watch
+    )
+
+
+def _ratelimit(args: argparse.Namespace) -> int:
+    return run_ratelimit(
+        Settings(
+            config=tuple(args.config),
+            grpc_address=args.grpc_address,
+            http_address=args.http_address,
+            redis_url=args.redis_url,
+            redis_timeout=args.redis_timeout,
+            key_prefix=args.redis_key_prefix,
+            shadow_mode=args.shadow_mode,
+            on_redis_error=args.on_redis_error,
+            grace=args.grace_s,
+        )
     )
 
 
@@ -48,6 +65,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long SIGTERM waits for in-flight requests (default 10)",
     )
     proxy.set_defaults(func=_proxy)
+
+    ratelimit = commands.add_parser(
+        "ratelimit",
+        help="run the global rate limit service (Envoy's RateLimitService, backed by Redis)",
+        description="Run the global rate limit service: gRPC "
+        "envoy.service.ratelimit.v3.RateLimitService, with fixed-window counters in Redis so "
+        "many proxies share one budget. The config is YAML in the format of Envoy's reference "
+        "service; see docs/ratelimit.md. SIGHUP reloads it, SIGTERM stops.",
+    )
+    ratelimit.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        metavar="FILE_OR_DIR",
+        help="a domain's YAML file, or a directory of them (repeatable)",
+    )
+    ratelimit.add_argument(
+        "--grpc-address", default="127.0.0.1:8081", help="gRPC listen address (HOST:PORT)"
+    )
+    ratelimit.add_argument(
+        "--http-address",
+        default="127.0.0.1:8082",
+        help="HTTP address of /stats (Prometheus), /ready and /healthcheck (HOST:PORT)",
+    )
+    ratelimit.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis URL")
+    ratelimit.add_argument(
+        "--redis-timeout",
+        type=float,
+        default=1.0,
+        help="seconds to wait for Redis before failing open (default 1)",
+    )
+    ratelimit.add_argument(
+        "--redis-key-prefix", default="", help="prefix of every counter key in Redis"
+    )
+    ratelimit.add_argument(
+        "--on-redis-error",
+        choices=["ok", "unavailable"],
+        default="ok",
+        help="answer OK (fail open, the default) or gRPC UNAVAILABLE when Redis is unreachable",
+    )
+    ratelimit.add_argument(
+        "--shadow-mode",
+        action="store_true",
+        help="count everything but always answer OK (global shadow mode)",
+    )
+    ratelimit.add_argument(
+        "--grace-s",
+        type=float,
+        default=5.0,
+        help="how long SIGTERM waits for in-flight calls (default 5)",
+    )
+    ratelimit.set_defaults(func=_ratelimit)
     return parser
 
 
