@@ -41,6 +41,9 @@ class Wait:
 
 Outcome = LocalReply | Delay | Wait | None
 
+# cluster name → (host, port) of one of its hosts, for filters that call a service
+Resolve = Callable[[str], tuple[str, int] | None]
+
 
 class FilteredRequest(Protocol):
     """What a filter may read of the request."""

@@ -20,11 +20,9 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from shoal.codec.http1 import header_value
 from shoal.config.filters import GlobalRateLimit, RateLimitAction
-from shoal.filters.base import FilteredRequest, LocalReply, Outcome, Wait
+from shoal.filters.base import FilteredRequest, LocalReply, Outcome, Resolve, Wait
 
 log = logging.getLogger("shoal.ratelimit")
-
-Resolve = Callable[[str], tuple[str, int] | None]
 
 
 class GlobalRateLimitFilter:
