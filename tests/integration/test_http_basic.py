@@ -233,8 +233,11 @@ def test_no_route_404_and_access_log(proxy: Any) -> None:
 
 
 def test_admin_stats(proxy: Any) -> None:
-    raw_request(proxy.port, b"GET /s HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+    request = b"GET /s HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+    response = raw_request(proxy.port, request)
     stats = proxy.stats()
+    assert stats["http.ingress.downstream_cx_rx_bytes_total"] >= len(request)
+    assert stats["http.ingress.downstream_cx_tx_bytes_total"] >= len(response)
     assert stats["cluster.a.upstream_rq_200"] >= 1
     assert stats["cluster.a.upstream_rq_2xx"] >= 1
     assert stats["http.ingress.downstream_rq_total"] >= 1

@@ -1080,11 +1080,7 @@ class Exchange:
             append(b"connection: close\r\n")
         append(b"\r\n")
         data = b"".join(lines)
-        self.bytes_sent_head(len(data))
         connection.write(data)
-
-    def bytes_sent_head(self, size: int) -> None:
-        self.connection.ctx.stats.downstream_cx_tx_bytes_total += size
 
     def _retriable_codes(self) -> frozenset[int]:
         policy = self._policy()
@@ -1379,6 +1375,7 @@ class HttpConnection(asyncio.Protocol):
             self._idle_timer = self.loop.call_later(idle, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
+        self.ctx.stats.downstream_cx_rx_bytes_total += len(data)
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.bytes_received += len(data)
@@ -1483,6 +1480,7 @@ class HttpConnection(asyncio.Protocol):
     # used by exchanges ----------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        self.ctx.stats.downstream_cx_tx_bytes_total += len(data)
         if self._corked:
             self._out.append(data)
         else:

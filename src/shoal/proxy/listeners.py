@@ -40,6 +40,7 @@ class HttpStats:
     downstream_cx_idle_timeout: int = 0
     downstream_cx_protocol_error: int = 0
     downstream_cx_total: int = 0
+    downstream_cx_rx_bytes_total: int = 0
     downstream_cx_tx_bytes_total: int = 0
     downstream_rq_header_timeout: int = 0
     downstream_rq_total: int = 0
