@@ -126,6 +126,7 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         "envoy.config.route.v3.VirtualHost": (
             "name domains routes retry_policy request_headers_to_add request_headers_to_remove"
             " response_headers_to_add response_headers_to_remove typed_per_filter_config"
+            " hedge_policy"
         ),
         "envoy.config.route.v3.Route": (
             "name match route redirect direct_response request_headers_to_add"
@@ -149,7 +150,9 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         "envoy.config.route.v3.RouteAction": (
             "cluster weighted_clusters prefix_rewrite regex_rewrite host_rewrite_literal"
             " auto_host_rewrite timeout idle_timeout max_stream_duration retry_policy hash_policy"
+            " hedge_policy"
         ),
+        "envoy.config.route.v3.HedgePolicy": "hedge_on_per_try_timeout",
         "envoy.config.route.v3.RouteAction.MaxStreamDuration": "max_stream_duration",
         "envoy.config.route.v3.WeightedCluster": "clusters total_weight",
         "envoy.config.route.v3.WeightedCluster.ClusterWeight": (

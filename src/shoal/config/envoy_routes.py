@@ -85,6 +85,7 @@ def _virtual_host(host: Message, ctx: Ctx) -> VirtualHost:
         routes=tuple(_route(r, routes_ctx.at(i)) for i, r in enumerate(host.routes)),
         headers=_header_mutations(host, ctx),
         retry_policy=_retry_policy(host, ctx),
+        hedge_on_per_try_timeout=bool(host.hedge_policy.hedge_on_per_try_timeout),
         per_filter=per_filter_configs(host, ctx),
     )
 
@@ -177,6 +178,7 @@ def _route_action(action: Message, ctx: Ctx) -> RouteAction:
             max_stream, "max_stream_duration", ctx.at("max_stream_duration")
         ),
         retry_policy=_retry_policy(action, ctx),
+        hedge_on_per_try_timeout=bool(action.hedge_policy.hedge_on_per_try_timeout),
         hash_policy=tuple(
             _hash_policy(p, ctx.at("hash_policy", i)) for i, p in enumerate(action.hash_policy)
         ),

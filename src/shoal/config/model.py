@@ -178,6 +178,9 @@ class RouteAction:
     max_stream_duration: Seconds | None = None
     retry_policy: RetryPolicy | None = None
     hash_policy: tuple[HashPolicy, ...] = ()
+    # hedge_policy.hedge_on_per_try_timeout: a per-try timeout starts another try without
+    # abandoning the first; the first answer wins
+    hedge_on_per_try_timeout: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,7 @@ class VirtualHost:
     headers: HeaderMutations = HeaderMutations()
     retry_policy: RetryPolicy | None = None
     hash_policy: tuple[HashPolicy, ...] = ()
+    hedge_on_per_try_timeout: bool = False
     per_filter: tuple[tuple[str, FilterConfig], ...] = ()
 
 

@@ -157,6 +157,51 @@ class _Discard:
         pass
 
 
+class _Racer:
+    """An earlier try kept running by hedging (Envoy's hedge_on_per_try_timeout): whichever
+    try answers first wins the exchange, the other is abandoned."""
+
+    __slots__ = ("conn", "exchange", "host", "started")
+
+    def __init__(
+        self, exchange: Exchange, conn: UpstreamConnection, host: Host, started: float
+    ) -> None:
+        self.exchange, self.conn, self.host, self.started = exchange, conn, host, started
+
+    def upstream_head(self, head: ResponseHead) -> None:
+        exchange = self.exchange
+        exchange.adopt_racer()
+        exchange.upstream_head(head)
+
+    def upstream_data(self, data: bytes) -> None:
+        pass  # nothing comes before the head, which hands the connection over
+
+    def upstream_end(self) -> None:
+        pass
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        self.conn.close()
+
+    def upstream_reset(self, reason: str) -> None:
+        self.exchange.racer_lost(self)
+
+    def upstream_pause(self) -> None:
+        self.exchange.upstream_pause()
+
+    def upstream_resume(self) -> None:
+        self.exchange.upstream_resume()
+
+    def cork(self) -> None:
+        self.exchange.cork()
+
+    def uncork(self) -> None:
+        self.exchange.uncork()
+
+    def abandon(self) -> None:
+        self.conn.abort()
+        self.host.active_requests -= 1
+
+
 class Exchange:
     """One request and its response; the unit of routing, retry, timeout and logging."""
 
@@ -168,6 +213,7 @@ class Exchange:
         "_idle_mark_at",
         "_on_finish",
         "_per_try_timer",
+        "_racer",
         "_resent",
         "_retry_held",
         "_retry_timer",
@@ -266,6 +312,7 @@ class Exchange:
         # most requests have neither)
         self._on_finish: list[Callable[[float, bool], None]] | None = None
         self._breakers: list[ErrorRateBreaker] | None = None
+        self._racer: _Racer | None = None  # the earlier try still running, when hedging
         self._resent = False  # re-sent once after a stale keep-alive connection failed
         self._retry_held = False  # holds a max_retries slot until the retry's outcome
 
@@ -814,7 +861,10 @@ class Exchange:
         self._reset_reply(reason, transport_reason, "UF")
 
     def _reset_reply(self, reason: str, transport_reason: str, flag: str) -> None:
-        """Envoy's 503 for an upstream that failed before sending response headers."""
+        """Envoy's 503 for an upstream that failed before sending response headers (unless
+        an earlier hedged try is still running: then it gets its chance)."""
+        if self._wait_for_racer():
+            return
         policy = self._policy()
         if policy is not None and self.retries_left < policy.num_retries:
             text = f"retried and the latest reset reason: {reason}"
@@ -904,14 +954,74 @@ class Exchange:
         self.cluster.stats.upstream_rq_per_try_timeout += 1
         self._report_failure("timeout")
         conn = self.conn
+        if self.compiled is not None and self.compiled.hedge and conn is not None:
+            self._hedge(conn)
+            return
         if conn is not None:
             conn.abort()
         self._end_attempt()
         if self._maybe_retry(frozenset({"5xx", "gateway-error", "reset"})):
             return
+        if self._wait_for_racer():
+            return
         self.local_reply(
             504, b"upstream request timeout", self._flags("UT"), "upstream_per_try_timeout"
         )
+
+    # hedging ----------------------------------------------------------------------------------
+
+    def _hedge(self, conn: UpstreamConnection) -> None:
+        """The try is slow: keep it running and start another (a retry), as Envoy's
+        hedge_on_per_try_timeout does. Without retries left the slow try just goes on."""
+        if not self._maybe_retry(frozenset({"5xx", "gateway-error", "reset"})):
+            return
+        if self._racer is not None:  # only the newest earlier try is kept
+            self._racer.abandon()
+        assert self.host is not None
+        self._racer = _Racer(self, conn, self.host, self.attempt_start)
+        conn.sink = self._racer
+        self.conn = None  # the racer keeps the host's active request
+
+    def adopt_racer(self) -> None:
+        """The earlier try answered first: drop the newer one and carry on with it."""
+        racer = self._racer
+        assert racer is not None
+        self._racer = None
+        self._drop_current_try()
+        self.conn, self.host, self.attempt_start = racer.conn, racer.host, racer.started
+        racer.conn.sink = self
+
+    def racer_lost(self, racer: _Racer) -> None:
+        """The earlier try failed: the newer one (or its retry) carries on."""
+        if self._racer is racer:
+            self._racer = None
+            racer.host.active_requests -= 1
+            self._report_failure("reset")
+
+    def _wait_for_racer(self) -> bool:
+        """The newest try failed for good while an earlier one still runs: wait for that."""
+        racer = self._racer
+        if racer is None or self.done:
+            return False
+        self._racer = None
+        self.conn, self.host, self.attempt_start = racer.conn, racer.host, racer.started
+        racer.conn.sink = self
+        return True
+
+    def _drop_current_try(self) -> None:
+        """Abandon the exchange's own try, wherever it is (connecting, waiting, sent)."""
+        if self.pending and self.cluster is not None and self.host is not None:
+            self.cluster.cancel(self.host, self)
+            self.pending = False
+            self.host.active_requests -= 1
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        self._release_retry()
+        conn = self.conn
+        if conn is not None:
+            conn.abort()
+            self._end_attempt()
 
     def _arm_stream_timers(self, action: RouteAction) -> None:
         """Stream-level limits (Envoy's stream idle timeout, max stream duration, request
@@ -997,17 +1107,10 @@ class Exchange:
     def reset_upstream(self) -> None:
         """Abandon the upstream side (timeout, downstream gone): its connection can't be
         reused mid-exchange, so it is closed."""
-        if self.pending and self.cluster is not None and self.host is not None:
-            self.cluster.cancel(self.host, self)
-            self.pending = False
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
-        self._release_retry()
-        conn = self.conn
-        if conn is not None:
-            conn.abort()
-            self._end_attempt()
+        self._drop_current_try()
+        if self._racer is not None:
+            self._racer.abandon()
+            self._racer = None
 
     # response side (called by the upstream connection) ------------------------------------
 
@@ -1026,6 +1129,9 @@ class Exchange:
             self._end_attempt()
             return
         self._release_retry()
+        if self._racer is not None:  # this try answered first: the earlier one is dropped
+            self._racer.abandon()
+            self._racer = None
         self.status = status
         self.response_started = True
         self.response_code_details = "via_upstream"
@@ -1243,7 +1349,7 @@ class Exchange:
         connection = self.connection
         if self._retry_timer is not None:
             self.reset_upstream()
-        if self.pending:
+        if self.pending or self._racer is not None:
             self.reset_upstream()
         self._release_retry()
         if self._per_try_timer is not None:

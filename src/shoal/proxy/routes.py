@@ -124,6 +124,7 @@ class CompiledRoute:
         "case_sensitive",
         "cluster_plans",
         "headers",
+        "hedge",
         "kind",
         "per_filter",
         "query",
@@ -152,6 +153,12 @@ class CompiledRoute:
         action = route.action
         policy = action.retry_policy if action is not None else None
         self.retry_policy: RetryPolicy | None = policy or vhost.retry_policy
+        self.hedge = bool(
+            action is not None
+            and self.retry_policy is not None
+            and self.retry_policy.per_try_timeout
+            and (action.hedge_on_per_try_timeout or vhost.hedge_on_per_try_timeout)
+        )
         timeout = action.timeout if action is not None else 0
         per_try = self.retry_policy.per_try_timeout if self.retry_policy is not None else None
         if per_try and (not timeout or per_try < timeout):
