@@ -20,7 +20,14 @@ import grpc
 import pytest
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from tests.conftest import free_port, stop_process, wait_for_port
+from tests.conftest import (
+    bootstrap,
+    free_port,
+    http_listener,
+    static_cluster,
+    stop_process,
+    wait_for_port,
+)
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -189,3 +196,40 @@ def sleep_to_window_start(seconds: int = 1, margin: float = 0.02) -> None:
     follows has (nearly) the whole window."""
     now = time.time()
     time.sleep(seconds - now % seconds + margin)
+
+
+RATELIMIT_FILTER = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
+HTTP2_OPTIONS = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
+
+
+def rate_limited_proxy_config(
+    upstream_port: int, rls_port: int, rate_limits: list[dict[str, Any]], **filter_fields: Any
+) -> tuple[dict[str, Any], int]:
+    """A bootstrap whose one route goes to cluster ``a`` through the rate limit filter,
+    asking the service at ``rls_port`` (cluster ``rls``, HTTP/2) about domain ``shop``;
+    returns it with the listener's port."""
+    port = free_port()
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "a"}}
+    listener = http_listener(port, [{"name": "v", "domains": ["*"], "routes": [route]}])
+    limit = {
+        "@type": RATELIMIT_FILTER,
+        "domain": "shop",
+        "rate_limit_service": {
+            "grpc_service": {"envoy_grpc": {"cluster_name": "rls"}},
+            "transport_api_version": "V3",
+        },
+        "rate_limits": rate_limits,
+        **filter_fields,
+    }
+    chain = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    chain.insert(0, {"name": "envoy.filters.http.ratelimit", "typed_config": limit})
+    clusters = [
+        static_cluster("a", upstream_port),
+        static_cluster("rls", rls_port, typed_extension_protocol_options=HTTP2_OPTIONS),
+    ]
+    return bootstrap([listener], clusters, free_port()), port

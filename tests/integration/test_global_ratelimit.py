@@ -10,47 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import Echo, bootstrap, free_port, http_listener, raw_request, static_cluster
-from tests.integration.ratelimit_helpers import RateLimitService, RedisServer
-
-RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
-HTTP2 = {
-    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}},
-    }
-}
+from tests.conftest import Echo, raw_request
+from tests.integration.ratelimit_helpers import (
+    RateLimitService,
+    RedisServer,
+    rate_limited_proxy_config,
+)
 
 
 def _proxy(make_proxy: Any, echo: Echo, rls_port: int) -> Any:
-    port = free_port()
-    listener = http_listener(
-        port,
-        [
-            {
-                "name": "v",
-                "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "a"}}],
-            }
-        ],
+    config, port = rate_limited_proxy_config(
+        echo.port,
+        rls_port,
+        [{"actions": [{"generic_key": {"descriptor_value": "everyone"}}]}],
+        timeout="0.5s",
     )
-    limit = {
-        "@type": RATELIMIT,
-        "domain": "shop",
-        "timeout": "0.5s",
-        "rate_limit_service": {
-            "grpc_service": {"envoy_grpc": {"cluster_name": "rls"}},
-            "transport_api_version": "V3",
-        },
-        "rate_limits": [{"actions": [{"generic_key": {"descriptor_value": "everyone"}}]}],
-    }
-    chain = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-    chain.insert(0, {"name": "envoy.filters.http.ratelimit", "typed_config": limit})
-    clusters = [
-        static_cluster("a", echo.port),
-        static_cluster("rls", rls_port, typed_extension_protocol_options=HTTP2),
-    ]
-    proxy = make_proxy(bootstrap([listener], clusters, free_port()))
+    proxy = make_proxy(config)
     proxy.port = port
     return proxy
 

@@ -11,15 +11,8 @@ from typing import Any
 import grpc
 import pytest
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from tests.conftest import Echo, bootstrap, free_port, http_listener, raw_request, static_cluster
-
-RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
-HTTP2 = {
-    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}},
-    }
-}
+from tests.conftest import Echo, free_port, raw_request
+from tests.integration.ratelimit_helpers import rate_limited_proxy_config
 
 
 class ScriptedService(rls_pb2_grpc.RateLimitServiceServicer):
@@ -65,38 +58,14 @@ def service() -> Iterator[tuple[ScriptedService, int]]:
 
 
 def _proxy(make_proxy: Any, echo: Echo, rls_port: int, **extra: Any) -> Any:
-    port = free_port()
-    listener = http_listener(
-        port,
-        [
-            {
-                "name": "v",
-                "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "a"}}],
-            }
-        ],
-    )
-    limit = {
-        "@type": RATELIMIT,
-        "domain": "shop",
-        "timeout": "1s",
-        "rate_limit_service": {
-            "grpc_service": {"envoy_grpc": {"cluster_name": "rls"}},
-            "transport_api_version": "V3",
-        },
-        "rate_limits": [
-            {"actions": [{"request_headers": {"header_name": "x-user", "descriptor_key": "user"}}]},
-            {"actions": [{"generic_key": {"descriptor_value": "all"}}, {"remote_address": {}}]},
-        ],
-        **extra,
-    }
-    chain = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-    chain.insert(0, {"name": "envoy.filters.http.ratelimit", "typed_config": limit})
-    clusters = [
-        static_cluster("a", echo.port),
-        static_cluster("rls", rls_port, typed_extension_protocol_options=HTTP2),
+    rate_limits = [
+        {"actions": [{"request_headers": {"header_name": "x-user", "descriptor_key": "user"}}]},
+        {"actions": [{"generic_key": {"descriptor_value": "all"}}, {"remote_address": {}}]},
     ]
-    proxy = make_proxy(bootstrap([listener], clusters, free_port()))
+    config, port = rate_limited_proxy_config(
+        echo.port, rls_port, rate_limits, timeout="1s", **extra
+    )
+    proxy = make_proxy(config)
     proxy.port = port
     return proxy
 
