@@ -9,10 +9,12 @@ connection (connections are then refused), ``start()`` listens again on the same
 from __future__ import annotations
 
 import contextlib
+import http.client
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 
 class FlakyUpstream:
@@ -105,3 +107,28 @@ class FlakyUpstream:
         finally:
             reader.close()
             conn.close()
+
+
+def served_by(port: int, count: int) -> Counter[str]:
+    """``count`` requests, each on its own connection: who served each (or the status)."""
+    seen: Counter[str] = Counter()
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/", headers={"Host": "svc"})
+            response = conn.getresponse()
+            response.read()
+            seen[response.getheader("x-served-by") or str(response.status)] += 1
+        finally:
+            conn.close()
+    return seen
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> float:
+    """Seconds until ``condition`` held (fails after ``timeout``)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+    return time.monotonic() - start

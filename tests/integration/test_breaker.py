@@ -300,3 +300,24 @@ def test_slow_calls_open_the_breaker(make_proxy: Any, svc: ScriptedUpstream) -> 
     stats = breaker_stats(proxy)
     assert (stats["opened"], stats["state"]) == (1, 1)
     assert get(port)[0] == 503
+
+
+def test_delayed_but_successful_requests_are_no_failures(
+    make_proxy: Any, svc: ScriptedUpstream
+) -> None:
+    """A fault filter's delay flags the request DI; the breaker must still see a success."""
+    data, port = config([static_cluster("svc", svc.port, metadata=breaker_meta())])
+    chain = data["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    chain["typed_config"]["http_filters"].insert(
+        0,
+        {
+            "name": "envoy.filters.http.fault",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                "delay": {"fixed_delay": "0.01s"},
+            },
+        },
+    )
+    proxy = make_proxy(data)
+    assert [get(port)[0] for _ in range(6)] == [200] * 6
+    assert breaker_stats(proxy)["opened"] == 0

@@ -6,15 +6,12 @@ passes; ``/stats/prometheus`` shows Envoy's ``health_check.*`` counters and gaug
 
 from __future__ import annotations
 
-import http.client
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from tests.conftest import bootstrap, free_port, http_listener, route_to, static_cluster
-from tests.integration.flaky_upstream import FlakyUpstream
+from tests.integration.flaky_upstream import FlakyUpstream, served_by, wait_for
 
 INTERVAL = 0.2
 
@@ -38,31 +35,6 @@ def config(upstreams: list[FlakyUpstream], check: dict[str, Any]) -> tuple[dict[
     )
     listener = http_listener(port, [{"name": "all", "domains": ["*"], "routes": [route_to("svc")]}])
     return bootstrap([listener], [cluster], free_port()), port
-
-
-def served_by(port: int, count: int) -> Counter[str]:
-    """``count`` requests, each on its own connection: who served each (or the status)."""
-    seen: Counter[str] = Counter()
-    for _ in range(count):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            conn.request("GET", "/", headers={"Host": "svc"})
-            response = conn.getresponse()
-            response.read()
-            seen[response.getheader("x-served-by") or str(response.status)] += 1
-        finally:
-            conn.close()
-    return seen
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> float:
-    """Seconds until ``condition`` held (fails after ``timeout``)."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 @pytest.fixture

@@ -11,16 +11,15 @@ These need the proxy to report each upstream result to the cluster's outlier det
 from __future__ import annotations
 
 import contextlib
-import http.client
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from tests.conftest import bootstrap, free_port, http_listener, route_to, static_cluster
-from tests.integration.flaky_upstream import FlakyUpstream
+from tests.integration.flaky_upstream import FlakyUpstream, served_by, wait_for
 
 
 def config(upstreams: list[FlakyUpstream], **outlier: Any) -> tuple[dict[str, Any], int]:
@@ -30,31 +29,6 @@ def config(upstreams: list[FlakyUpstream], **outlier: Any) -> tuple[dict[str, An
     )
     listener = http_listener(port, [{"name": "all", "domains": ["*"], "routes": [route_to("svc")]}])
     return bootstrap([listener], [cluster], free_port()), port
-
-
-def served_by(port: int, count: int) -> Counter[str]:
-    """``count`` requests, each on its own connection: who served each ("503" when the
-    proxy answered itself)."""
-    seen: Counter[str] = Counter()
-    for _ in range(count):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            conn.request("GET", "/", headers={"Host": "svc"})
-            response = conn.getresponse()
-            response.read()
-            seen[response.getheader("x-served-by") or str(response.status)] += 1
-        finally:
-            conn.close()
-    return seen
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 @pytest.fixture

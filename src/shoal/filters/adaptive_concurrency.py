@@ -92,9 +92,6 @@ class AdaptiveConcurrencyFilter:
         index = min(len(ordered) - 1, int(self.config.percentile * len(ordered)))
         return ordered[index]
 
-    def delay_done(self) -> None:
-        """Never delays."""
-
     def counters(self) -> dict[str, int]:
         return dict(self.stats)
 

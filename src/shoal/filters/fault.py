@@ -45,9 +45,9 @@ class FaultFilter:
             return abort
         self.stats["delays_injected"] += 1
         self.active += 1
-        return Delay(delay, abort, [self])
+        return Delay(delay, abort, self._delay_ended)
 
-    def delay_done(self) -> None:
+    def _delay_ended(self) -> None:
         self.active -= 1
 
     def counters(self) -> dict[str, int]:

@@ -73,9 +73,6 @@ class LocalRateLimitFilter:
             ]
         return LocalReply(config.status, b"local_rate_limited", "RL", "local_rate_limited", headers)
 
-    def delay_done(self) -> None:
-        """Never delays."""
-
     def counters(self) -> dict[str, int]:
         return dict(self.stats)
 

@@ -92,9 +92,6 @@ class GlobalRateLimitFilter:
             self._channel = grpc.aio.insecure_channel(f"{target[0]}:{target[1]}")
         return self._channel
 
-    def delay_done(self) -> None:
-        """Never delays."""
-
     def counters(self) -> dict[str, int]:
         return dict(self.stats)
 

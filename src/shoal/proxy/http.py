@@ -90,18 +90,27 @@ _NOT_FORWARDED = frozenset(
 _UPGRADE_HEADERS = frozenset({b"connection", b"upgrade"})
 # response headers the proxy writes itself, replacing any the upstream sent
 _SET_BY_PROXY = frozenset({b"server", b"date", b"x-envoy-upstream-service-time"})
-_date_cache: list[object] = [0, b""]
 
 
-def _date_line() -> bytes:
-    """``date: <IMF-fixdate>\\r\\n``, formatted once per second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = b"date: %s\r\n" % formatdate(now, usegmt=True).encode()
-    line = _date_cache[1]
-    assert isinstance(line, bytes)
-    return line
+class _Date:
+    """The ``date`` header of the current second, formatted once per second."""
+
+    __slots__ = ("line", "second", "value")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = self.line = b""
+
+    def refresh(self) -> _Date:
+        second = int(time.time())
+        if second != self.second:
+            self.second = second
+            self.value = formatdate(second, usegmt=True).encode()
+            self.line = b"date: %s\r\n" % self.value
+        return self
+
+
+_DATE = _Date()
 
 
 def _new_request_id() -> bytes:
@@ -424,8 +433,8 @@ class Exchange:
 
     def _after_delay(self, delay: Delay, rest: tuple[HttpFilter, ...]) -> None:
         self._held = None
-        for http_filter in delay.done:
-            http_filter.delay_done()
+        if delay.ended is not None:
+            delay.ended()
         if self.done:
             return
         self.response_flags = "DI"
@@ -984,12 +993,8 @@ class Exchange:
 
     def adopt_racer(self) -> None:
         """The earlier try answered first: drop the newer one and carry on with it."""
-        racer = self._racer
-        assert racer is not None
-        self._racer = None
         self._drop_current_try()
-        self.conn, self.host, self.attempt_start = racer.conn, racer.host, racer.started
-        racer.conn.sink = self
+        self._take_racer()
 
     def racer_lost(self, racer: _Racer) -> None:
         """The earlier try failed: the newer one (or its retry) carries on."""
@@ -1000,13 +1005,18 @@ class Exchange:
 
     def _wait_for_racer(self) -> bool:
         """The newest try failed for good while an earlier one still runs: wait for that."""
-        racer = self._racer
-        if racer is None or self.done:
+        if self._racer is None or self.done:
             return False
+        self._take_racer()
+        return True
+
+    def _take_racer(self) -> None:
+        """The earlier try becomes the exchange's current one."""
+        racer = self._racer
+        assert racer is not None
         self._racer = None
         self.conn, self.host, self.attempt_start = racer.conn, racer.host, racer.started
         racer.conn.sink = self
-        return True
 
     def _drop_current_try(self) -> None:
         """Abandon the exchange's own try, wherever it is (connecting, waiting, sent)."""
@@ -1169,7 +1179,7 @@ class Exchange:
             edited = plan.apply(split_lines(b"".join(lines[1:])))
             del lines[1:]
             lines.extend(b"%s: %s\r\n" % pair for pair in edited)
-        append(_date_line())
+        append(_DATE.refresh().line)
         append(ctx.server_header)
         bodyless = no_body_status(status) or self.head.method == b"HEAD"
         close = connection.must_close(self.head)
@@ -1322,8 +1332,8 @@ class Exchange:
             headers = self.response_plan.apply(headers)
         if not no_body_status(status):  # RFC 9110: never on 1xx and 204 (Envoy omits it)
             headers.append((b"content-length", b"%d" % len(body)))
-        headers.append((b"date", _date_line()[6:-2]))
-        headers.append((b"server", connection.ctx.server_header[8:-2]))
+        headers.append((b"date", _DATE.refresh().value))
+        headers.append((b"server", connection.ctx.server_name))
         # A body still on its way (or an upgrade's bytes) would be read as the next
         # request: close. A request without a body is complete even before its END event
         # (Envoy keeps those connections alive).
@@ -1369,7 +1379,8 @@ class Exchange:
                 codes = cluster.stats.codes
                 codes[status] = codes.get(status, 0) + 1
         if self._on_finish is not None or self._breakers is not None:
-            ok = 0 < status < 500 and self.response_flags == "-"
+            # local failures are 5xx replies too; flags such as DI (delayed) are no failure
+            ok = 0 < status < 500
             for callback in self._on_finish or ():
                 callback(self.duration, ok)
             for breaker in self._breakers or ():

@@ -103,6 +103,7 @@ class HttpListenerContext:
         "listener",
         "routes",
         "server_header",
+        "server_name",
         "stats",
     )
 
@@ -125,7 +126,8 @@ class HttpListenerContext:
         self.clusters = clusters
         self.stats = stats
         self.access_logs = [logs.sink(a) for a in config.access_logs]
-        self.server_header = b"server: %s\r\n" % config.server_name.encode("latin-1")
+        self.server_name = config.server_name.encode("latin-1")
+        self.server_header = b"server: %s\r\n" % self.server_name
         self.buffer_limit = listener.per_connection_buffer_limit_bytes
         self.connections: set[Drainable] = set()
         self.draining = False

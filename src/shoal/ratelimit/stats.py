@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from shoal.observe.stats import Histogram
+from shoal.observe.stats import Histogram, int_fields
 
 _IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
 _LABEL_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", '"': '\\"'})
-LIMIT_COUNTERS = ("total_hits", "over_limit", "near_limit", "within_limit", "shadow_mode")
 
 
 def sanitize(part: str) -> str:
@@ -36,17 +36,18 @@ def sanitize(part: str) -> str:
     return _IPV4.sub(lambda m: m[0].replace(".", "_"), part)
 
 
+@dataclass(slots=True)
 class LimitStats:
     """Counters of one limit (one descriptor path)."""
 
-    __slots__ = LIMIT_COUNTERS
+    total_hits: int = 0
+    over_limit: int = 0
+    near_limit: int = 0
+    within_limit: int = 0
+    shadow_mode: int = 0
 
-    def __init__(self) -> None:
-        self.total_hits = 0
-        self.over_limit = 0
-        self.near_limit = 0
-        self.within_limit = 0
-        self.shadow_mode = 0
+
+LIMIT_COUNTERS = int_fields(LimitStats)
 
 
 class ServiceStats:
