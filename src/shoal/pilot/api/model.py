@@ -1,0 +1,229 @@
+"""Istio ``networking.istio.io`` resources as frozen dataclasses, already validated.
+
+Field names follow Istio's (snake_cased); durations are seconds, percentages 0-100 floats.
+Only what the translator uses is modelled; a field Istio has but Shoal does not support is
+rejected by the parser with its path, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shoal.pilot.model import Labels
+
+Seconds = float
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    name: str
+    namespace: str = "default"
+    source: str = ""  # "file.yaml" or "file.yaml#2" (the 3rd document), for messages
+
+
+# --- VirtualService ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    kind: Literal["exact", "prefix", "regex"]
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMatchRequest:
+    name: str = ""
+    uri: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()  # names lower-cased
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()
+    query_params: tuple[tuple[str, StringMatch], ...] = ()
+    ignore_uri_case: bool = False
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    host: str
+    subset: str = ""
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOperations:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    request: HeaderOperations = HeaderOperations()
+    response: HeaderOperations = HeaderOperations()
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRouteDestination:
+    destination: Destination
+    weight: int = 0  # 0 when the route has a single destination and no weight was given
+    headers: Headers | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRewrite:
+    uri: str = ""
+    authority: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRetry:
+    attempts: int
+    per_try_timeout: Seconds | None = None
+    retry_on: str = ""  # Envoy retry_on list as written; "" means Istio's default
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDelay:
+    fixed_delay: Seconds
+    percentage: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class FaultAbort:
+    http_status: int
+    percentage: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPFaultInjection:
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRoute:
+    name: str = ""
+    match: tuple[HTTPMatchRequest, ...] = ()
+    route: tuple[HTTPRouteDestination, ...] = ()
+    rewrite: HTTPRewrite | None = None
+    timeout: Seconds | None = None
+    retries: HTTPRetry | None = None
+    fault: HTTPFaultInjection | None = None
+    mirror: Destination | None = None
+    mirror_percentage: float | None = None
+    headers: Headers | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    meta: Meta
+    hosts: tuple[str, ...]
+    http: tuple[HTTPRoute, ...] = ()
+
+
+# --- DestinationRule ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistentHash:
+    http_header_name: str = ""
+    http_cookie: str = ""  # cookie name
+    http_cookie_ttl: Seconds | None = None
+    use_source_ip: bool = False
+    http_query_parameter_name: str = ""
+    minimum_ring_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancer:
+    simple: Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH", ""] = ""
+    consistent_hash: ConsistentHash | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    max_connections: int | None = None  # tcp.maxConnections
+    connect_timeout: Seconds | None = None  # tcp.connectTimeout
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    idle_timeout: Seconds | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx_errors: int | None = None
+    consecutive_gateway_errors: int | None = None
+    interval: Seconds | None = None
+    base_ejection_time: Seconds | None = None
+    max_ejection_percent: int | None = None
+    min_health_percent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: Labels
+    traffic_policy: TrafficPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    meta: Meta
+    host: str
+    traffic_policy: TrafficPolicy | None = None
+    subsets: tuple[Subset, ...] = ()
+
+
+# --- ServiceEntry / WorkloadEntry ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    number: int
+    name: str
+    protocol: Literal["HTTP", "HTTP2", "GRPC", "TCP"] = "HTTP"
+    target_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEntry:
+    """Also the shape of a ServiceEntry's inline ``endpoints``."""
+
+    meta: Meta
+    address: str
+    ports: tuple[tuple[str, int], ...] = ()  # port name -> endpoint port
+    labels: Labels = ()
+    weight: int = 1
+    locality: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    meta: Meta
+    hosts: tuple[str, ...]
+    ports: tuple[Port, ...]
+    resolution: Literal["STATIC", "DNS", "NONE"] = "STATIC"
+    endpoints: tuple[WorkloadEntry, ...] = ()
+    workload_selector: Labels | None = None  # selects WorkloadEntry by labels
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    """Everything valid in the config dir at one moment (the translator's input)."""
+
+    virtual_services: tuple[VirtualService, ...] = ()
+    destination_rules: tuple[DestinationRule, ...] = ()
+    service_entries: tuple[ServiceEntry, ...] = ()
+    workload_entries: tuple[WorkloadEntry, ...] = ()
+    errors: tuple[str, ...] = field(default=(), compare=False)  # rejected resources, why
