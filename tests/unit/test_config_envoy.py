@@ -946,7 +946,11 @@ ERRORS = {
         "stats_flush_interval",
         "not supported",
     ),
-    "dynamic resources": (bootstrap(dynamic_resources={}), "dynamic_resources", "need xDS"),
+    "dynamic resources without ADS": (
+        bootstrap(dynamic_resources={}),
+        "dynamic_resources.ads_config",
+        "only ADS is supported",
+    ),
     "listener filters": (
         with_listener(listener_filters=[{"name": "tls_inspector"}]),
         f"{LISTENER}.listener_filters",
@@ -974,7 +978,7 @@ ERRORS = {
         f"{FILTER}.common_http_protocol_options.max_requests_per_connection",
         "not supported",
     ),
-    "rds": (rds(), f"{FILTER}.rds", "rds needs xDS"),
+    "rds": (rds(), f"{FILTER}.rds", "rds is supported in listeners from LDS only"),
     "HTTP/2 codec": (
         with_hcm(codec_type="HTTP2"),
         f"{FILTER}.codec_type",
@@ -1118,7 +1122,11 @@ ERRORS = {
         "not an IP address",
     ),
     "endpoint port 0": (endpoint_port_zero(), f"{ENDPOINT}.socket_address.port_value", "range"),
-    "EDS": (with_cluster(type="EDS"), f"{CLUSTER}.type", "EDS clusters need xDS"),
+    "EDS not over ADS": (
+        with_cluster(type="EDS", load_assignment=None),
+        f"{CLUSTER}.eds_cluster_config.eds_config",
+        "EDS must come over ADS",
+    ),
     "ORIGINAL_DST": (
         with_cluster(type="ORIGINAL_DST"),
         f"{CLUSTER}.type",

@@ -19,19 +19,23 @@ from typing import Any
 
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.core.v3 import config_source_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from shoal.config.envoy_breaker import check_cluster_fallbacks
 from shoal.config.envoy_check import check
-from shoal.config.envoy_clusters import build_cluster
-from shoal.config.envoy_fields import Ctx, socket_address, unique
+from shoal.config.envoy_clusters import build_cluster, load_assignment
+from shoal.config.envoy_fields import Ctx, seconds, socket_address, unique
 from shoal.config.envoy_listeners import access_logs, build_listener
 from shoal.config.envoy_routes import build_route_configuration
 from shoal.config.model import (
     Admin,
+    AdsSource,
     Bootstrap,
     Cluster,
+    DiscoveryType,
+    Endpoint,
     HttpConnectionManager,
     Listener,
     Node,
@@ -44,6 +48,7 @@ __all__ = [
     "load_bootstrap",
     "translate_cluster",
     "translate_listener",
+    "translate_load_assignment",
     "translate_route_configuration",
 ]
 
@@ -107,6 +112,15 @@ def translate_route_configuration(
     return build_route_configuration(proto, ctx)
 
 
+def translate_load_assignment(
+    proto: Message, source: str = "", field: str = ""
+) -> tuple[Endpoint, ...]:
+    """An EDS ClusterLoadAssignment: the endpoints of the clusters that follow it."""
+    ctx = Ctx(source, field)
+    check(proto, ctx)
+    return load_assignment(proto, ctx)
+
+
 _PARSE_PREFIX = re.compile(r"Failed to parse (\S+) field: ")
 _PARSE_AT = re.compile(r'\.? at "?\w+(?:\.(?P<path>[^"\s]*?))?"?\.*$')
 
@@ -154,6 +168,7 @@ def _bootstrap(proto: Message, ctx: Ctx) -> Bootstrap:
         "address",
         "listener address",
     )
+    ads = _ads_source(proto, clusters, ctx)
     node = proto.node
     return Bootstrap(
         listeners=listeners,
@@ -165,6 +180,56 @@ def _bootstrap(proto: Message, ctx: Ctx) -> Bootstrap:
             metadata=dict(json_format.MessageToDict(node.metadata)),
         ),
         source=ctx.source,
+        ads=ads,
+    )
+
+
+def _ads_source(proto: Message, clusters: tuple[Cluster, ...], ctx: Ctx) -> AdsSource | None:
+    """dynamic_resources, as far as shoal goes: everything over one ADS stream (gRPC, state
+    of the world or delta) through a static HTTP/2 cluster, as Istio's bootstraps do."""
+    eds = [c for c in clusters if c.type is DiscoveryType.EDS]
+    if not proto.HasField("dynamic_resources"):
+        if eds:
+            index = clusters.index(eds[0])
+            raise ctx.at("static_resources", "clusters", index).error(
+                "EDS clusters need dynamic_resources.ads_config"
+            )
+        return None
+    dynamic, dctx = proto.dynamic_resources, ctx.at("dynamic_resources")
+    if not dynamic.HasField("ads_config"):
+        raise dctx.at("ads_config").error("only ADS is supported (ads_config is required)")
+    ads, actx = dynamic.ads_config, dctx.at("ads_config")
+    api_types = {
+        config_source_pb2.ApiConfigSource.GRPC: False,
+        config_source_pb2.ApiConfigSource.DELTA_GRPC: True,
+    }
+    if ads.api_type not in api_types:
+        raise actx.at("api_type").error("must be GRPC or DELTA_GRPC")
+    if ads.transport_api_version != config_source_pb2.V3:
+        raise actx.at("transport_api_version").error("must be V3")
+    if len(ads.grpc_services) != 1 or not ads.grpc_services[0].HasField("envoy_grpc"):
+        raise actx.at("grpc_services").error("exactly one envoy_grpc service is required")
+    name = ads.grpc_services[0].envoy_grpc.cluster_name
+    target = next((c for c in clusters if c.name == name), None)
+    where = actx.at("grpc_services", 0, "envoy_grpc", "cluster_name")
+    if target is None:
+        raise where.error(f"unknown cluster {name!r} (it must be a static cluster)")
+    if not target.http2:
+        raise where.error(f"cluster {name!r} needs http2_protocol_options (gRPC)")
+    for field_name in ("lds_config", "cds_config"):
+        source = getattr(dynamic, field_name)
+        if dynamic.HasField(field_name) and not source.HasField("ads"):
+            raise dctx.at(field_name).error("only ADS is supported ({ads: {}})")
+    timeouts = [
+        seconds(getattr(dynamic, f), "initial_fetch_timeout", 15.0, dctx.at(f))
+        for f in ("lds_config", "cds_config")
+    ]
+    return AdsSource(
+        cluster=name,
+        delta=api_types[ads.api_type],
+        listeners=dynamic.HasField("lds_config"),
+        clusters=dynamic.HasField("cds_config"),
+        initial_fetch_timeout=max(timeouts),
     )
 
 

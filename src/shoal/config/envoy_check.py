@@ -23,7 +23,13 @@ _ANY = "google.protobuf.Any"
 _SUPPORTED: dict[str, frozenset[str]] = {
     name: frozenset(fields.split())
     for name, fields in {
-        "envoy.config.bootstrap.v3.Bootstrap": "node static_resources admin",
+        "envoy.config.bootstrap.v3.Bootstrap": "node static_resources dynamic_resources admin",
+        "envoy.config.bootstrap.v3.Bootstrap.DynamicResources": "lds_config cds_config ads_config",
+        "envoy.config.core.v3.ApiConfigSource": (
+            "api_type transport_api_version grpc_services set_node_on_first_message_only"
+        ),
+        "envoy.config.core.v3.ConfigSource": "ads resource_api_version initial_fetch_timeout",
+        "envoy.config.cluster.v3.Cluster.EdsClusterConfig": "eds_config service_name",
         "envoy.config.bootstrap.v3.Bootstrap.StaticResources": "listeners clusters",
         "envoy.config.bootstrap.v3.Admin": "address access_log access_log_path",
         "envoy.config.core.v3.Node": (
@@ -183,7 +189,7 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " maglev_lb_config least_request_lb_config load_assignment circuit_breakers"
             " dns_refresh_rate dns_lookup_family per_connection_buffer_limit_bytes"
             " typed_extension_protocol_options max_requests_per_connection common_lb_config"
-            " outlier_detection health_checks metadata"
+            " outlier_detection health_checks metadata eds_cluster_config"
         ),
         # metadata changes nothing in Envoy; shoal reads filter_metadata["shoal.circuit_breaker"]
         # (config/envoy_breaker.py) and ignores every other key
@@ -255,18 +261,16 @@ _SUPPORTED_AT: dict[tuple[str, str], frozenset[str]] = {
 
 # Better reasons than "field not supported by shoal" for fields people often set.
 _WHY_NOT: dict[tuple[str, str], str] = {
-    ("envoy.config.bootstrap.v3.Bootstrap", "dynamic_resources"): "dynamic resources need xDS",
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "rds",
-    ): "rds needs xDS; use an inline route_config",
+    ): "rds is supported in listeners from LDS only; use an inline route_config",
     (
         "envoy.config.listener.v3.FilterChain",
         "filter_chain_match",
     ): f"filter chain match {NOT_YET}",
     ("envoy.config.listener.v3.FilterChain", "transport_socket"): f"TLS {NOT_YET}",
     ("envoy.config.cluster.v3.Cluster", "transport_socket"): f"TLS {NOT_YET}",
-    ("envoy.config.cluster.v3.Cluster", "eds_cluster_config"): "EDS needs xDS",
     (
         "envoy.config.core.v3.Metadata",
         "typed_filter_metadata",

@@ -51,6 +51,7 @@ _DISCOVERY_TYPES = {
     cluster_pb2.Cluster.STATIC: DiscoveryType.STATIC,
     cluster_pb2.Cluster.STRICT_DNS: DiscoveryType.STRICT_DNS,
     cluster_pb2.Cluster.LOGICAL_DNS: DiscoveryType.LOGICAL_DNS,
+    cluster_pb2.Cluster.EDS: DiscoveryType.EDS,
 }
 _LB_POLICIES = {getattr(cluster_pb2.Cluster, policy.name): policy for policy in LbPolicy}
 _LB_CONFIGS = {
@@ -78,8 +79,7 @@ _HC_METHODS = {
 
 def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
     name = required(str(proto.name), ctx.at("name"), "name")
-    if proto.type == cluster_pb2.Cluster.EDS:
-        raise ctx.at("type").error("EDS clusters need xDS (not supported yet)")
+    eds_service_name = _eds_service_name(proto, name, ctx)
     discovery = choice(_DISCOVERY_TYPES, proto, "type", ctx)
     lb_policy = choice(_LB_POLICIES, proto, "lb_policy", ctx)
     lb_config = proto.WhichOneof("lb_config")
@@ -133,7 +133,24 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
         ),
         health_checks=_health_checks(proto, ctx),
         breaker=breaker_policy(proto, ctx),
+        eds_service_name=eds_service_name,
     )
+
+
+def _eds_service_name(proto: Message, name: str, ctx: Ctx) -> str:
+    """EDS clusters follow a ClusterLoadAssignment over ADS (the only EDS source shoal has)."""
+    eds = proto.eds_cluster_config
+    if proto.type != cluster_pb2.Cluster.EDS:
+        if proto.HasField("eds_cluster_config"):
+            raise ctx.at("eds_cluster_config").error("only EDS clusters take eds_cluster_config")
+        return ""
+    if not eds.eds_config.HasField("ads"):
+        raise ctx.at("eds_cluster_config", "eds_config").error(
+            "EDS must come over ADS (eds_config: {ads: {}})"
+        )
+    if proto.HasField("load_assignment"):
+        raise ctx.at("load_assignment").error("EDS clusters get endpoints from EDS, not inline")
+    return str(eds.service_name) or name
 
 
 def _is_prime(n: int) -> bool:
@@ -173,6 +190,11 @@ def _retry_budget(thresholds: Message, ctx: Ctx) -> dict[str, Any]:
         "retry_budget": percent / 100.0,
         "min_retry_concurrency": uint(budget, "min_retry_concurrency", 3, here),
     }
+
+
+def load_assignment(assignment: Message, ctx: Ctx) -> tuple[Endpoint, ...]:
+    """A ClusterLoadAssignment from EDS (IP endpoints only, as for STATIC clusters)."""
+    return _load_assignment(assignment, ctx, DiscoveryType.STATIC)[0]
 
 
 def _load_assignment(

@@ -500,6 +500,7 @@ class Cluster:
     outlier_detection: OutlierDetection | None = None
     health_checks: tuple[HealthCheck, ...] = ()
     breaker: CircuitBreakerPolicy | None = None  # cluster-level error-rate breaker
+    eds_service_name: str = ""  # EDS clusters: the ClusterLoadAssignment to follow
 
 
 # --- bootstrap ---------------------------------------------------------------------------------
@@ -519,9 +520,21 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class AdsSource:
+    """``dynamic_resources``: listeners and clusters from a management server over ADS."""
+
+    cluster: str  # the static cluster that reaches the server (HTTP/2, gRPC)
+    delta: bool = False  # DELTA_GRPC rather than GRPC (state of the world)
+    listeners: bool = True  # lds_config: {ads: {}}
+    clusters: bool = True  # cds_config: {ads: {}}
+    initial_fetch_timeout: Seconds = 15.0
+
+
+@dataclass(frozen=True, slots=True)
 class Bootstrap:
     listeners: tuple[Listener, ...] = ()
     clusters: tuple[Cluster, ...] = ()
     admin: Admin | None = None
     node: Node = Node()
+    ads: AdsSource | None = None
     source: str = ""  # file the config came from, for error messages and config_dump

@@ -13,7 +13,14 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from shoal.config.model import Bootstrap, Cluster, HttpConnectionManager, Listener
+from shoal.config.model import (
+    Bootstrap,
+    Cluster,
+    DiscoveryType,
+    Endpoint,
+    HttpConnectionManager,
+    Listener,
+)
 from shoal.filters.base import HttpFilter
 from shoal.filters.chain import build_filters
 from shoal.observe.stats import Histogram, Snapshot
@@ -65,6 +72,7 @@ class ProxyRuntime:
         self._flush_timer: asyncio.TimerHandle | None = None
         self.downstream_rq_time: dict[str, Histogram] = {}
         self.filters: dict[str, HttpFilter] = {}  # by stat prefix
+        self.assignments: dict[str, tuple[Endpoint, ...]] = {}  # EDS, by service name
 
     # applying config ---------------------------------------------------------------------------
 
@@ -135,6 +143,8 @@ class ProxyRuntime:
                 runtime = ClusterRuntime(config)
                 if current is not None:
                     runtime.inherit_stats(current)  # counters survive a config change
+                if config.type is DiscoveryType.EDS:
+                    runtime.set_endpoints(self.assignments.get(config.eds_service_name, ()))
                 started.append(runtime)
                 await runtime.start()
                 clusters[config.name] = runtime
@@ -143,6 +153,14 @@ class ProxyRuntime:
                 runtime.close()
             raise
         return clusters
+
+    def update_assignment(self, service_name: str, endpoints: tuple[Endpoint, ...]) -> None:
+        """EDS: new endpoints for the clusters following ``service_name``, applied in place
+        (no rebuild, so pools, outlier and health state of staying hosts are kept)."""
+        self.assignments[service_name] = endpoints
+        for cluster in self.clusters.values():
+            if cluster.config.eds_service_name == service_name:
+                cluster.set_endpoints(endpoints)
 
     def service_address(self, cluster_name: str) -> tuple[str, int] | None:
         """A host of a service cluster (the rate limit service), from the current config."""

@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 import uvloop
@@ -26,7 +27,7 @@ import yaml
 
 from shoal import __version__
 from shoal.config.envoy import bootstrap_from_dict
-from shoal.config.model import Bootstrap
+from shoal.config.model import Bootstrap, Cluster, Endpoint, Listener
 from shoal.errors import ConfigError
 from shoal.observe.stats import Snapshot, merge
 from shoal.proxy.admin import serve_admin
@@ -64,10 +65,16 @@ class ProxyProcess:
         self.started_at = time.time()
         self._mtime = 0.0
         self.state = "PRE_INITIALIZING"
+        self.static = Bootstrap()
+        self.dynamic: tuple[tuple[Listener, ...], tuple[Cluster, ...]] = ((), ())
+        self.xds: Any = None  # the AdsClient when the bootstrap has dynamic_resources
 
     async def start(self, bootstrap: Bootstrap, raw: dict[str, Any]) -> None:
         self._mtime = _mtime(self.path)
+        self.static = bootstrap
         await self.runtime.apply(bootstrap, raw)
+        if bootstrap.ads is not None:
+            await self._start_xds(bootstrap)
         # Everything loaded so far (modules, protos, config) lives as long as the process:
         # move it out of the collector's sight, so a full collection scans only what
         # requests allocate and never pauses the loop for milliseconds (p99).
@@ -81,12 +88,60 @@ class ProxyProcess:
         if self.watch:
             _spawn(self._watch())
 
+    async def _start_xds(self, bootstrap: Bootstrap) -> None:
+        """Subscribe to the management server and wait (up to the initial fetch timeout) for
+        a first config, as Envoy's init manager does before the server is LIVE."""
+        from shoal.xds.client import AdsClient  # noqa: PLC0415 (gRPC only when used)
+
+        assert bootstrap.ads is not None
+        self.xds = client = AdsClient(bootstrap.ads, bootstrap.node, self)
+        _spawn(client.run())
+        try:
+            await asyncio.wait_for(client.initialized.wait(), bootstrap.ads.initial_fetch_timeout)
+        except TimeoutError:
+            log.warning("no config from the management server yet: serving the static part")
+
+    def _composed(self) -> Bootstrap:
+        listeners, clusters = self.dynamic
+        return replace(
+            self.static,
+            listeners=self.static.listeners + listeners,
+            clusters=self.static.clusters + clusters,
+        )
+
+    # XdsSink ------------------------------------------------------------------------------
+
+    async def apply_dynamic(
+        self, listeners: tuple[Listener, ...], clusters: tuple[Cluster, ...]
+    ) -> None:
+        static_names = {c.name for c in self.static.clusters}
+        if clash := sorted(static_names & {c.name for c in clusters}):
+            raise ConfigError(f"cluster {clash[0]!r} is static and cannot come from CDS")
+        previous = self.dynamic
+        self.dynamic = (listeners, clusters)
+        try:
+            await self.runtime.apply(self._composed())
+        except BaseException:
+            self.dynamic = previous
+            raise
+
+    def update_assignment(self, service_name: str, endpoints: tuple[Endpoint, ...]) -> None:
+        self.runtime.update_assignment(service_name, endpoints)
+
+    def server_address(self, cluster: str) -> tuple[str, int] | None:
+        return self.runtime.service_address(cluster)
+
     async def reload(self) -> bool:
         """Apply the file again; an invalid file is logged and the running config stays."""
         self._mtime = _mtime(self.path)
         try:
             bootstrap, raw = read_config(self.path)
-            await self.runtime.apply(bootstrap, raw)
+            previous, self.static = self.static, bootstrap
+            try:
+                await self.runtime.apply(self._composed(), raw)
+            except BaseException:
+                self.static = previous
+                raise
         except ConfigError as exc:
             log.error("config rejected, keeping version %d: %s", self.runtime.config_version, exc)
             return False

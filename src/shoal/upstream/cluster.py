@@ -184,6 +184,10 @@ class ClusterRuntime:
         if config.type is DiscoveryType.STATIC:
             self.set_hosts([_host(ep, ep.address) for ep in config.endpoints])
 
+    def set_endpoints(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """An EDS update: the cluster's endpoints as the management server lists them."""
+        self.set_hosts([_host(ep, ep.address) for ep in endpoints])
+
     def set_hosts(self, hosts: list[Host]) -> None:
         """Install a new host set, keeping the live state of hosts that stay. With active
         health checking, a new host starts failed until its first check passes (Envoy)."""

@@ -1,0 +1,751 @@
+"""Mesh model + Istio rules → Envoy xDS v3 resources.
+
+One translation serves Shoal proxies, real Envoy and proxyless gRPC, so it emits only what
+all three understand: EDS clusters with locality weights, RDS over ADS, routes with weighted
+clusters, header matches, retries, timeouts and per-route fault config.
+
+Naming follows Istio, so that people who know Istio read the config dumps at once:
+clusters ``outbound|<port>|<subset>|<host>`` (their EDS service name is the same), the
+sidecar's HTTP route table ``outbound``, its listeners ``outbound`` and ``inbound``, and
+for a gRPC client the Listener and RouteConfiguration named exactly as it dialled
+(``host`` or ``host:port``).
+
+Resources are built as plain dicts (the YAML shape everyone knows from Envoy's docs) and
+parsed into protos once per change; a service's resources are cached by their inputs, so
+an endpoint change re-translates one service, not the mesh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import Message
+
+from shoal.pilot.api.model import (
+    ConnectionPool,
+    Destination,
+    DestinationRule,
+    HeaderOperations,
+    Headers,
+    HTTPFaultInjection,
+    HTTPMatchRequest,
+    HTTPRoute,
+    OutlierDetection,
+    RuleSet,
+    StringMatch,
+    TrafficPolicy,
+    VirtualService,
+)
+from shoal.pilot.model import Instance, RegistrySnapshot, Service, ServicePort
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+TYPE_URLS = (CLUSTER, ENDPOINT, LISTENER, ROUTE)  # the order Envoy wants updates in
+
+HCM = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+FAULT_FILTER = "envoy.filters.http.fault"
+ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+OUTBOUND_ROUTES = "outbound"
+HTTP_PROTOCOLS = frozenset({"HTTP"})
+GRPC_PROTOCOLS = frozenset({"GRPC", "HTTP2"})
+ISTIO_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One xDS resource, packed once; ``version`` is a digest of its bytes, so equal content
+    means equal version however often it is rebuilt."""
+
+    name: str
+    version: str
+    body: any_pb2.Any
+
+
+def pack(name: str, message: Message) -> Resource:
+    body = any_pb2.Any()
+    body.Pack(message)
+    digest = hashlib.blake2b(body.value, digest_size=8).hexdigest()
+    return Resource(name, digest, body)
+
+
+def parse(proto_type: type[Message], data: Mapping[str, Any]) -> Message:
+    message = proto_type()
+    json_format.ParseDict(data, message)
+    return message
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What pilot knows of a client from its Node (see the node metadata in docs/pilot.md)."""
+
+    id: str
+    service: str = ""  # host of the local service
+    service_port: int | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    app_address: tuple[str, int] | None = None
+    inbound_address: tuple[str, int] = ("127.0.0.1", 15006)
+    outbound_address: tuple[str, int] = ("127.0.0.1", 15001)
+
+    @property
+    def has_inbound(self) -> bool:
+        return bool(self.service) and self.app_address is not None
+
+
+def cluster_name(host: str, port: int, subset: str = "") -> str:
+    return f"outbound|{port}|{subset}|{host}"
+
+
+def inbound_cluster_name(node: NodeInfo) -> str:
+    return f"inbound|{node.inbound_address[1]}||{node.service}"
+
+
+# --- the snapshot ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class MeshSnapshot:
+    """Every shared resource of one mesh version, plus what is built per client on demand."""
+
+    services: dict[str, Service]
+    clusters: dict[str, Resource]
+    endpoints: dict[str, Resource]
+    outbound_routes: Resource
+    virtual_hosts: dict[str, list[dict[str, Any]]]  # host -> per-port vhost dicts
+    ports: dict[str, tuple[ServicePort, ...]]
+    fault_used: bool
+    _named: dict[tuple[str, str], Resource | None] = field(default_factory=dict)
+
+    def lookup(self, type_url: str, name: str) -> Resource | None:
+        """A resource asked for by name (what gRPC clients do for every type)."""
+        key = (type_url, name)
+        if key not in self._named:
+            self._named[key] = self._build_named(type_url, name)
+        return self._named[key]
+
+    def _build_named(self, type_url: str, name: str) -> Resource | None:
+        if type_url == CLUSTER:
+            return self.clusters.get(name)
+        if type_url == ENDPOINT:
+            return self.endpoints.get(name)
+        if type_url == ROUTE:
+            if name == OUTBOUND_ROUTES:
+                return self.outbound_routes
+            return self._grpc_routes(name)
+        if type_url == LISTENER:
+            return self._grpc_listener(name)
+        return None
+
+    def _target(self, name: str) -> tuple[str, dict[str, Any]] | None:
+        """The virtual host a gRPC client dialling ``xds:///name`` gets."""
+        host, _, port_text = name.rpartition(":")
+        if not host or not port_text.isdigit():
+            host, port_text = name, ""
+        ports = self.ports.get(host)
+        if not ports:
+            return None
+        port = int(port_text) if port_text else ports[0].number
+        for vhost in self.virtual_hosts.get(host, []):
+            if vhost["_port"] == port:
+                public = {k: v for k, v in vhost.items() if not k.startswith("_")}
+                return host, {**public, "name": name, "domains": [name]}
+        return None
+
+    def _grpc_routes(self, name: str) -> Resource | None:
+        target = self._target(name)
+        if target is None:
+            return None
+        config = {"name": name, "virtual_hosts": [target[1]]}
+        return pack(name, parse(route_pb2.RouteConfiguration, config))
+
+    def _grpc_listener(self, name: str) -> Resource | None:
+        if self._target(name) is None:
+            return None
+        manager = _http_connection_manager(
+            name, {"rds": {"config_source": ADS, "route_config_name": name}}, self.fault_used
+        )
+        listener = {"name": name, "api_listener": {"api_listener": manager}}
+        return pack(name, parse(listener_pb2.Listener, listener))
+
+    def sidecar_listeners(self, node: NodeInfo) -> dict[str, Resource]:
+        outbound = _http_listener(
+            "outbound",
+            node.outbound_address,
+            {"rds": {"config_source": ADS, "route_config_name": OUTBOUND_ROUTES}},
+            self.fault_used,
+        )
+        listeners = {"outbound": pack("outbound", parse(listener_pb2.Listener, outbound))}
+        if node.has_inbound:
+            inbound = _http_listener(
+                "inbound",
+                node.inbound_address,
+                {
+                    "route_config": {
+                        "name": "inbound",
+                        "virtual_hosts": [
+                            {
+                                "name": "inbound",
+                                "domains": ["*"],
+                                "routes": [
+                                    {
+                                        "match": {"prefix": "/"},
+                                        "route": {
+                                            "cluster": inbound_cluster_name(node),
+                                            "timeout": "0s",
+                                        },
+                                    }
+                                ],
+                            }
+                        ],
+                    }
+                },
+                False,
+            )
+            listeners["inbound"] = pack("inbound", parse(listener_pb2.Listener, inbound))
+        return listeners
+
+    def sidecar_clusters(self, node: NodeInfo) -> dict[str, Resource]:
+        if not node.has_inbound:
+            return self.clusters
+        assert node.app_address is not None
+        name = inbound_cluster_name(node)
+        inbound = {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "10s",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [{"lb_endpoints": [_lb_endpoint(*node.app_address)]}],
+            },
+        }
+        return {**self.clusters, name: pack(name, parse(cluster_pb2.Cluster, inbound))}
+
+
+def _http_connection_manager(
+    stat_prefix: str, routes: dict[str, Any], fault: bool
+) -> dict[str, Any]:
+    filters: list[dict[str, Any]] = []
+    if fault:
+        filters.append({"name": FAULT_FILTER, "typed_config": {"@type": FAULT}})
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}})
+    return {"@type": HCM, "stat_prefix": stat_prefix, **routes, "http_filters": filters}
+
+
+def _http_listener(
+    name: str, address: tuple[str, int], routes: dict[str, Any], fault: bool
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": address[0], "port_value": address[1]}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": _http_connection_manager(name, routes, fault),
+                    }
+                ]
+            }
+        ],
+    }
+
+
+# --- translation -----------------------------------------------------------------------------
+
+
+class Translator:
+    """Keeps the last translation of each service, keyed by everything it depends on."""
+
+    def __init__(self) -> None:
+        self._cluster_cache: dict[Any, dict[str, Resource]] = {}
+        self._endpoint_cache: dict[Any, Resource] = {}
+
+    def translate(self, registry: RegistrySnapshot, rules: RuleSet) -> MeshSnapshot:
+        services = {s.host: s for s in registry.services}
+        instances: dict[str, list[Instance]] = defaultdict(list)
+        for instance in registry.instances:
+            instances[instance.host].append(instance)
+            if instance.host not in services:  # an instance without a service definition
+                port = ServicePort(instance.service_port)
+                services[instance.host] = Service(instance.host, (port,), source=instance.source)
+        rules_for = _RulesIndex(rules, services)
+        clusters: dict[str, Resource] = {}
+        endpoints: dict[str, Resource] = {}
+        cluster_cache: dict[Any, dict[str, Resource]] = {}
+        endpoint_cache: dict[Any, Resource] = {}
+        virtual_hosts: dict[str, list[dict[str, Any]]] = {}
+        fault_used = False
+        for host in sorted(services):
+            service = services[host]
+            rule = rules_for.destination_rule(host)
+            dns = tuple(instances[host]) if service.resolution == "DNS" else ()
+            key = (service, rule, dns)
+            built = self._cluster_cache.get(key) or _clusters(service, rule, instances[host])
+            cluster_cache[key] = built
+            clusters.update(built)
+            if service.resolution == "STATIC":
+                for port in service.ports:
+                    for subset, labels in _subsets(rule):
+                        name = cluster_name(host, port.number, subset)
+                        chosen = tuple(
+                            i
+                            for i in instances[host]
+                            if i.service_port == port.number and i.matches(labels)
+                        )
+                        ekey = (name, chosen)
+                        assignment = self._endpoint_cache.get(ekey) or _assignment(name, chosen)
+                        endpoint_cache[ekey] = assignment
+                        endpoints[name] = assignment
+            vhosts = []
+            first_http = next((p for p in service.ports if p.protocol in HTTP_PROTOCOLS), None)
+            for port in (p for p in service.ports if _routable(p)):
+                vhost = _virtual_host(service, port, port is first_http, rules_for)
+                fault_used = fault_used or vhost.pop("_fault")
+                vhosts.append(vhost)
+            virtual_hosts[host] = vhosts
+        self._cluster_cache, self._endpoint_cache = cluster_cache, endpoint_cache
+        outbound = {
+            "name": OUTBOUND_ROUTES,
+            "virtual_hosts": [
+                {k: v for k, v in vhost.items() if not k.startswith("_")}
+                for host in sorted(virtual_hosts)
+                for vhost in virtual_hosts[host]
+                if vhost["_http"]
+            ],
+        }
+        return MeshSnapshot(
+            services=services,
+            clusters=clusters,
+            endpoints=endpoints,
+            outbound_routes=pack(OUTBOUND_ROUTES, parse(route_pb2.RouteConfiguration, outbound)),
+            virtual_hosts=virtual_hosts,
+            ports={host: s.ports for host, s in services.items()},
+            fault_used=fault_used,
+        )
+
+
+def _routable(port: ServicePort) -> bool:
+    return port.protocol in HTTP_PROTOCOLS or port.protocol in GRPC_PROTOCOLS
+
+
+class _RulesIndex:
+    """Rules by the service host they apply to (short names and ``*.`` wildcards resolved)."""
+
+    def __init__(self, rules: RuleSet, services: Mapping[str, Service]) -> None:
+        self.services = services
+        self.rules: dict[str, DestinationRule] = {}
+        for rule in rules.destination_rules:
+            for host in _hosts_matching(rule.host, services):
+                self.rules.setdefault(host, rule)
+        self.virtual: dict[str, list[VirtualService]] = defaultdict(list)
+        for vs in rules.virtual_services:
+            for pattern in vs.hosts:
+                for host in _hosts_matching(pattern, services):
+                    if vs not in self.virtual[host]:
+                        self.virtual[host].append(vs)
+
+    def destination_rule(self, host: str) -> DestinationRule | None:
+        return self.rules.get(host)
+
+    def resolve(self, destination: Destination) -> Service | None:
+        found = _hosts_matching(destination.host, self.services)
+        return self.services[found[0]] if found else None
+
+
+def _hosts_matching(pattern: str, services: Iterable[str]) -> list[str]:
+    """Istio's host matching: exact, a short name of ``name.namespace...``, or ``*.suffix``."""
+    if pattern == "*":
+        return sorted(services)
+    if pattern.startswith("*."):
+        return sorted(h for h in services if h.endswith(pattern[1:]))
+    return sorted(h for h in services if h == pattern or h.startswith(pattern + "."))
+
+
+def _subsets(rule: DestinationRule | None) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    return [("", ())] + ([(s.name, s.labels) for s in rule.subsets] if rule else [])
+
+
+def _merged_policy(rule: DestinationRule | None, subset: str) -> TrafficPolicy | None:
+    """A subset's policy replaces the top-level one field by field, as in Istio."""
+    if rule is None:
+        return None
+    top = rule.traffic_policy
+    own = next((s.traffic_policy for s in rule.subsets if s.name == subset), None)
+    if own is None or top is None:
+        return own or top
+    return TrafficPolicy(
+        load_balancer=own.load_balancer or top.load_balancer,
+        connection_pool=own.connection_pool or top.connection_pool,
+        outlier_detection=own.outlier_detection or top.outlier_detection,
+    )
+
+
+def _clusters(
+    service: Service, rule: DestinationRule | None, instances: list[Instance]
+) -> dict[str, Resource]:
+    built = {}
+    for port in service.ports:
+        for subset, _labels in _subsets(rule):
+            name = cluster_name(service.host, port.number, subset)
+            data: dict[str, Any] = {"name": name, "connect_timeout": "10s"}
+            if service.resolution == "DNS":
+                chosen = [i for i in instances if i.service_port == port.number]
+                data["type"] = "STRICT_DNS"
+                data["load_assignment"] = _assignment_dict(name, chosen)
+            else:
+                data["type"] = "EDS"
+                data["eds_cluster_config"] = {"eds_config": ADS, "service_name": name}
+            if port.protocol in GRPC_PROTOCOLS:
+                data["typed_extension_protocol_options"] = _protocol_options(
+                    {"http2_protocol_options": {}}, None
+                )
+            _apply_policy(data, _merged_policy(rule, subset))
+            built[name] = pack(name, parse(cluster_pb2.Cluster, data))
+    return built
+
+
+def _protocol_options(explicit: dict[str, Any], common: dict[str, Any] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": explicit,
+    }
+    if common:
+        options["common_http_protocol_options"] = common
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
+
+
+def _apply_policy(data: dict[str, Any], policy: TrafficPolicy | None) -> None:
+    if policy is None:
+        return
+    balancer = policy.load_balancer
+    if balancer is not None:
+        if balancer.consistent_hash is not None:
+            data["lb_policy"] = "RING_HASH"
+            if balancer.consistent_hash.minimum_ring_size:
+                data["ring_hash_lb_config"] = {
+                    "minimum_ring_size": balancer.consistent_hash.minimum_ring_size
+                }
+        elif balancer.simple in ("LEAST_REQUEST", "RANDOM"):
+            data["lb_policy"] = balancer.simple
+    if policy.connection_pool is not None:
+        _apply_connection_pool(data, policy.connection_pool)
+    if policy.outlier_detection is not None:
+        data["outlier_detection"] = _outlier_detection(policy.outlier_detection)
+
+
+def _apply_connection_pool(data: dict[str, Any], pool: ConnectionPool) -> None:
+    thresholds = {
+        key: value
+        for key, value in (
+            ("max_connections", pool.max_connections),
+            ("max_pending_requests", pool.http1_max_pending_requests),
+            ("max_requests", pool.http2_max_requests),
+            ("max_retries", pool.max_retries),
+        )
+        if value is not None
+    }
+    if thresholds:
+        data["circuit_breakers"] = {"thresholds": [thresholds]}
+    if pool.connect_timeout is not None:
+        data["connect_timeout"] = _duration(pool.connect_timeout)
+    common: dict[str, Any] = {}
+    if pool.idle_timeout is not None:
+        common["idle_timeout"] = _duration(pool.idle_timeout)
+    if pool.max_requests_per_connection is not None:
+        common["max_requests_per_connection"] = pool.max_requests_per_connection
+    if common:
+        options = data.get("typed_extension_protocol_options")
+        explicit: dict[str, Any] = (
+            {"http2_protocol_options": {}} if options is not None else {"http_protocol_options": {}}
+        )
+        data["typed_extension_protocol_options"] = _protocol_options(explicit, common)
+
+
+def _outlier_detection(outlier: OutlierDetection) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if outlier.consecutive_5xx_errors is not None:
+        data["consecutive_5xx"] = outlier.consecutive_5xx_errors
+    if outlier.consecutive_gateway_errors is not None:
+        data["consecutive_gateway_failure"] = outlier.consecutive_gateway_errors
+        data["enforcing_consecutive_gateway_failure"] = 100
+    if outlier.interval is not None:
+        data["interval"] = _duration(outlier.interval)
+    if outlier.base_ejection_time is not None:
+        data["base_ejection_time"] = _duration(outlier.base_ejection_time)
+    if outlier.max_ejection_percent is not None:
+        data["max_ejection_percent"] = outlier.max_ejection_percent
+    return data
+
+
+def _lb_endpoint(address: str, port: int, weight: int = 1, healthy: bool = True) -> dict[str, Any]:
+    return {
+        "endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}},
+        "load_balancing_weight": max(1, weight),
+        "health_status": "HEALTHY" if healthy else "UNHEALTHY",
+    }
+
+
+def _assignment_dict(name: str, instances: Iterable[Instance]) -> dict[str, Any]:
+    """Endpoints grouped by locality; every locality has a weight (gRPC drops those
+    without one)."""
+    localities: dict[str, list[Instance]] = defaultdict(list)
+    for instance in instances:
+        localities[instance.locality].append(instance)
+    groups = []
+    for locality in sorted(localities):
+        members = sorted(localities[locality], key=lambda i: (i.address, i.port))
+        region, zone, subzone = ([*locality.split("/"), "", ""])[:3]
+        group: dict[str, Any] = {
+            "lb_endpoints": [_lb_endpoint(i.address, i.port, i.weight, i.healthy) for i in members],
+            "load_balancing_weight": sum(max(1, i.weight) for i in members),
+        }
+        if locality:
+            group["locality"] = {"region": region, "zone": zone, "sub_zone": subzone}
+        groups.append(group)
+    return {"cluster_name": name, "endpoints": groups}
+
+
+def _assignment(name: str, instances: Iterable[Instance]) -> Resource:
+    message = parse(endpoint_pb2.ClusterLoadAssignment, _assignment_dict(name, instances))
+    return pack(name, message)
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+def _virtual_host(
+    service: Service, port: ServicePort, first: bool, rules: _RulesIndex
+) -> dict[str, Any]:
+    host = service.host
+    domains = [f"{host}:{port.number}"] + ([host] if first else [])
+    routes: list[dict[str, Any]] = []
+    fault = False
+    virtual_services = rules.virtual.get(host, [])
+    for vs in virtual_services:
+        for http in vs.http:
+            for route in _routes(http, service, port, rules):
+                routes.append(route)
+                fault = fault or FAULT_FILTER in route.get("typed_per_filter_config", {})
+    if not virtual_services:
+        routes.append(
+            {
+                "name": "default",
+                "match": {"prefix": "/"},
+                "route": _route_action([(Destination(host, port=port.number), 0)], port, rules),
+            }
+        )
+    return {
+        "name": f"{host}:{port.number}",
+        "domains": domains,
+        "routes": routes,
+        "_port": port.number,
+        "_http": port.protocol in HTTP_PROTOCOLS,
+        "_fault": fault,
+    }
+
+
+def _routes(
+    http: HTTPRoute, service: Service, port: ServicePort, rules: _RulesIndex
+) -> list[dict[str, Any]]:
+    matches = [m for m in http.match if m.port in (None, port.number)] if http.match else [None]
+    if not matches:
+        return []
+    destinations = [(d.destination, d.weight) for d in http.route]
+    action = _route_action(destinations, port, rules, http)
+    route: dict[str, Any] = {"route": action}
+    if http.name:
+        route["name"] = http.name
+    per_destination = [d.headers for d in http.route]
+    if len(http.route) == 1 and per_destination[0] is not None:
+        _header_operations(route, per_destination[0])
+    elif len(http.route) > 1:
+        for cluster, headers in zip(
+            action["weighted_clusters"]["clusters"], per_destination, strict=True
+        ):
+            if headers is not None:
+                _header_operations(cluster, headers)
+    if http.headers is not None:
+        _header_operations(route, http.headers)
+    if http.fault is not None:
+        route["typed_per_filter_config"] = {FAULT_FILTER: _fault(http.fault)}
+    return [{**route, "match": _match(match)} for match in matches]
+
+
+def _route_action(
+    destinations: list[tuple[Destination, int]],
+    port: ServicePort,
+    rules: _RulesIndex,
+    http: HTTPRoute | None = None,
+) -> dict[str, Any]:
+    names = []
+    hash_policy: list[dict[str, Any]] = []
+    for destination, weight in destinations:
+        target = rules.resolve(destination)
+        host = target.host if target else destination.host
+        number = destination.port
+        if number is None:
+            number = target.ports[0].number if target and len(target.ports) == 1 else port.number
+        names.append((cluster_name(host, number, destination.subset), weight))
+        if not hash_policy:
+            hash_policy = _hash_policy(rules.destination_rule(host), destination.subset)
+    action: dict[str, Any]
+    if len(names) == 1:
+        action = {"cluster": names[0][0]}
+    else:
+        action = {
+            "weighted_clusters": {
+                "clusters": [{"name": name, "weight": weight} for name, weight in names]
+            }
+        }
+    action["timeout"] = _duration(http.timeout) if http and http.timeout is not None else "0s"
+    if hash_policy:
+        action["hash_policy"] = hash_policy
+    if http is not None and http.rewrite is not None:
+        if http.rewrite.uri:
+            action["prefix_rewrite"] = http.rewrite.uri
+        if http.rewrite.authority:
+            action["host_rewrite_literal"] = http.rewrite.authority
+    if http is not None and http.mirror is not None:
+        mirror_port = http.mirror.port or port.number
+        policy: dict[str, Any] = {
+            "cluster": cluster_name(http.mirror.host, mirror_port, http.mirror.subset)
+        }
+        if http.mirror_percentage is not None:
+            policy["runtime_fraction"] = {"default_value": _fraction(http.mirror_percentage)}
+        action["request_mirror_policies"] = [policy]
+    action["retry_policy"] = _retry_policy(http)
+    return action
+
+
+def _retry_policy(http: HTTPRoute | None) -> dict[str, Any]:
+    """Istio's default when a route says nothing: two retries on connection failures and
+    503s."""
+    retries = http.retries if http is not None else None
+    if retries is None:
+        return {
+            "retry_on": ISTIO_RETRY_ON,
+            "num_retries": 2,
+            "retriable_status_codes": [503],
+        }
+    policy: dict[str, Any] = {
+        "retry_on": retries.retry_on or ISTIO_RETRY_ON,
+        "num_retries": retries.attempts,
+    }
+    if "retriable-status-codes" in policy["retry_on"]:
+        policy["retriable_status_codes"] = [503]
+    if retries.per_try_timeout is not None:
+        policy["per_try_timeout"] = _duration(retries.per_try_timeout)
+    return policy
+
+
+def _hash_policy(rule: DestinationRule | None, subset: str) -> list[dict[str, Any]]:
+    policy = _merged_policy(rule, subset)
+    balancer = policy.load_balancer if policy else None
+    chash = balancer.consistent_hash if balancer else None
+    if chash is None:
+        return []
+    if chash.http_header_name:
+        return [{"header": {"header_name": chash.http_header_name}}]
+    if chash.http_cookie:
+        cookie: dict[str, Any] = {"name": chash.http_cookie}
+        if chash.http_cookie_ttl is not None:
+            cookie["ttl"] = _duration(chash.http_cookie_ttl)
+        return [{"cookie": cookie}]
+    if chash.use_source_ip:
+        return [{"connection_properties": {"source_ip": True}}]
+    if chash.http_query_parameter_name:
+        return [{"query_parameter": {"name": chash.http_query_parameter_name}}]
+    return []
+
+
+def _string_match(match: StringMatch) -> dict[str, Any]:
+    if match.kind == "regex":
+        return {"safe_regex": {"regex": match.value}}
+    return {match.kind: match.value}
+
+
+def _match(match: HTTPMatchRequest | None) -> dict[str, Any]:
+    if match is None:
+        return {"prefix": "/"}
+    data: dict[str, Any] = {"prefix": "/"}
+    if match.uri is not None:
+        kind = {"exact": "path", "prefix": "prefix", "regex": "safe_regex"}[match.uri.kind]
+        data = {kind: {"regex": match.uri.value} if kind == "safe_regex" else match.uri.value}
+        if match.ignore_uri_case:
+            data["case_sensitive"] = False
+    headers: list[dict[str, Any]] = [
+        {"name": name, "string_match": _string_match(value)} for name, value in match.headers
+    ]
+    headers += [
+        {"name": name, "string_match": _string_match(value), "invert_match": True}
+        for name, value in match.without_headers
+    ]
+    if match.method is not None:
+        headers.append({"name": ":method", "string_match": _string_match(match.method)})
+    if match.authority is not None:
+        headers.append({"name": ":authority", "string_match": _string_match(match.authority)})
+    if headers:
+        data["headers"] = headers
+    if match.query_params:
+        data["query_parameters"] = [
+            {"name": name, "string_match": _string_match(value)}
+            for name, value in match.query_params
+        ]
+    return data
+
+
+def _header_operations(target: dict[str, Any], headers: Headers) -> None:
+    for direction, ops in (("request", headers.request), ("response", headers.response)):
+        _add_header_ops(target, direction, ops)
+
+
+def _add_header_ops(target: dict[str, Any], direction: str, ops: HeaderOperations) -> None:
+    options = [
+        {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        for k, v in ops.set
+    ] + [
+        {"header": {"key": k, "value": v}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
+        for k, v in ops.add
+    ]
+    if options:
+        target.setdefault(f"{direction}_headers_to_add", []).extend(options)
+    if ops.remove:
+        target.setdefault(f"{direction}_headers_to_remove", []).extend(ops.remove)
+
+
+def _fraction(percent: float) -> dict[str, Any]:
+    return {"numerator": round(percent * 10_000), "denominator": "MILLION"}
+
+
+def _fault(fault: HTTPFaultInjection) -> dict[str, Any]:
+    data: dict[str, Any] = {"@type": FAULT}
+    if fault.delay is not None:
+        data["delay"] = {
+            "fixed_delay": _duration(fault.delay.fixed_delay),
+            "percentage": _fraction(fault.delay.percentage),
+        }
+    if fault.abort is not None:
+        data["abort"] = {
+            "http_status": fault.abort.http_status,
+            "percentage": _fraction(fault.abort.percentage),
+        }
+    return data
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
