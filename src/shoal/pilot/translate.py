@@ -27,6 +27,12 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
@@ -52,6 +58,8 @@ ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 TYPE_URLS = (CLUSTER, ENDPOINT, LISTENER, ROUTE)  # the order Envoy wants updates in
+# The extensions the translation packs into Any fields (ParseDict looks them up by name).
+EXTENSIONS = (fault_pb2, router_pb2, http_connection_manager_pb2, http_protocol_options_pb2)
 
 HCM = (
     "type.googleapis.com/"

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -161,7 +160,7 @@ class AdsClient:
                 if self.source.delta
                 else stub.StreamAggregatedResources
             )
-            call = method(self._requests())
+            call = method(_Outbox(self._outbox))
             async for response in call:
                 if not answered:
                     log.info("xDS stream to %s established", target)
@@ -169,10 +168,6 @@ class AdsClient:
                     self.stats["connected_state"] = 1
                 await self._handle(response)
         return answered
-
-    async def _requests(self) -> AsyncIterator[Any]:
-        while True:
-            yield await self._outbox.get()
 
     def _send(self, request: Any) -> None:
         self._outbox.put_nowait(request)
@@ -386,6 +381,20 @@ class AdsClient:
         self._warming_since = {name: 0.0 for name in self._warming_since}
         task = asyncio.get_running_loop().create_task(self._apply())
         task.add_done_callback(_log_failure)
+
+
+class _Outbox:
+    """The request stream: an async iterator (not a generator, which gRPC could not close
+    while it waits) over the queue of requests to send."""
+
+    def __init__(self, queue: asyncio.Queue[Any]) -> None:
+        self.queue = queue
+
+    def __aiter__(self) -> _Outbox:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.queue.get()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

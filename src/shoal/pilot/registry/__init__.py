@@ -1,0 +1,1 @@
+"""Where services come from: one Registry interface, several sources."""

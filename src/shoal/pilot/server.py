@@ -1,0 +1,248 @@
+"""``shoal pilot``: registries and rules in, one debounced translation, xDS out.
+
+Every source (each registry, the config dir, connected sidecars) reports "something
+changed"; pilot waits for a quiet ``debounce`` (at most ``max_delay`` after the first
+change), translates once and publishes the snapshot; the ADS sessions then send each client
+only what changed for it. An invalid rule set is logged with its file, resource and field,
+and the last valid one stays in force, so a typo never reaches a proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from shoal.errors import ShoalError
+from shoal.pilot.api.model import RuleSet
+from shoal.pilot.api.store import ConfigDir
+from shoal.pilot.http import Reply, Routes, json_reply, serve_http
+from shoal.pilot.model import MergedRegistries, Registry
+from shoal.pilot.registry.embedded import EmbeddedRegistry
+from shoal.pilot.registry.files import FilesRegistry
+from shoal.pilot.registry.proxies import ConnectedProxies
+from shoal.pilot.rest import registry_routes, services_json
+from shoal.pilot.translate import Translator
+from shoal.pilot.xds import AggregatedDiscovery, Mesh
+
+log = logging.getLogger("shoal.pilot")
+
+DEFAULT_REGISTRY_PATH = "~/.local/state/shoal/registry.db"
+
+
+class StartError(ShoalError):
+    """Pilot cannot start: an address in use, a bad registry spec."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    config_dir: str
+    xds_address: str = "127.0.0.1:15010"
+    http_address: str = "127.0.0.1:15014"
+    registries: tuple[str, ...] = ("embedded",)
+    debounce: float = 0.1
+    max_delay: float = 1.0
+    watch_interval: float = 0.5
+    grace: float = 1.0
+
+
+def split_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise StartError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def registry_from_spec(spec: str) -> Registry:
+    """``embedded[:PATH]``, ``etcd://HOST:PORT[/PREFIX]``, ``zookeeper://HOSTS[/ROOT]``."""
+    if spec == "embedded" or spec.startswith("embedded:"):
+        path = Path(spec.partition(":")[2] or DEFAULT_REGISTRY_PATH).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return EmbeddedRegistry(str(path))
+    scheme, sep, rest = spec.partition("://")
+    if sep and scheme in ("etcd", "zookeeper"):
+        where, slash, root = rest.partition("/")
+        if scheme == "etcd":
+            from shoal.pilot.registry.etcd import EtcdRegistry  # noqa: PLC0415 (optional client)
+
+            return EtcdRegistry(where, f"/{root}" if slash else "/shoal")
+        from shoal.pilot.registry.zookeeper import ZooKeeperRegistry  # noqa: PLC0415
+
+        return ZooKeeperRegistry(where, f"/{root}" if slash else "/dubbo")
+    raise StartError(
+        f"unknown registry {spec!r} (use embedded[:PATH], etcd://HOST:PORT[/PREFIX] or "
+        "zookeeper://HOST:PORT[,HOST:PORT...][/ROOT])"
+    )
+
+
+class Pilot:
+    def __init__(self, settings: Settings, registries: list[Registry]) -> None:
+        self.settings = settings
+        self.registries = registries
+        self.rules = RuleSet()
+        self.pushes = 0
+        self.proxies = ConnectedProxies()
+        self.files = FilesRegistry()
+        self.merged = MergedRegistries([*self.registries, self.files, self.proxies])
+        self.config_dir = ConfigDir(self.settings.config_dir)
+        self.translator = Translator()
+        self._load_rules(self.config_dir.load())
+        self.mesh = Mesh(self.translator.translate(self.merged.snapshot(), self.rules))
+        self._timer: asyncio.TimerHandle | None = None
+        self._first_change = 0.0
+        self.ready = False
+
+    # change handling ------------------------------------------------------------------------
+
+    def changed(self) -> None:
+        """Debounce: translate after ``debounce`` of quiet, or ``max_delay`` after the first
+        change of a burst, whichever comes first."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._timer is None:
+            self._first_change = now
+        else:
+            self._timer.cancel()
+        delay = min(self.settings.debounce, self._first_change + self.settings.max_delay - now)
+        self._timer = loop.call_later(max(delay, 0.0), self.push)
+
+    def push(self) -> None:
+        self._timer = None
+        snapshot = self.translator.translate(self.merged.snapshot(), self.rules)
+        self.mesh.publish(snapshot)
+        self.pushes += 1
+        log.info(
+            "push %d: %d services, %d clusters, %d clients",
+            self.mesh.version,
+            len(snapshot.services),
+            len(snapshot.clusters),
+            len(self.mesh.sessions),
+        )
+
+    def _load_rules(self, rules: RuleSet) -> bool:
+        """Take a new rule set if it is valid; otherwise log why and keep the running one."""
+        if rules.errors:
+            for error in rules.errors:
+                log.error("rules rejected: %s", error)
+            log.error(
+                "%d error(s) in %s: the last valid rules stay in force",
+                len(rules.errors),
+                self.settings.config_dir,
+            )
+            return False
+        self.rules = rules
+        self.files.update(rules)
+        return True
+
+    def _rules_changed(self, rules: RuleSet) -> None:
+        if self._load_rules(rules):
+            self.changed()
+
+    # serving --------------------------------------------------------------------------------
+
+    def http_routes(self) -> Routes:
+        async def ready(method: str, path: str, query: str, body: bytes) -> Reply:
+            return (200 if self.ready else 503), "text/plain", b"LIVE\n" if self.ready else b"\n"
+
+        async def debug(method: str, path: str, query: str, body: bytes) -> Reply:
+            return json_reply(
+                200,
+                {
+                    "version": self.mesh.version,
+                    "pushes": self.pushes,
+                    "nacks": self.mesh.nacks,
+                    "clients": sorted(s.label() for s in self.mesh.sessions if s.node is not None),
+                    "services": services_json(self.merged.snapshot()),
+                },
+            )
+
+        routes: dict[tuple[str, str], Callable[..., object]] = {
+            ("GET", "/ready"): ready,
+            ("GET", "/debug/mesh"): debug,
+        }
+        embedded = next((r for r in self.registries if isinstance(r, EmbeddedRegistry)), None)
+        if embedded is not None:
+            routes.update(registry_routes(embedded, self.merged.snapshot))
+        return routes  # type: ignore[return-value]
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        xds_host, xds_port = split_address(self.settings.xds_address)
+        http_host, http_port = split_address(self.settings.http_address)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ]
+        )
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+            AggregatedDiscovery(self.mesh, self.proxies.connected, self.proxies.disconnected),
+            server,
+        )
+        try:
+            bound = server.add_insecure_port(f"{xds_host}:{xds_port}")
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise StartError(f"cannot listen on {self.settings.xds_address} (xDS)")
+        try:
+            http = await serve_http(http_host, http_port, self.http_routes())
+        except OSError as exc:
+            raise StartError(f"cannot listen on {self.settings.http_address}: {exc}") from exc
+        await server.start()
+        tasks = [asyncio.create_task(r.run(self.changed)) for r in self.merged.registries]
+        tasks.append(
+            asyncio.create_task(
+                self.config_dir.watch(self._rules_changed, self.settings.watch_interval)
+            )
+        )
+        self.ready = True
+        log.info(
+            "shoal pilot ready: xDS on %s:%d, HTTP on %s (pid %d)",
+            xds_host,
+            bound,
+            self.settings.http_address,
+            os.getpid(),
+        )
+        try:
+            await stop.wait()
+        finally:
+            self.ready = False
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            http.close()
+            await server.stop(self.settings.grace)
+            for registry in self.registries:
+                if isinstance(registry, EmbeddedRegistry):
+                    registry.close()
+
+
+async def _main(settings: Settings) -> int:
+    registries = [registry_from_spec(spec) for spec in settings.registries]
+    pilot = Pilot(settings, registries)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await pilot.serve(stop)
+    return 0
+
+
+def run_pilot(settings: Settings) -> int:
+    try:
+        return asyncio.run(_main(settings))
+    except (StartError, ShoalError, OSError) as exc:
+        log.error("shoal pilot cannot start: %s", exc)
+        return 1

@@ -1,0 +1,154 @@
+"""shoal pilot drives shoal proxies over xDS: registry contents and Istio rules changed while
+everything runs reach the sidecar's routing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import Echo, EnvoyProxy, Proxy
+from tests.integration.mesh_helpers import (
+    PilotProcess,
+    eventually,
+    outbound_port,
+    served_by,
+    sidecar_config,
+)
+
+pytestmark = pytest.mark.slow
+
+REVIEWS = "reviews:9080"
+
+
+def destination_rule() -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "reviews"},
+        "spec": {
+            "host": "reviews",
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {"name": "v2", "labels": {"version": "v2"}},
+            ],
+        },
+    }
+
+
+def virtual_service(*http: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "reviews"},
+        "spec": {"hosts": ["reviews"], "http": list(http)},
+    }
+
+
+def to(subset: str, weight: int | None = None) -> dict[str, Any]:
+    destination: dict[str, Any] = {"destination": {"host": "reviews", "subset": subset}}
+    if weight is not None:
+        destination["weight"] = weight
+    return destination
+
+
+@pytest.fixture
+def versions() -> Iterator[dict[str, Echo]]:
+    started = {name: Echo(name) for name in ("v1", "v2", "v3")}
+    yield started
+    for echo in started.values():
+        echo.stop()
+
+
+@pytest.fixture
+def pilot(tmp_path: Path) -> Iterator[PilotProcess]:
+    process = PilotProcess(tmp_path)
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize("kind", [Proxy, EnvoyProxy], ids=["shoal", "envoy"])
+def test_registry_and_rules_changes_reach_a_running_sidecar(
+    pilot: PilotProcess, versions: dict[str, Echo], make_proxy: Any, kind: type[Proxy]
+) -> None:
+    for name in ("v1", "v2"):
+        pilot.register("reviews", versions[name].port, {"version": name}, service_port=9080)
+    pilot.write_rules("reviews-dr.yaml", destination_rule())
+    config = sidecar_config(pilot, "productpage-1")
+    make_proxy(config, kind=kind)
+    port = outbound_port(config)
+
+    # no VirtualService: the service's endpoints, all of them
+    assert set(served_by(port, REVIEWS, 20)) == {"v1", "v2"}
+    # the bare host name routes too (the first HTTP port)
+    assert set(served_by(port, "reviews", 4)) == {"v1", "v2"}
+
+    # canary: 90/10 over 2,000 requests, within ±5%
+    pilot.write_rules("reviews-vs.yaml", virtual_service({"route": [to("v1", 90), to("v2", 10)]}))
+    eventually(lambda: set(served_by(port, REVIEWS, 20)) <= {"v1", "v2"} and pilot.debug())
+    eventually(lambda: served_by(port, REVIEWS, 200)["v1"] >= 160)
+    counts = served_by(port, REVIEWS, 2000)
+    assert abs(counts["v1"] / 2000 - 0.90) <= 0.05, counts
+    assert counts["v1"] + counts["v2"] == 2000, counts
+
+    # header-based routing, then everything else to v1
+    pilot.write_rules(
+        "reviews-vs.yaml",
+        virtual_service(
+            {"match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": [to("v2")]},
+            {"route": [to("v1")]},
+        ),
+    )
+    eventually(lambda: served_by(port, REVIEWS, 10, headers={"end-user": "jason"}) == {"v2": 10})
+    assert served_by(port, REVIEWS, 20) == {"v1": 20}
+
+    # a new v2 instance registered while running is used by the v2 subset
+    instance = pilot.register("reviews", versions["v3"].port, {"version": "v2"}, 9080)
+    eventually(lambda: "v3" in served_by(port, REVIEWS, 10, headers={"end-user": "jason"}))
+    # ... and removed again
+    pilot.deregister("reviews", instance)
+    eventually(lambda: served_by(port, REVIEWS, 20, headers={"end-user": "jason"}) == {"v2": 20})
+    assert pilot.debug()["nacks"] == 0, pilot.output()
+
+
+def test_an_app_uses_the_sidecar_as_its_http_proxy(
+    pilot: PilotProcess, versions: dict[str, Echo], make_proxy: Any
+) -> None:
+    pilot.register("ratings", versions["v1"].port, service_port=8080)
+    config = sidecar_config(pilot, "app")
+    make_proxy(config)
+    port = outbound_port(config)
+    result = subprocess.run(
+        ["curl", "-s", "--max-time", "5", "http://ratings:8080/hello"],
+        env={"http_proxy": f"http://127.0.0.1:{port}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        check=True,
+    )
+    answer = json.loads(result.stdout)
+    assert answer["service"] == "v1"
+    assert answer["path"] == "/hello"
+
+
+@pytest.mark.parametrize("kind", [Proxy, EnvoyProxy], ids=["shoal", "envoy"])
+def test_a_sidecar_with_an_app_is_an_endpoint_of_its_service(
+    pilot: PilotProcess, versions: dict[str, Echo], make_proxy: Any, kind: type[Proxy]
+) -> None:
+    server = sidecar_config(
+        pilot,
+        "details-1",
+        service="details:9080",
+        app_address=f"127.0.0.1:{versions['v2'].port}",
+        labels={"version": "v2"},
+    )
+    make_proxy(server, kind=kind)
+    client = sidecar_config(pilot, "productpage-1")
+    make_proxy(client, kind=kind)
+    port = outbound_port(client)
+    # productpage → its sidecar → details' sidecar (inbound) → the details app
+    eventually(lambda: served_by(port, "details:9080", 4) == {"v2": 4})
+    mesh = pilot.debug()
+    details = next(s for s in mesh["services"] if s["host"] == "details")
+    assert [i["labels"] for i in details["instances"]] == [{"version": "v2"}]
