@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-# redis-server: the rate limit tests start their own on a free port; the Debian service
-# (systemd) is never used.
-DEBS=(nginx wrk curl redis-server)
+# redis-server, etcd-server, zookeeper: the tests start their own servers on free loopback
+# ports in temp dirs; the Debian services (systemd, default ports) are never used.
+DEBS=(nginx wrk curl redis-server etcd-server zookeeper)
 
 missing=()
 for pkg in "${DEBS[@]}"; do

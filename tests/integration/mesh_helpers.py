@@ -80,11 +80,17 @@ class PilotProcess:
         return self.call("GET", path)
 
     def register(
-        self, host: str, port: int, labels: Mapping[str, str] | None = None, service_port: int = 0
+        self,
+        host: str,
+        port: int,
+        labels: Mapping[str, str] | None = None,
+        service_port: int = 0,
+        protocol: str = "HTTP",
     ) -> str:
         body: dict[str, Any] = {"address": "127.0.0.1", "port": port, "labels": dict(labels or {})}
         if service_port:
             body["service_port"] = service_port
+            body["ports"] = [{"number": service_port, "protocol": protocol}]
         status, answer = self.call("POST", f"/v1/services/{host}/instances", body)
         assert status == 201, answer
         return str(answer["id"])

@@ -509,8 +509,8 @@ def _lb_endpoint(address: str, port: int, weight: int = 1, healthy: bool = True)
 
 
 def _assignment_dict(name: str, instances: Iterable[Instance]) -> dict[str, Any]:
-    """Endpoints grouped by locality; every locality has a weight (gRPC drops those
-    without one)."""
+    """Endpoints grouped by locality; every group names its locality (gRPC rejects one
+    without) and has a weight (gRPC drops one without)."""
     localities: dict[str, list[Instance]] = defaultdict(list)
     for instance in instances:
         localities[instance.locality].append(instance)
@@ -518,13 +518,15 @@ def _assignment_dict(name: str, instances: Iterable[Instance]) -> dict[str, Any]
     for locality in sorted(localities):
         members = sorted(localities[locality], key=lambda i: (i.address, i.port))
         region, zone, subzone = ([*locality.split("/"), "", ""])[:3]
-        group: dict[str, Any] = {
-            "lb_endpoints": [_lb_endpoint(i.address, i.port, i.weight, i.healthy) for i in members],
-            "load_balancing_weight": sum(max(1, i.weight) for i in members),
-        }
-        if locality:
-            group["locality"] = {"region": region, "zone": zone, "sub_zone": subzone}
-        groups.append(group)
+        groups.append(
+            {
+                "locality": {"region": region, "zone": zone, "sub_zone": subzone},
+                "lb_endpoints": [
+                    _lb_endpoint(i.address, i.port, i.weight, i.healthy) for i in members
+                ],
+                "load_balancing_weight": sum(max(1, i.weight) for i in members),
+            }
+        )
     return {"cluster_name": name, "endpoints": groups}
 
 
