@@ -15,9 +15,9 @@ from pathlib import Path
 from tests.conftest import free_port, stop_process, wait_for_port
 
 
-def test_demo_calls_api_from_web_through_both_sidecars() -> None:
+def test_demo_runs_a_mesh_on_pilot_and_splits_api_traffic() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "shoal.demo", "--requests", "3", "--interval", "0.05"],
+        [sys.executable, "-m", "shoal.demo", "--requests", "40", "--interval", "0"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -25,10 +25,15 @@ def test_demo_calls_api_from_web_through_both_sidecars() -> None:
     )
     assert result.returncode == 0, result.stderr
     lines = re.findall(
-        r"GET http://api/orders/\d → (\d+) from (\w+) .*\(upstream (\d+) ms\)", result.stdout
+        r"GET http://api/orders/\d+ → (\d+) from ([\w-]+) .*\(upstream (\d+) ms\)",
+        result.stdout,
     )
-    assert [(status, served) for status, served, _ in lines] == [("200", "api")] * 3
-    assert "admin http://127.0.0.1:15103/stats" in result.stdout
+    assert len(lines) == 40, result.stdout
+    assert {status for status, _, _ in lines} == {"200"}
+    served = [name for _, name, _ in lines]
+    assert set(served) == {"api-v1", "api-v2"}, served  # the canary: both versions
+    assert served.count("api-v1") > served.count("api-v2")
+    assert "admin http://127.0.0.1:15113/stats" in result.stdout
 
 
 def _abandon(port: int, request: bytes, *, reset: bool, wait: float = 0.05) -> None:

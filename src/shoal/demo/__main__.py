@@ -1,12 +1,14 @@
-"""``make demo``: a two-service mesh on loopback, every hop through a ``shoal proxy``.
+"""``make demo``: a local mesh on pilot's embedded registry, every hop through a sidecar.
 
-    client ──► [proxy of "web": outbound :15001] ──► [proxy of "api": inbound :15106] ──► api
-                                                   (and api's calls to web the same way)
+    client ──► [web's sidecar: outbound] ──► [api-v1's or api-v2's sidecar: inbound] ──► api
+                        ▲                              ▲
+                        └──── xDS from shoal pilot ────┘  (registry + Istio rules)
 
-Each service gets a sidecar with an inbound listener in front of it and an outbound
-listener that routes by Host to the other service's sidecar. The client sends requests
-to web's outbound listener with ``Host: api``; the output shows which service answered,
-the status and the latency, plus where each proxy's admin pages are.
+``shoal pilot`` runs with its embedded registry; each app gets a ``shoal proxy`` sidecar
+whose bootstrap (``shoal bootstrap``) names its service, labels and app, so pilot registers
+it as an endpoint and configures it over xDS. A DestinationRule and a VirtualService send
+80% of api's traffic to v1 and 20% to v2 (a canary). The client calls api through web's
+sidecar; the output shows which version answered, and the split so far.
 """
 
 from __future__ import annotations
@@ -19,111 +21,73 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from shoal.pilot.bootstrap import sidecar_bootstrap
+
 BASE_PORT = 15100
-
-_ROUTER = {
-    "name": "envoy.filters.http.router",
-    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+PILOT_XDS, PILOT_HTTP = BASE_PORT, BASE_PORT + 1
+APPS = {  # name: (service, labels)
+    "web": ("web", {"app": "web"}),
+    "api-v1": ("api", {"app": "api", "version": "v1"}),
+    "api-v2": ("api", {"app": "api", "version": "v2"}),
 }
-
-
-def _cluster(name: str, port: int) -> dict[str, Any]:
-    address = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+RULES: list[dict[str, Any]] = [
+    {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "api"},
+        "spec": {
+            "host": "api",
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {"name": "v2", "labels": {"version": "v2"}},
+            ],
         },
-    }
-
-
-def _listener(name: str, port: int, vhosts: list[dict[str, Any]], log: Path) -> dict[str, Any]:
-    manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-        "http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {"name": name, "virtual_hosts": vhosts},
-        "http_filters": [_ROUTER],
-        "access_log": [
-            {
-                "name": "envoy.access_loggers.file",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
-                    "FileAccessLog",
-                    "path": str(log),
-                },
-            }
-        ],
-    }
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": manager,
-                    }
-                ]
-            }
-        ],
-    }
-
-
-def sidecar_bootstrap(
-    service: str, ports: dict[str, dict[str, int]], workdir: Path
-) -> dict[str, Any]:
-    """The bootstrap of ``service``'s sidecar: inbound to its app, outbound to the others."""
-    mine = ports[service]
-    others = [name for name in ports if name != service]
-    outbound_vhosts = [
-        {
-            "name": other,
-            "domains": [other, f"{other}:*"],
-            "routes": [
+    },
+    {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "api"},
+        "spec": {
+            "hosts": ["api"],
+            "http": [
                 {
-                    "match": {"prefix": "/"},
-                    "route": {
-                        "cluster": f"outbound|{other}",
-                        "timeout": "3s",
-                        "retry_policy": {"retry_on": "5xx,connect-failure", "num_retries": 2},
-                    },
+                    "route": [
+                        {"destination": {"host": "api", "subset": "v1"}, "weight": 80},
+                        {"destination": {"host": "api", "subset": "v2"}, "weight": 20},
+                    ],
+                    "retries": {"attempts": 2, "perTryTimeout": "1s"},
+                    "timeout": "3s",
                 }
             ],
-        }
-        for other in others
-    ]
-    inbound_vhosts = [
-        {
-            "name": "inbound",
-            "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inbound|app"}}],
-        }
-    ]
-    return {
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": mine["admin"]}}
         },
-        "static_resources": {
-            "listeners": [
-                _listener("inbound", mine["inbound"], inbound_vhosts, workdir / f"{service}.log"),
-                _listener(
-                    "outbound", mine["outbound"], outbound_vhosts, workdir / f"{service}.log"
-                ),
-            ],
-            "clusters": [_cluster("inbound|app", mine["app"])]
-            + [_cluster(f"outbound|{other}", ports[other]["inbound"]) for other in others],
-        },
-    }
+    },
+]
+
+
+def ports_of(index: int) -> dict[str, int]:
+    base = BASE_PORT + 10 * (index + 1)
+    return {"app": base, "inbound": base + 1, "outbound": base + 2, "admin": base + 3}
+
+
+def demo_bootstrap(name: str, index: int) -> dict[str, Any]:
+    service, labels = APPS[name]
+    mine = ports_of(index)
+    return sidecar_bootstrap(
+        name,
+        pilot=("127.0.0.1", PILOT_XDS),
+        service=f"{service}:80",
+        labels=labels,
+        app_address=f"127.0.0.1:{mine['app']}",
+        inbound_address=f"127.0.0.1:{mine['inbound']}",
+        outbound_address=f"127.0.0.1:{mine['outbound']}",
+        admin=("127.0.0.1", mine["admin"]),
+    )
 
 
 def _wait(port: int, timeout: float = 10.0) -> None:
@@ -144,18 +108,36 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=0, help="stop after N (default: Ctrl-C)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between requests")
     args = parser.parse_args()
-    ports = {
-        name: {
-            key: BASE_PORT + 10 * index + offset
-            for offset, key in enumerate(("app", "inbound", "outbound", "admin"))
-        }
-        for index, name in enumerate(("web", "api"))
-    }
     workdir = Path(tempfile.mkdtemp(prefix="shoal-demo-"))
+    rules = workdir / "rules"
+    rules.mkdir()
+    (rules / "api.yaml").write_text(yaml.safe_dump_all(RULES))
     processes: list[subprocess.Popen[bytes]] = []
     python = sys.executable
     try:
-        for name, mine in ports.items():
+        processes.append(
+            subprocess.Popen(
+                [
+                    python,
+                    "-m",
+                    "shoal",
+                    "-l",
+                    "warning",
+                    "pilot",
+                    "--config-dir",
+                    str(rules),
+                    "--xds-address",
+                    f"127.0.0.1:{PILOT_XDS}",
+                    "--http-address",
+                    f"127.0.0.1:{PILOT_HTTP}",
+                    "--registry",
+                    f"embedded:{workdir / 'registry.db'}",
+                ]  # fmt: skip
+            )
+        )
+        _wait(PILOT_HTTP)
+        for index, name in enumerate(APPS):
+            mine = ports_of(index)
             processes.append(
                 subprocess.Popen(
                     [python, "-m", "shoal.demo.echo", "--port", str(mine["app"]), "--name", name],
@@ -163,47 +145,34 @@ def main() -> int:
                 )
             )
             config = workdir / f"{name}.yaml"
-            config.write_text(yaml.safe_dump(sidecar_bootstrap(name, ports, workdir)))
+            config.write_text(yaml.safe_dump(demo_bootstrap(name, index)))
             processes.append(
                 subprocess.Popen(
                     [python, "-m", "shoal", "-l", "warning", "proxy", "-c", str(config)]
                 )
             )
-        for mine in ports.values():
-            _wait(mine["admin"])
-        print("Shoal demo: two services, each behind a shoal proxy sidecar")
-        for name, mine in ports.items():
+        for index in range(len(APPS)):
+            _wait(ports_of(index)["admin"])
+        print("Shoal demo: shoal pilot (embedded registry) and three apps behind sidecars")
+        print(f"  pilot: xDS :{PILOT_XDS}  http://127.0.0.1:{PILOT_HTTP}/v1/services")
+        for index, name in enumerate(APPS):
+            mine = ports_of(index)
             print(
                 f"  {name}: app :{mine['app']}  inbound :{mine['inbound']}  "
                 f"outbound :{mine['outbound']}  admin http://127.0.0.1:{mine['admin']}/stats"
             )
-        print(f"  configs and access logs in {workdir}")
+        print(f"  rules (watched, edit them live) in {rules}; configs in {workdir}")
         print(
-            "Calling api from web: client → web's sidecar (outbound) → api's sidecar "
-            "(inbound) → api.  Ctrl-C to stop.\n"
+            "Calling api from web: client → web's sidecar (outbound) → an api sidecar "
+            "(inbound) → api v1 (80%) or v2 (20%).  Ctrl-C to stop.\n"
         )
-        sent = 0
+        _wait_for_api(ports_of(0)["outbound"])
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        while not args.requests or sent < args.requests:
-            sent += 1
-            started = time.monotonic()
-            conn = http.client.HTTPConnection("127.0.0.1", ports["web"]["outbound"], timeout=5)
-            conn.request("GET", f"/orders/{sent}", headers={"Host": "api"})
-            response = conn.getresponse()
-            response.read()
-            elapsed = (time.monotonic() - started) * 1000
-            print(
-                f"#{sent:<4} GET http://api/orders/{sent} → {response.status} "
-                f"from {response.getheader('x-served-by')} in {elapsed:.1f} ms "
-                f"(upstream {response.getheader('x-envoy-upstream-service-time')} ms)",
-                flush=True,
-            )
-            conn.close()
-            time.sleep(args.interval)
+        _call_api(ports_of(0)["outbound"], args.requests, args.interval)
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
-        for process in processes:
+        for process in reversed(processes):
             process.send_signal(signal.SIGTERM)
         for process in processes:
             try:
@@ -211,6 +180,48 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
     return 0
+
+
+def _wait_for_api(port: int, timeout: float = 15.0) -> None:
+    """Until both api sidecars are registered endpoints and web's sidecar has the routes."""
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    while time.monotonic() < deadline and seen != {"api-v1", "api-v2"}:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/", headers={"Host": "api"})
+            response = conn.getresponse()
+            response.read()
+            if response.status == 200:
+                seen.add(response.getheader("x-served-by", ""))
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            conn.close()
+
+
+def _call_api(port: int, requests: int, interval: float) -> None:
+    sent = 0
+    versions: Counter[str] = Counter()
+    while not requests or sent < requests:
+        sent += 1
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", f"/orders/{sent}", headers={"Host": "api"})
+        response = conn.getresponse()
+        response.read()
+        elapsed = (time.monotonic() - started) * 1000
+        served = response.getheader("x-served-by", "-")
+        versions[served] += 1
+        split = "  ".join(f"{name} {100 * n / sent:.0f}%" for name, n in sorted(versions.items()))
+        print(
+            f"#{sent:<4} GET http://api/orders/{sent} → {response.status} "
+            f"from {served} in {elapsed:.1f} ms "
+            f"(upstream {response.getheader('x-envoy-upstream-service-time')} ms)  [{split}]",
+            flush=True,
+        )
+        conn.close()
+        time.sleep(interval)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""Pilot down: sidecars keep serving their last config; pilot back: they resync. An invalid
+rule never reaches a proxy: the last valid rules stay in force."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import Echo
+from tests.integration.mesh_helpers import (
+    PilotProcess,
+    eventually,
+    outbound_port,
+    served_by,
+    sidecar_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def route_all_to(subset: str, weight_total: int = 100) -> list[dict[str, Any]]:
+    rule = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "shop"},
+        "spec": {
+            "host": "shop",
+            "subsets": [
+                {"name": "blue", "labels": {"color": "blue"}},
+                {"name": "green", "labels": {"color": "green"}},
+            ],
+        },
+    }
+    other = "green" if subset == "blue" else "blue"
+    service = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "shop"},
+        "spec": {
+            "hosts": ["shop"],
+            "http": [
+                {
+                    "route": [
+                        {"destination": {"host": "shop", "subset": subset}, "weight": weight_total},
+                        {"destination": {"host": "shop", "subset": other}, "weight": 0},
+                    ]
+                }
+            ],
+        },
+    }
+    return [rule, service]
+
+
+@pytest.fixture
+def colors() -> Iterator[dict[str, Echo]]:
+    started = {name: Echo(name) for name in ("blue", "green")}
+    yield started
+    for echo in started.values():
+        echo.stop()
+
+
+def test_sidecars_keep_serving_without_pilot_and_resync_when_it_returns(
+    tmp_path: Path, colors: dict[str, Echo], make_proxy: Any
+) -> None:
+    pilot = PilotProcess(tmp_path)
+    try:
+        for name, echo in colors.items():
+            pilot.register("shop", echo.port, {"color": name}, service_port=80)
+        pilot.write_rules("shop.yaml", *route_all_to("blue"))
+        config = sidecar_config(pilot, "frontend")
+        proxy = make_proxy(config)
+        port = outbound_port(config)
+        eventually(lambda: served_by(port, "shop", 10) == {"blue": 10})
+    finally:
+        pilot.stop()
+
+    # pilot is gone: the sidecar keeps serving what it had
+    assert served_by(port, "shop", 20) == {"blue": 20}
+    pilot.write_rules("shop.yaml", *route_all_to("green"))  # changed while pilot is down
+
+    pilot.start()  # same ports, same registry file
+    try:
+        took = eventually(lambda: served_by(port, "shop", 10) == {"green": 10}, timeout=20)
+        assert took < 15
+        assert "xDS stream to" in proxy.output()
+    finally:
+        pilot.stop()
+
+
+def test_an_invalid_rule_is_rejected_and_the_last_valid_rules_stay(
+    tmp_path: Path, colors: dict[str, Echo], make_proxy: Any
+) -> None:
+    pilot = PilotProcess(tmp_path)
+    try:
+        for name, echo in colors.items():
+            pilot.register("shop", echo.port, {"color": name}, service_port=80)
+        pilot.write_rules("shop.yaml", *route_all_to("blue"))
+        config = sidecar_config(pilot, "frontend")
+        make_proxy(config)
+        port = outbound_port(config)
+        eventually(lambda: served_by(port, "shop", 10) == {"blue": 10})
+        pushes = pilot.debug()["pushes"]
+
+        pilot.write_rules("shop.yaml", *route_all_to("green", weight_total=90))  # 90 + 0 != 100
+        eventually(lambda: "shop.yaml" in pilot.output() and "weight" in pilot.output())
+        assert served_by(port, "shop", 20) == {"blue": 20}
+        assert pilot.debug()["pushes"] == pushes
+
+        pilot.write_rules("shop.yaml", *route_all_to("green"))  # fixed: it goes through
+        eventually(lambda: served_by(port, "shop", 10) == {"green": 10})
+    finally:
+        pilot.stop()
