@@ -115,26 +115,11 @@ def main() -> int:
     processes: list[subprocess.Popen[bytes]] = []
     python = sys.executable
     try:
-        processes.append(
-            subprocess.Popen(
-                [
-                    python,
-                    "-m",
-                    "shoal",
-                    "-l",
-                    "warning",
-                    "pilot",
-                    "--config-dir",
-                    str(rules),
-                    "--xds-address",
-                    f"127.0.0.1:{PILOT_XDS}",
-                    "--http-address",
-                    f"127.0.0.1:{PILOT_HTTP}",
-                    "--registry",
-                    f"embedded:{workdir / 'registry.db'}",
-                ]  # fmt: skip
-            )
-        )
+        pilot = [python, "-m", "shoal", "-l", "warning", "pilot", "--config-dir", str(rules)]
+        pilot += ["--xds-address", f"127.0.0.1:{PILOT_XDS}"]
+        pilot += ["--http-address", f"127.0.0.1:{PILOT_HTTP}"]
+        pilot += ["--registry", f"embedded:{workdir / 'registry.db'}"]
+        processes.append(subprocess.Popen(pilot))
         _wait(PILOT_HTTP)
         for index, name in enumerate(APPS):
             mine = ports_of(index)
