@@ -70,14 +70,18 @@ def pilot(tmp_path: Path) -> Iterator[PilotProcess]:
     process.stop()
 
 
-@pytest.mark.parametrize("kind", [Proxy, EnvoyProxy], ids=["shoal", "envoy"])
+@pytest.mark.parametrize(
+    ("kind", "delta"),
+    [(Proxy, False), (EnvoyProxy, False), (Proxy, True), (EnvoyProxy, True)],
+    ids=["shoal", "envoy", "shoal-delta", "envoy-delta"],
+)
 def test_registry_and_rules_changes_reach_a_running_sidecar(
-    pilot: PilotProcess, versions: dict[str, Echo], make_proxy: Any, kind: type[Proxy]
+    pilot: PilotProcess, versions: dict[str, Echo], make_proxy: Any, kind: type[Proxy], delta: bool
 ) -> None:
     for name in ("v1", "v2"):
         pilot.register("reviews", versions[name].port, {"version": name}, service_port=9080)
     pilot.write_rules("reviews-dr.yaml", destination_rule())
-    config = sidecar_config(pilot, "productpage-1")
+    config = sidecar_config(pilot, "productpage-1", delta=delta)
     make_proxy(config, kind=kind)
     port = outbound_port(config)
 
