@@ -85,8 +85,8 @@ def test_registry_and_rules_changes_reach_a_running_sidecar(
     make_proxy(config, kind=kind)
     port = outbound_port(config)
 
-    # no VirtualService: the service's endpoints, all of them
-    assert set(served_by(port, REVIEWS, 20)) == {"v1", "v2"}
+    # no VirtualService: the service's endpoints, all of them (once pilot pushed them)
+    eventually(lambda: set(served_by(port, REVIEWS, 20)) == {"v1", "v2"})
     # the bare host name routes too (the first HTTP port)
     assert set(served_by(port, "reviews", 4)) == {"v1", "v2"}
 

@@ -4,11 +4,14 @@ Each stream is a session holding, per resource type, what the client subscribed 
 version of every resource last sent. A push compares the new snapshot's versions with that
 record and sends only what changed, so an endpoint change reaches clients as EDS alone.
 
-Protocol rules kept (Envoy's xDS protocol doc, gRFC A27): a request whose nonce is not the
-last one sent for its type is stale and ignored; a request with ``error_detail`` is a NACK,
-logged with the node and kept (the client keeps its last good config, pilot does not resend
-the same thing); Listener and Cluster responses carry the full set (absent means deleted),
-RouteConfiguration and ClusterLoadAssignment responses only what changed.
+Protocol rules kept (Envoy's xDS protocol doc, gRFC A27): a SotW request whose nonce is not
+the last one this stream sent for its type is stale and ignored, but a delta request never is
+(its subscription changes are deltas the client will not repeat); a request with
+``error_detail`` is a NACK, logged with the node and not answered (the client keeps its last
+good config, pilot does not resend the same thing), though a subscription change it carries
+still counts; Listener and Cluster responses carry the full set (absent means deleted),
+RouteConfiguration and ClusterLoadAssignment responses only what changed or was newly asked
+for.
 """
 
 from __future__ import annotations
@@ -157,11 +160,12 @@ class Session:
     def sotw_request(self, request: Any) -> list[Any]:
         type_url = str(request.type_url)
         state = self.types.setdefault(type_url, TypeState())
-        if request.response_nonce and request.response_nonce != state.nonce:
-            return []  # stale: answers a response the client has not seen the last of
+        if state.nonce and request.response_nonce and request.response_nonce != state.nonce:
+            # Stale: answers a response the client has not seen the last of. Before this
+            # stream sent anything of the type, a nonce can only be a previous stream's.
+            return []
         if request.HasField("error_detail"):
             self._nack(type_url, str(request.version_info), request.error_detail.message)
-            return []
         names = {str(n) for n in request.resource_names}
         first = not state.subscribed
         wildcard = "*" in names or (
@@ -169,9 +173,10 @@ class Session:
         )
         names.discard("*")
         if not first and names == state.names and wildcard == state.wildcard:
-            return []  # an ACK
+            return []  # an ACK, or a NACK that asks for nothing new
+        added = names - state.names
         state.subscribed, state.names, state.wildcard = True, names, wildcard
-        response = self._sotw_response(type_url, state, force=True)
+        response = self._sotw_response(type_url, state, asked=added, force=True)
         return [response] if response is not None else []
 
     def sotw_push(self) -> list[Any]:
@@ -180,27 +185,29 @@ class Session:
         for type_url in TYPE_URLS:
             state = self.types.get(type_url)
             if state is not None and state.subscribed:
-                response = self._sotw_response(type_url, state, force=False)
+                response = self._sotw_response(type_url, state, asked=set(), force=False)
                 if response is not None:
                     responses.append(response)
         return responses
 
-    def _sotw_response(self, type_url: str, state: TypeState, force: bool) -> Any | None:
+    def _sotw_response(
+        self, type_url: str, state: TypeState, asked: set[str], force: bool
+    ) -> Any | None:
+        """``asked``: names newly subscribed to, sent even if the client had them before;
+        ``force``: answer even with nothing to send (a subscription change)."""
         view = self.view(type_url, state)
         if type_url in FULL_STATE:
-            changed = force or {n: r.version for n, r in view.items()} != state.sent
-            chosen = list(view.values()) if changed else []
-            if not changed:
+            versions = {n: r.version for n, r in view.items()}
+            if not force and versions == state.sent:
                 return None
+            chosen = list(view.values())
+            state.sent = versions
         else:
-            chosen = [r for n, r in view.items() if force or state.sent.get(n) != r.version]
+            chosen = [r for n, r in view.items() if n in asked or state.sent.get(n) != r.version]
             if not chosen and not force:
                 return None
-        state.nonce = self._next_nonce()
-        if type_url in FULL_STATE:
-            state.sent = {n: r.version for n, r in view.items()}
-        else:
             state.sent.update((r.name, r.version) for r in chosen)
+        state.nonce = self._next_nonce()
         return discovery_pb2.DiscoveryResponse(
             version_info=str(self.mesh.version),
             resources=[r.body for r in chosen],
@@ -211,33 +218,35 @@ class Session:
     # delta --------------------------------------------------------------------------------
 
     def delta_request(self, request: Any) -> list[Any]:
+        """No nonce check: a stale nonce only means the request crossed a response, and the
+        subscription changes in it must still be applied (the protocol doc says so)."""
         type_url = str(request.type_url)
         state = self.types.setdefault(type_url, TypeState())
-        if request.response_nonce and request.response_nonce != state.nonce:
-            return []
         if request.HasField("error_detail"):
             self._nack(type_url, "", request.error_detail.message)
-            return []
         first = not state.subscribed
         subscribe = {str(n) for n in request.resource_names_subscribe}
         unsubscribe = {str(n) for n in request.resource_names_unsubscribe}
         if first:
             state.subscribed = True
-            state.wildcard = "*" in subscribe or (not subscribe and type_url in FULL_STATE)
+            state.wildcard = not subscribe and not unsubscribe and type_url in FULL_STATE
             state.sent = dict(request.initial_resource_versions)
         if "*" in subscribe:
             state.wildcard = True
         if "*" in unsubscribe:
             state.wildcard = False
-        subscribe.discard("*")
-        unsubscribe.discard("*")
-        state.names |= subscribe
-        state.names -= unsubscribe
+        state.names = (state.names | subscribe) - unsubscribe - {"*"}
         for name in unsubscribe:
             state.sent.pop(name, None)
-        if not first and not subscribe:
-            return []  # an ACK (or an unsubscription, which needs no answer)
-        response = self._delta_response(type_url, state, asked=subscribe, force=first)
+        # Sent even if the client has them: what it subscribes to again (it may have dropped
+        # them), and names it drops that the wildcard may still cover (it must learn which).
+        # On a new stream, what initial_resource_versions lists is known to be held.
+        asked = subscribe | (unsubscribe if state.wildcard else set())
+        if first:
+            asked = {n for n in asked if n != "*" and n not in state.sent}
+        elif not asked:
+            return []  # an ACK, a NACK, or an unsubscription, which needs no answer
+        response = self._delta_response(type_url, state, asked=asked, force=first)
         return [response] if response is not None else []
 
     def delta_push(self) -> list[Any]:
@@ -255,9 +264,9 @@ class Session:
         self, type_url: str, state: TypeState, asked: set[str], force: bool
     ) -> Any | None:
         view = self.view(type_url, state)
-        changed = [r for n, r in view.items() if state.sent.get(n) != r.version]
-        removed = sorted(n for n in state.sent if n not in view)
-        removed += sorted(n for n in asked if n not in view and n not in state.sent)
+        resend = view.keys() if "*" in asked else asked
+        changed = [r for n, r in view.items() if n in resend or state.sent.get(n) != r.version]
+        removed = sorted((state.sent.keys() | asked) - view.keys() - {"*"})
         if not changed and not removed and not force:
             return None
         for name in removed:
@@ -317,9 +326,7 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # t
             while True:
                 item = await session.queue.get()
                 if isinstance(item, BaseException):
-                    if isinstance(item, ConfigError):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
-                    return
+                    return  # the client closed its side, or the stream broke
                 if item is None:
                     responses = session.delta_push() if session.delta else session.sotw_push()
                 else:

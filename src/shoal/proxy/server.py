@@ -267,11 +267,12 @@ def startup_error(exc: BaseException) -> str:
 
 
 async def _run_single(path: str, drain_time: float, watch: bool) -> int:
+    """Admin comes up first, as in Envoy: ``/ready`` says PRE_INITIALIZING while the proxy
+    waits for its first xDS config."""
     process = ProxyProcess(path, reuse_port=False, drain_time=drain_time, watch=watch)
     try:
         bootstrap, raw = read_config(path)
-        await process.start(bootstrap, raw)
-    except (ConfigError, OSError) as exc:
+    except ConfigError as exc:
         raise FatalError(startup_error(exc)) from exc
     admin = None
     if bootstrap.admin is not None:
@@ -279,8 +280,14 @@ async def _run_single(path: str, drain_time: float, watch: bool) -> int:
         try:
             admin = await serve_admin(process, address.host, address.port)
         except OSError as exc:
-            await process.runtime.shutdown(0)
             raise FatalError(f"admin: {startup_error(exc)}") from exc
+    try:
+        await process.start(bootstrap, raw)
+    except (ConfigError, OSError) as exc:
+        if admin is not None:
+            admin.close()
+        await process.runtime.shutdown(0)
+        raise FatalError(startup_error(exc)) from exc
     log.info("shoal proxy ready (pid %d)", os.getpid())
     await process.stopped.wait()
     if admin is not None:
