@@ -282,6 +282,7 @@ class Translator:
     def __init__(self) -> None:
         self._cluster_cache: dict[Any, dict[str, Resource]] = {}
         self._endpoint_cache: dict[Any, Resource] = {}
+        self._routes: tuple[Any, RoutesBuilt] | None = None
 
     def translate(self, registry: RegistrySnapshot, rules: RuleSet) -> MeshSnapshot:
         services = {s.host: s for s in registry.services}
@@ -296,8 +297,6 @@ class Translator:
         endpoints: dict[str, Resource] = {}
         cluster_cache: dict[Any, dict[str, Resource]] = {}
         endpoint_cache: dict[Any, Resource] = {}
-        virtual_hosts: dict[str, list[dict[str, Any]]] = {}
-        fault_used = False
         for host in sorted(services):
             service = services[host]
             rule = rules_for.destination_rule(host)
@@ -319,32 +318,50 @@ class Translator:
                         assignment = self._endpoint_cache.get(ekey) or _assignment(name, chosen)
                         endpoint_cache[ekey] = assignment
                         endpoints[name] = assignment
-            vhosts = []
-            first_http = next((p for p in service.ports if p.protocol in HTTP_PROTOCOLS), None)
-            for port in (p for p in service.ports if _routable(p)):
-                vhost = _virtual_host(service, port, port is first_http, rules_for)
-                fault_used = fault_used or vhost.pop("_fault")
-                vhosts.append(vhost)
-            virtual_hosts[host] = vhosts
         self._cluster_cache, self._endpoint_cache = cluster_cache, endpoint_cache
-        outbound = {
-            "name": OUTBOUND_ROUTES,
-            "virtual_hosts": [
-                {k: v for k, v in vhost.items() if not k.startswith("_")}
-                for host in sorted(virtual_hosts)
-                for vhost in virtual_hosts[host]
-                if vhost["_http"]
-            ],
-        }
+        routes_key = (tuple(services[h] for h in sorted(services)), rules)
+        if self._routes is None or self._routes[0] != routes_key:
+            self._routes = (routes_key, _route_tables(services, rules_for))
+        virtual_hosts, outbound_routes, fault_used = self._routes[1]
         return MeshSnapshot(
             services=services,
             clusters=clusters,
             endpoints=endpoints,
-            outbound_routes=pack(OUTBOUND_ROUTES, parse(route_pb2.RouteConfiguration, outbound)),
+            outbound_routes=outbound_routes,
             virtual_hosts=virtual_hosts,
             ports={host: s.ports for host, s in services.items()},
             fault_used=fault_used,
         )
+
+
+RoutesBuilt = tuple[dict[str, list[dict[str, Any]]], Resource, bool]
+
+
+def _route_tables(services: Mapping[str, Service], rules: _RulesIndex) -> RoutesBuilt:
+    """The virtual hosts of every service port, and the sidecars' ``outbound`` table. They
+    depend on services and rules only, so endpoint changes reuse them."""
+    virtual_hosts: dict[str, list[dict[str, Any]]] = {}
+    fault_used = False
+    for host in sorted(services):
+        service = services[host]
+        vhosts = []
+        first_http = next((p for p in service.ports if p.protocol in HTTP_PROTOCOLS), None)
+        for port in (p for p in service.ports if _routable(p)):
+            vhost = _virtual_host(service, port, port is first_http, rules)
+            fault_used = fault_used or vhost.pop("_fault")
+            vhosts.append(vhost)
+        virtual_hosts[host] = vhosts
+    outbound = {
+        "name": OUTBOUND_ROUTES,
+        "virtual_hosts": [
+            {k: v for k, v in vhost.items() if not k.startswith("_")}
+            for host in sorted(virtual_hosts)
+            for vhost in virtual_hosts[host]
+            if vhost["_http"]
+        ],
+    }
+    table = pack(OUTBOUND_ROUTES, parse(route_pb2.RouteConfiguration, outbound))
+    return virtual_hosts, table, fault_used
 
 
 def _routable(port: ServicePort) -> bool:
