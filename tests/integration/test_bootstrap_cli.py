@@ -14,20 +14,10 @@ from shoal.config.envoy import bootstrap_from_dict
 
 
 def test_bootstrap_runs_on_shoal_and_validates_on_envoy(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "shoal", "bootstrap", "--service", "api:80", "--delta"]
+    command += ["--app-address", "127.0.0.1:8080", "--label", "version=v1"]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shoal",
-            "bootstrap",
-            "--service",
-            "api:80",
-            "--app-address",
-            "127.0.0.1:8080",
-            "--label",
-            "version=v1",
-            "--delta",
-        ],  # fmt: skip
+        command,
         capture_output=True,
         text=True,
         check=True,
