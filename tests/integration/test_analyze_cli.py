@@ -81,7 +81,7 @@ def test_errors_are_listed_one_per_line_and_exit_1(tmp_path: Path) -> None:
         "Error: rules/broken.yaml: invalid YAML at line 1, column 8: expected the node content, "
         "but found '<stream end>'",
         "Error: rules/deploy.yaml: Deployment default/web: unsupported kind Deployment "
-        "(apps/v1); Shoal reads networking.istio.io resources",
+        "(apps/v1); Shoal reads networking.istio.io and shoal.io/v1 resources",
         "Error: rules/reviews.yaml#0: VirtualService default/reviews: "
         "spec.http[0].route[1].weight: must be an integer 0-100, not 150",
         "✘ 3 errors found when analyzing rules (2 valid resources)",

@@ -1078,12 +1078,12 @@ def test_rejected(document: dict[str, Any], field: str, reason: str) -> None:
         (
             {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}},
             f"{SOURCE}: Deployment default/web: unsupported kind Deployment (apps/v1); "
-            "Shoal reads networking.istio.io resources",
+            "Shoal reads networking.istio.io and shoal.io/v1 resources",
         ),
         (
             {"apiVersion": "shoal.io/v1", "kind": "RateLimit", "metadata": {"name": "r"}},
-            f"{SOURCE}: RateLimit default/r: unsupported kind RateLimit (shoal.io/v1); "
-            "Shoal reads networking.istio.io resources",
+            f"{SOURCE}: RateLimit default/r: kind: unknown kind 'RateLimit' "
+            "(Shoal's own: CircuitBreakerPolicy, RateLimitPolicy)",
         ),
         (
             {"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": {"name": "g"}},

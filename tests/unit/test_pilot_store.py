@@ -195,9 +195,9 @@ def test_kinds_shoal_does_not_read_are_errors_not_crashes(rules: Path) -> None:
     assert names(ruleset) == ["VirtualService/kept@rules/all.yaml#4"]
     assert ruleset.errors == (
         "rules/all.yaml#0: Deployment default/web: unsupported kind Deployment (apps/v1); "
-        "Shoal reads networking.istio.io resources",
-        "rules/all.yaml#1: RetryBudget shop/web: unsupported kind RetryBudget (shoal.io/v1); "
-        "Shoal reads networking.istio.io resources",
+        "Shoal reads networking.istio.io and shoal.io/v1 resources",
+        "rules/all.yaml#1: RetryBudget shop/web: kind: unknown kind 'RetryBudget' "
+        "(Shoal's own: CircuitBreakerPolicy, RateLimitPolicy)",
         "rules/all.yaml#2: Gateway default/ingress: Gateway is not supported by Shoal",
         "rules/all.yaml#3: a resource must be a mapping, not a list",
     )

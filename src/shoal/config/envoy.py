@@ -23,7 +23,7 @@ from envoy.config.core.v3 import config_source_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from shoal.config.envoy_breaker import check_cluster_fallbacks
+from shoal.config.envoy_breaker import check_cluster_fallbacks, policy_from_dict
 from shoal.config.envoy_check import check
 from shoal.config.envoy_clusters import build_cluster, load_assignment
 from shoal.config.envoy_fields import Ctx, seconds, socket_address, unique
@@ -33,6 +33,7 @@ from shoal.config.model import (
     Admin,
     AdsSource,
     Bootstrap,
+    CircuitBreakerPolicy,
     Cluster,
     DiscoveryType,
     Endpoint,
@@ -45,6 +46,7 @@ from shoal.errors import ConfigError
 
 __all__ = [
     "bootstrap_from_dict",
+    "breaker_from_dict",
     "load_bootstrap",
     "translate_cluster",
     "translate_listener",
@@ -119,6 +121,14 @@ def translate_load_assignment(
     ctx = Ctx(source, field)
     check(proto, ctx)
     return load_assignment(proto, ctx)
+
+
+def breaker_from_dict(
+    data: dict[str, Any], source: str = "", field: str = ""
+) -> CircuitBreakerPolicy:
+    """Shoal's error-rate breaker from its metadata fields (what the control plane checks
+    before it puts them on a cluster)."""
+    return policy_from_dict(data, Ctx(source, field))
 
 
 _PARSE_PREFIX = re.compile(r"Failed to parse (\S+) field: ")

@@ -18,6 +18,7 @@ an endpoint change re-translates one service, not the mesh.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,
@@ -37,6 +39,7 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from shoal.pilot.api.model import (
+    CircuitBreakerPolicy,
     ConnectionPool,
     Destination,
     DestinationRule,
@@ -46,6 +49,7 @@ from shoal.pilot.api.model import (
     HTTPMatchRequest,
     HTTPRoute,
     OutlierDetection,
+    RateLimitPolicy,
     RuleSet,
     StringMatch,
     TrafficPolicy,
@@ -59,7 +63,13 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 TYPE_URLS = (CLUSTER, ENDPOINT, LISTENER, ROUTE)  # the order Envoy wants updates in
 # The extensions the translation packs into Any fields (ParseDict looks them up by name).
-EXTENSIONS = (fault_pb2, router_pb2, http_connection_manager_pb2, http_protocol_options_pb2)
+EXTENSIONS = (
+    fault_pb2,
+    local_rate_limit_pb2,
+    router_pb2,
+    http_connection_manager_pb2,
+    http_protocol_options_pb2,
+)
 
 HCM = (
     "type.googleapis.com/"
@@ -68,6 +78,9 @@ HCM = (
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 FAULT_FILTER = "envoy.filters.http.fault"
+LOCAL_RATELIMIT = (
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+)
 ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 OUTBOUND_ROUTES = "outbound"
 HTTP_PROTOCOLS = frozenset({"HTTP"})
@@ -137,6 +150,7 @@ class MeshSnapshot:
     virtual_hosts: dict[str, list[dict[str, Any]]]  # host -> per-port vhost dicts
     ports: dict[str, tuple[ServicePort, ...]]
     fault_used: bool
+    rate_limits: dict[str, RateLimitPolicy] = field(default_factory=dict)  # by host
     _named: dict[tuple[str, str], Resource | None] = field(default_factory=dict)
 
     def lookup(self, type_url: str, name: str) -> Resource | None:
@@ -223,6 +237,7 @@ class MeshSnapshot:
                     }
                 },
                 False,
+                _local_rate_limit(self.rate_limits.get(node.service)),
             )
             listeners["inbound"] = pack("inbound", parse(listener_pb2.Listener, inbound))
         return listeners
@@ -245,9 +260,12 @@ class MeshSnapshot:
 
 
 def _http_connection_manager(
-    stat_prefix: str, routes: dict[str, Any], fault: bool
+    stat_prefix: str,
+    routes: dict[str, Any],
+    fault: bool,
+    first: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    filters: list[dict[str, Any]] = []
+    filters: list[dict[str, Any]] = [first] if first else []
     if fault:
         filters.append({"name": FAULT_FILTER, "typed_config": {"@type": FAULT}})
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}})
@@ -255,7 +273,11 @@ def _http_connection_manager(
 
 
 def _http_listener(
-    name: str, address: tuple[str, int], routes: dict[str, Any], fault: bool
+    name: str,
+    address: tuple[str, int],
+    routes: dict[str, Any],
+    fault: bool,
+    first: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -265,11 +287,33 @@ def _http_listener(
                 "filters": [
                     {
                         "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": _http_connection_manager(name, routes, fault),
+                        "typed_config": _http_connection_manager(name, routes, fault, first),
                     }
                 ]
             }
         ],
+    }
+
+
+def _local_rate_limit(policy: RateLimitPolicy | None) -> dict[str, Any] | None:
+    """Envoy's local_ratelimit filter for a RateLimitPolicy: always enabled and enforced."""
+    if policy is None:
+        return None
+    everyone = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": ""}
+    return {
+        "name": "envoy.filters.http.local_ratelimit",
+        "typed_config": {
+            "@type": LOCAL_RATELIMIT,
+            "stat_prefix": "inbound_rate_limit",
+            "token_bucket": {
+                "max_tokens": policy.max_tokens,
+                "tokens_per_fill": policy.tokens_per_fill,
+                "fill_interval": _duration(policy.fill_interval),
+            },
+            "filter_enabled": everyone,
+            "filter_enforced": everyone,
+            "status": {"code": policy.status},
+        },
     }
 
 
@@ -301,8 +345,11 @@ class Translator:
             service = services[host]
             rule = rules_for.destination_rule(host)
             dns = tuple(instances[host]) if service.resolution == "DNS" else ()
-            key = (service, rule, dns)
-            built = self._cluster_cache.get(key) or _clusters(service, rule, instances[host])
+            breakers = rules_for.breakers(host)
+            key = (service, rule, dns, breakers)
+            built = self._cluster_cache.get(key) or _clusters(
+                service, rule, instances[host], breakers
+            )
             cluster_cache[key] = built
             clusters.update(built)
             if service.resolution == "STATIC":
@@ -331,6 +378,7 @@ class Translator:
             virtual_hosts=virtual_hosts,
             ports={host: s.ports for host, s in services.items()},
             fault_used=fault_used,
+            rate_limits=rules_for.rate_limits,
         )
 
 
@@ -368,6 +416,10 @@ def _routable(port: ServicePort) -> bool:
     return port.protocol in HTTP_PROTOCOLS or port.protocol in GRPC_PROTOCOLS
 
 
+# A breaker policy and where its fallback goes: (host, subset, port, the host's ports).
+Breaker = tuple[CircuitBreakerPolicy, tuple[str, str, int | None, tuple[int, ...]] | None]
+
+
 class _RulesIndex:
     """Rules by the service host they apply to (short names and ``*.`` wildcards resolved)."""
 
@@ -384,8 +436,29 @@ class _RulesIndex:
                     if vs not in self.virtual[host]:
                         self.virtual[host].append(vs)
 
+        self.rate_limits: dict[str, RateLimitPolicy] = {}
+        for limit in rules.rate_limits:
+            for host in _hosts_matching(limit.host, services):
+                self.rate_limits.setdefault(host, limit)
+        self._breakers: dict[str, list[Breaker]] = defaultdict(list)
+        for breaker in rules.circuit_breakers:
+            fallback = None
+            if breaker.fallback is not None:
+                target = self.resolve(breaker.fallback)
+                fallback = (
+                    target.host if target else breaker.fallback.host,
+                    breaker.fallback.subset,
+                    breaker.fallback.port,
+                    tuple(p.number for p in target.ports) if target else (),
+                )
+            for host in _hosts_matching(breaker.host, services):
+                self._breakers[host].append((breaker, fallback))
+
     def destination_rule(self, host: str) -> DestinationRule | None:
         return self.rules.get(host)
+
+    def breakers(self, host: str) -> tuple[Breaker, ...]:
+        return tuple(self._breakers.get(host, ()))
 
     def resolve(self, destination: Destination) -> Service | None:
         found = _hosts_matching(destination.host, self.services)
@@ -421,7 +494,10 @@ def _merged_policy(rule: DestinationRule | None, subset: str) -> TrafficPolicy |
 
 
 def _clusters(
-    service: Service, rule: DestinationRule | None, instances: list[Instance]
+    service: Service,
+    rule: DestinationRule | None,
+    instances: list[Instance],
+    breakers: tuple[Breaker, ...],
 ) -> dict[str, Resource]:
     built = {}
     for port in service.ports:
@@ -440,8 +516,28 @@ def _clusters(
                     {"http2_protocol_options": {}}, None
                 )
             _apply_policy(data, _merged_policy(rule, subset))
+            _apply_breaker(data, breakers, subset, port.number)
             built[name] = pack(name, parse(cluster_pb2.Cluster, data))
     return built
+
+
+def _apply_breaker(
+    data: dict[str, Any], breakers: tuple[Breaker, ...], subset: str, port: int
+) -> None:
+    """Shoal's breaker as cluster metadata (Envoy and gRPC ignore it); a policy naming this
+    subset wins over one for the whole host."""
+    chosen = [b for b in breakers if b[0].subset == subset] or [
+        b for b in breakers if not b[0].subset
+    ]
+    if not chosen:
+        return
+    policy, fallback = chosen[0]
+    settings = json.loads(policy.settings)
+    if fallback is not None:
+        host, fallback_subset, fallback_port, ports = fallback
+        number = fallback_port or (ports[0] if len(ports) == 1 else port)
+        settings["fallback"] = {"cluster": cluster_name(host, number, fallback_subset)}
+    data["metadata"] = {"filter_metadata": {"shoal.circuit_breaker": settings}}
 
 
 def _protocol_options(explicit: dict[str, Any], common: dict[str, Any] | None) -> dict[str, Any]:

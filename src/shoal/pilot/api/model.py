@@ -218,6 +218,35 @@ class ServiceEntry:
     workload_selector: Labels | None = None  # selects WorkloadEntry by labels
 
 
+# --- Shoal's own kinds (shoal.io/v1): what Istio has no resource for -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerPolicy:
+    """The error-rate / slow-call breaker with half-open state and fallback for a host (or
+    one subset of it). ``settings`` is the validated ``shoal.circuit_breaker`` metadata as
+    JSON (what goes on the cluster); a fallback destination becomes its ``cluster``."""
+
+    meta: Meta
+    host: str
+    settings: str
+    subset: str = ""
+    fallback: Destination | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """A local token bucket in front of every instance of ``host`` (on its sidecar's
+    inbound listener), as Envoy's local_ratelimit filter does it."""
+
+    meta: Meta
+    host: str
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval: Seconds
+    status: int = 429
+
+
 @dataclass(frozen=True, slots=True)
 class RuleSet:
     """Everything valid in the config dir at one moment (the translator's input)."""
@@ -226,4 +255,6 @@ class RuleSet:
     destination_rules: tuple[DestinationRule, ...] = ()
     service_entries: tuple[ServiceEntry, ...] = ()
     workload_entries: tuple[WorkloadEntry, ...] = ()
+    circuit_breakers: tuple[CircuitBreakerPolicy, ...] = ()
+    rate_limits: tuple[RateLimitPolicy, ...] = ()
     errors: tuple[str, ...] = field(default=(), compare=False)  # rejected resources, why

@@ -20,6 +20,7 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 from shoal.errors import ConfigError
 from shoal.pilot.api.model import (
+    CircuitBreakerPolicy,
     ConnectionPool,
     ConsistentHash,
     Destination,
@@ -38,6 +39,7 @@ from shoal.pilot.api.model import (
     Meta,
     OutlierDetection,
     Port,
+    RateLimitPolicy,
     ServiceEntry,
     StringMatch,
     Subset,
@@ -49,10 +51,18 @@ from shoal.pilot.model import Labels, labels_of
 
 GROUP: Final = "networking.istio.io"
 VERSIONS: Final = ("v1", "v1beta1", "v1alpha3")
+SHOAL_GROUP: Final = "shoal.io"
 KINDS: Final = ("VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry")
 NOT_SUPPORTED: Final = "not supported by Shoal"
 
-Resource: TypeAlias = VirtualService | DestinationRule | ServiceEntry | WorkloadEntry
+Resource: TypeAlias = (
+    VirtualService
+    | DestinationRule
+    | ServiceEntry
+    | WorkloadEntry
+    | CircuitBreakerPolicy
+    | RateLimitPolicy
+)
 T = TypeVar("T")
 
 # Istio kinds that exist but that Shoal does not implement: "not supported", not "unknown".
@@ -168,8 +178,13 @@ def parse_resource(document: object, source: str) -> Resource:
     if not isinstance(kind, str) or not kind:
         raise at.at("kind").error("required (a string such as VirtualService)")
     group, _, version = api_version.rpartition("/")
+    if group == SHOAL_GROUP:
+        return _shoal_resource(document, at, kind, version, source)
     if group != GROUP:
-        raise at.error(f"unsupported kind {kind} ({api_version}); Shoal reads {GROUP} resources")
+        raise at.error(
+            f"unsupported kind {kind} ({api_version}); Shoal reads {GROUP} and "
+            f"{SHOAL_GROUP}/v1 resources"
+        )
     if version not in VERSIONS:
         raise at.at("apiVersion").error(
             f"unsupported version {api_version!r} (use one of {', '.join(VERSIONS)})"
@@ -189,6 +204,21 @@ def parse_resource(document: object, source: str) -> Resource:
     if kind == "ServiceEntry":
         return _service_entry(spec, spec_at, meta)
     return _workload_entry(spec, spec_at, meta)
+
+
+def _shoal_resource(
+    document: Mapping[str, Any], at: _At, kind: str, version: str, source: str
+) -> Resource:
+    from shoal.pilot.api.policies import KINDS as SHOAL_KINDS  # noqa: PLC0415 (builds on us)
+    from shoal.pilot.api.policies import parse_policy  # noqa: PLC0415
+
+    if version != "v1":
+        raise at.at("apiVersion").error(f"unsupported version {version!r} (use {SHOAL_GROUP}/v1)")
+    if kind not in SHOAL_KINDS:
+        raise at.at("kind").error(f"unknown kind {kind!r} (Shoal's own: {', '.join(SHOAL_KINDS)})")
+    data = _fields(document, at, ("apiVersion", "kind", "metadata", "spec", "status"))
+    meta = _meta(_required(data, "metadata", at), at.at("metadata"), source)
+    return parse_policy(kind, _required(data, "spec", at), at.at("spec"), meta)
 
 
 # --- generic readers -----------------------------------------------------------------------------

@@ -20,8 +20,10 @@ import yaml
 
 from shoal.errors import ConfigError
 from shoal.pilot.api.model import (
+    CircuitBreakerPolicy,
     Destination,
     DestinationRule,
+    RateLimitPolicy,
     RuleSet,
     ServiceEntry,
     VirtualService,
@@ -248,6 +250,8 @@ def _ruleset(resources: list[Resource], errors: list[str]) -> RuleSet:
         destination_rules=tuple(rules),
         service_entries=tuple(r for r in unique if isinstance(r, ServiceEntry)),
         workload_entries=tuple(r for r in unique if isinstance(r, WorkloadEntry)),
+        circuit_breakers=tuple(r for r in unique if isinstance(r, CircuitBreakerPolicy)),
+        rate_limits=tuple(r for r in unique if isinstance(r, RateLimitPolicy)),
         errors=tuple(errors),
     )
 
