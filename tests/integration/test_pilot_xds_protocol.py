@@ -29,7 +29,7 @@ from google.rpc import status_pb2
 from shoal.pilot.api.model import RuleSet
 from shoal.pilot.model import Instance, RegistrySnapshot, Service, ServicePort
 from shoal.pilot.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE, NodeInfo, Translator
-from shoal.pilot.xds import AggregatedDiscovery, Mesh
+from shoal.pilot.xds import AggregatedDiscovery, Mesh, add_to_server
 
 BARRIER = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 MESSAGES: dict[str, Any] = {
@@ -121,7 +121,7 @@ async def running(snapshot: RegistrySnapshot) -> AsyncIterator[Pilot]:
     pilot = Pilot(snapshot)
     server = grpc.aio.server()
     service = AggregatedDiscovery(pilot.mesh, pilot.connected.append, pilot.disconnected.append)
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(service, server)
+    add_to_server(server, service)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from shoal.errors import ShoalError
 from shoal.pilot.api.model import RuleSet
@@ -31,7 +30,7 @@ from shoal.pilot.registry.files import FilesRegistry
 from shoal.pilot.registry.proxies import ConnectedProxies
 from shoal.pilot.rest import registry_routes, services_json
 from shoal.pilot.translate import Translator
-from shoal.pilot.xds import AggregatedDiscovery, Mesh
+from shoal.pilot.xds import AggregatedDiscovery, Mesh, add_to_server
 
 log = logging.getLogger("shoal.pilot")
 
@@ -182,11 +181,14 @@ class Pilot:
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                # a fleet reconnecting at once (pilot restarted) must not be refused
+                ("grpc.server.max_pending_requests", 20_000),
+                ("grpc.server.max_pending_requests_hard_limit", 40_000),
             ]
         )
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-            AggregatedDiscovery(self.mesh, self.proxies.connected, self.proxies.disconnected),
+        add_to_server(
             server,
+            AggregatedDiscovery(self.mesh, self.proxies.connected, self.proxies.disconnected),
         )
         try:
             bound = server.add_insecure_port(f"{xds_host}:{xds_port}")

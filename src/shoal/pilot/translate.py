@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -152,6 +152,7 @@ class MeshSnapshot:
     fault_used: bool
     rate_limits: dict[str, RateLimitPolicy] = field(default_factory=dict)  # by host
     _named: dict[tuple[str, str], Resource | None] = field(default_factory=dict)
+    _sidecar: dict[tuple[str, NodeInfo], dict[str, Resource]] = field(default_factory=dict)
 
     def lookup(self, type_url: str, name: str) -> Resource | None:
         """A resource asked for by name (what gRPC clients do for every type)."""
@@ -205,6 +206,22 @@ class MeshSnapshot:
         return pack(name, parse(listener_pb2.Listener, listener))
 
     def sidecar_listeners(self, node: NodeInfo) -> dict[str, Resource]:
+        """The listeners of a sidecar, shared by every sidecar with the same metadata."""
+        key = (LISTENER, replace(node, id=""))
+        if key not in self._sidecar:
+            self._sidecar[key] = self._sidecar_listeners(node)
+        return self._sidecar[key]
+
+    def sidecar_clusters(self, node: NodeInfo) -> dict[str, Resource]:
+        """Every mesh cluster, plus the sidecar's inbound cluster when it fronts an app."""
+        if not node.has_inbound:
+            return self.clusters
+        key = (CLUSTER, replace(node, id=""))
+        if key not in self._sidecar:
+            self._sidecar[key] = self._sidecar_clusters(node)
+        return self._sidecar[key]
+
+    def _sidecar_listeners(self, node: NodeInfo) -> dict[str, Resource]:
         outbound = _http_listener(
             "outbound",
             node.outbound_address,
@@ -242,9 +259,7 @@ class MeshSnapshot:
             listeners["inbound"] = pack("inbound", parse(listener_pb2.Listener, inbound))
         return listeners
 
-    def sidecar_clusters(self, node: NodeInfo) -> dict[str, Resource]:
-        if not node.has_inbound:
-            return self.clusters
+    def _sidecar_clusters(self, node: NodeInfo) -> dict[str, Resource]:
         assert node.app_address is not None
         name = inbound_cluster_name(node)
         inbound = {
@@ -461,6 +476,9 @@ class _RulesIndex:
         return tuple(self._breakers.get(host, ()))
 
     def resolve(self, destination: Destination) -> Service | None:
+        exact = self.services.get(destination.host)
+        if exact is not None:
+            return exact
         found = _hosts_matching(destination.host, self.services)
         return self.services[found[0]] if found else None
 

@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 
 from shoal.errors import ConfigError
 from shoal.pilot.translate import (
     CLUSTER,
+    ENDPOINT,
     LISTENER,
+    ROUTE,
     TYPE_URLS,
     MeshSnapshot,
     NodeInfo,
@@ -77,24 +79,89 @@ def node_info(node: Any) -> NodeInfo:
 
 
 class Mesh:
-    """The current snapshot and the sessions waiting for the next one."""
+    """The current snapshot, what changed in the last versions, and the sessions waiting.
+
+    Pushes are cheap at scale because the work per client is small: the names that changed
+    are computed once per version (``changed_since``), response bodies are serialized once
+    for all clients that get the same resources (``encode``), and subscription name sets are
+    shared between clients that ask for the same names (``intern``).
+    """
+
+    HISTORY = 64  # versions of change log kept; a session further behind diffs everything
+    CONCURRENT_PUSHES = 64  # sessions building and writing a push at once (bounds memory)
 
     def __init__(self, snapshot: MeshSnapshot) -> None:
         self.snapshot = snapshot
         self.version = 1
         self.sessions: set[Session] = set()
         self.nacks = 0
+        self.changes: dict[int, dict[str, frozenset[str] | None]] = {}
+        self._encoded: dict[tuple[Any, ...], bytes] = {}
+        self._names: dict[frozenset[str], frozenset[str]] = {}
+        self.pushing = asyncio.Semaphore(self.CONCURRENT_PUSHES)
 
     def publish(self, snapshot: MeshSnapshot) -> None:
-        self.snapshot = snapshot
+        old, self.snapshot = self.snapshot, snapshot
         self.version += 1
+        self.changes[self.version] = _changes(old, snapshot)
+        self.changes.pop(self.version - self.HISTORY, None)
+        self._encoded.clear()
         for session in self.sessions:
             session.wake()
+
+    def changed_since(self, version: int, type_url: str) -> frozenset[str] | None:
+        """The names of ``type_url`` that changed after ``version``; None when that is not
+        known (too old, or a change that touches every named resource of the type)."""
+        changed: set[str] = set()
+        for step in range(version + 1, self.version + 1):
+            names = self.changes.get(step, {}).get(type_url) if step in self.changes else None
+            if names is None:
+                return None
+            changed |= names
+        return frozenset(changed)
+
+    def intern(self, names: frozenset[str]) -> frozenset[str]:
+        return self._names.setdefault(names, names)
+
+    def encode(self, key: tuple[Any, ...], build: Callable[[], Any]) -> bytes:
+        """The serialized response for ``key`` at this version, built once (without its
+        nonce, which each session appends)."""
+        body = self._encoded.get(key)
+        if body is None:
+            body = self._encoded[key] = build().SerializeToString()
+            if len(self._encoded) > 4096:  # many distinct answers: keep memory bounded
+                self._encoded.clear()
+        return body
+
+
+def _diff(old: Mapping[str, Resource], new: Mapping[str, Resource]) -> frozenset[str]:
+    return frozenset(
+        name
+        for name in old.keys() | new.keys()
+        if (old.get(name) is None) != (new.get(name) is None)
+        or old[name].version != new[name].version
+    )
+
+
+def _changes(old: MeshSnapshot, new: MeshSnapshot) -> dict[str, frozenset[str] | None]:
+    """What one publish changed, per type. Named gRPC listeners and routes derive from the
+    virtual hosts, and sidecar listeners from filters in use: when those move, every name of
+    the type may have changed (None)."""
+    routes_same = old.outbound_routes.version == new.outbound_routes.version
+    filters_same = (old.fault_used, old.rate_limits) == (new.fault_used, new.rate_limits)
+    same_shape = routes_same and old.ports == new.ports
+    return {
+        CLUSTER: _diff(old.clusters, new.clusters),
+        ENDPOINT: _diff(old.endpoints, new.endpoints),
+        ROUTE: frozenset() if same_shape else None,
+        LISTENER: frozenset() if same_shape and filters_same else None,
+    }
 
 
 @dataclass(slots=True)
 class TypeState:
-    names: set[str] = field(default_factory=set)
+    names: frozenset[str] = frozenset()  # interned: clients asking the same share one set
+    requested: tuple[str, ...] = ()  # the names as last sent (SotW), to spot ACKs cheaply
     wildcard: bool = False
     sent: dict[str, str] = field(default_factory=dict)  # name -> version the client has
     nonce: str = ""
@@ -112,8 +179,8 @@ class Session:
         self.types: dict[str, TypeState] = {}
         self.nonce = 0
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.synced = mesh.version  # the version the last push brought this client to
         self._push_pending = False
-        self._sidecar: tuple[int, dict[str, dict[str, Resource]]] = (0, {})
 
     def wake(self) -> None:
         if not self._push_pending:
@@ -125,39 +192,51 @@ class Session:
 
     # what the client may see --------------------------------------------------------------
 
-    def view(self, type_url: str, state: TypeState) -> dict[str, Resource]:
+    def view(
+        self, type_url: str, state: TypeState, only: Iterable[str] | None = None
+    ) -> dict[str, Resource]:
+        """The resources of the type this client sees; ``only``: just those of these names
+        (what a push changed)."""
         snapshot = self.mesh.snapshot
         found: dict[str, Resource] = {}
-        if state.wildcard and self.node is not None and type_url in FULL_STATE:
-            found.update(self._sidecar_view(type_url))
-        for name in state.names:
+        wildcard = state.wildcard and self.node is not None and type_url in FULL_STATE
+        names: Iterable[str] = state.names
+        if only is None:
+            if wildcard:
+                found.update(self._sidecar_view(type_url))
+        else:
+            if wildcard:
+                sidecar = self._sidecar_view(type_url)
+                found.update((n, sidecar[n]) for n in only if n in sidecar)
+            names = [n for n in only if n in state.names]
+        for name in names:
             resource = snapshot.lookup(type_url, name)
             if resource is not None:
                 found[name] = resource
         return found
 
     def _sidecar_view(self, type_url: str) -> dict[str, Resource]:
-        version, cached = self._sidecar
-        if version != self.mesh.version:
-            cached = {}
-            self._sidecar = (self.mesh.version, cached)
-        if type_url not in cached:
-            assert self.node is not None
-            snapshot = self.mesh.snapshot
-            cached[type_url] = (
-                snapshot.sidecar_listeners(self.node)
-                if type_url == LISTENER
-                else snapshot.sidecar_clusters(self.node)
-            )
-        return cached[type_url]
+        assert self.node is not None
+        snapshot = self.mesh.snapshot
+        if type_url == LISTENER:
+            return snapshot.sidecar_listeners(self.node)
+        return snapshot.sidecar_clusters(self.node)
 
     def _next_nonce(self) -> str:
         self.nonce += 1
         return str(self.nonce)
 
+    def _changed(self, since: int, type_url: str, state: TypeState) -> Iterable[str] | None:
+        """What a push must look at for this type: the changed names, or None for all."""
+        changed = self.mesh.changed_since(since, type_url)
+        if changed is None or type_url not in FULL_STATE:
+            return changed
+        # A full-state type is answered whole: look at everything if anything moved.
+        return None if changed else changed
+
     # state of the world ---------------------------------------------------------------------
 
-    def sotw_request(self, request: Any) -> list[Any]:
+    def sotw_request(self, request: Any) -> list[bytes]:
         type_url = str(request.type_url)
         state = self.types.setdefault(type_url, TypeState())
         if state.nonce and request.response_nonce and request.response_nonce != state.nonce:
@@ -166,36 +245,51 @@ class Session:
             return []
         if request.HasField("error_detail"):
             self._nack(type_url, str(request.version_info), request.error_detail.message)
-        names = {str(n) for n in request.resource_names}
+        requested = tuple(request.resource_names)
+        if state.subscribed and requested == state.requested:
+            return []  # an ACK (or a NACK) that asks for nothing new: the common case
+        names = set(requested)
         first = not state.subscribed
         wildcard = "*" in names or (
             not names and type_url in FULL_STATE and (first or state.wildcard)
         )
         names.discard("*")
+        state.requested = requested
         if not first and names == state.names and wildcard == state.wildcard:
-            return []  # an ACK, or a NACK that asks for nothing new
+            return []
         added = names - state.names
-        state.subscribed, state.names, state.wildcard = True, names, wildcard
+        state.subscribed, state.wildcard = True, wildcard
+        state.names = self.mesh.intern(frozenset(names))
         response = self._sotw_response(type_url, state, asked=added, force=True)
         return [response] if response is not None else []
 
-    def sotw_push(self) -> list[Any]:
+    def sotw_push(self) -> list[bytes]:
         self._push_pending = False
+        since, self.synced = self.synced, self.mesh.version
         responses = []
         for type_url in TYPE_URLS:
             state = self.types.get(type_url)
             if state is not None and state.subscribed:
-                response = self._sotw_response(type_url, state, asked=set(), force=False)
+                changed = self._changed(since, type_url, state)
+                if changed is not None and not changed:
+                    continue
+                response = self._sotw_response(type_url, state, set(), False, changed)
                 if response is not None:
                     responses.append(response)
         return responses
 
     def _sotw_response(
-        self, type_url: str, state: TypeState, asked: set[str], force: bool
-    ) -> Any | None:
+        self,
+        type_url: str,
+        state: TypeState,
+        asked: set[str],
+        force: bool,
+        only: Iterable[str] | None = None,
+    ) -> bytes | None:
         """``asked``: names newly subscribed to, sent even if the client had them before;
-        ``force``: answer even with nothing to send (a subscription change)."""
-        view = self.view(type_url, state)
+        ``force``: answer even with nothing to send (a subscription change); ``only``: the
+        names a push changed (None: look at everything)."""
+        view = self.view(type_url, state, only)
         if type_url in FULL_STATE:
             versions = {n: r.version for n, r in view.items()}
             if not force and versions == state.sent:
@@ -207,17 +301,21 @@ class Session:
             if not chosen and not force:
                 return None
             state.sent.update((r.name, r.version) for r in chosen)
+        version = str(self.mesh.version)
+        key = ("sotw", type_url, version, tuple(r.version for r in chosen))
+
+        def build() -> Any:
+            resources = [r.body for r in chosen]
+            return discovery_pb2.DiscoveryResponse(
+                version_info=version, resources=resources, type_url=type_url
+            )
+
         state.nonce = self._next_nonce()
-        return discovery_pb2.DiscoveryResponse(
-            version_info=str(self.mesh.version),
-            resources=[r.body for r in chosen],
-            type_url=type_url,
-            nonce=state.nonce,
-        )
+        return self.mesh.encode(key, build) + _nonce_field(state.nonce)
 
     # delta --------------------------------------------------------------------------------
 
-    def delta_request(self, request: Any) -> list[Any]:
+    def delta_request(self, request: Any) -> list[bytes]:
         """No nonce check: a stale nonce only means the request crossed a response, and the
         subscription changes in it must still be applied (the protocol doc says so)."""
         type_url = str(request.type_url)
@@ -235,7 +333,7 @@ class Session:
             state.wildcard = True
         if "*" in unsubscribe:
             state.wildcard = False
-        state.names = (state.names | subscribe) - unsubscribe - {"*"}
+        state.names = self.mesh.intern(frozenset((state.names | subscribe) - unsubscribe - {"*"}))
         for name in unsubscribe:
             state.sent.pop(name, None)
         # Sent even if the client has them: what it subscribes to again (it may have dropped
@@ -249,40 +347,55 @@ class Session:
         response = self._delta_response(type_url, state, asked=asked, force=first)
         return [response] if response is not None else []
 
-    def delta_push(self) -> list[Any]:
+    def delta_push(self) -> list[bytes]:
         self._push_pending = False
+        since, self.synced = self.synced, self.mesh.version
         responses = []
         for type_url in TYPE_URLS:
             state = self.types.get(type_url)
             if state is not None and state.subscribed:
-                response = self._delta_response(type_url, state, asked=set(), force=False)
+                changed = self.mesh.changed_since(since, type_url)
+                if changed is not None and not changed:
+                    continue
+                response = self._delta_response(type_url, state, set(), False, changed)
                 if response is not None:
                     responses.append(response)
         return responses
 
     def _delta_response(
-        self, type_url: str, state: TypeState, asked: set[str], force: bool
-    ) -> Any | None:
-        view = self.view(type_url, state)
+        self,
+        type_url: str,
+        state: TypeState,
+        asked: set[str],
+        force: bool,
+        only: frozenset[str] | None = None,
+    ) -> bytes | None:
+        view = self.view(type_url, state, only)
         resend = view.keys() if "*" in asked else asked
         changed = [r for n, r in view.items() if n in resend or state.sent.get(n) != r.version]
-        removed = sorted((state.sent.keys() | asked) - view.keys() - {"*"})
+        held = state.sent.keys() if only is None else only & state.sent.keys()
+        removed = sorted((held | asked) - view.keys() - {"*"})
         if not changed and not removed and not force:
             return None
         for name in removed:
             state.sent.pop(name, None)
         state.sent.update((r.name, r.version) for r in changed)
+        version = str(self.mesh.version)
+        key = ("delta", type_url, version, tuple(r.version for r in changed), tuple(removed))
+
+        def build() -> Any:
+            return discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=version,
+                resources=[
+                    discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body)
+                    for r in changed
+                ],
+                removed_resources=removed,
+                type_url=type_url,
+            )
+
         state.nonce = self._next_nonce()
-        return discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=str(self.mesh.version),
-            resources=[
-                discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body)
-                for r in changed
-            ],
-            removed_resources=removed,
-            type_url=type_url,
-            nonce=state.nonce,
-        )
+        return self.mesh.encode(key, build) + _nonce_field(state.nonce)
 
     def _nack(self, type_url: str, version: str, message: str) -> None:
         self.mesh.nacks += 1
@@ -295,26 +408,31 @@ class Session:
         )
 
 
+def _nonce_field(nonce: str) -> bytes:
+    """Field 5 (``nonce``) of DiscoveryResponse and DeltaDiscoveryResponse, serialized: a
+    shared response body plus this is that response with this stream's nonce (protobuf
+    merges concatenated messages)."""
+    data = nonce.encode()
+    return bytes((5 << 3 | 2, len(data))) + data  # nonces are short: a one-byte length
+
+
 NodeHook = Callable[[NodeInfo], None]
 
 
-class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+class AggregatedDiscovery:
     """The gRPC service; ``connected``/``disconnected`` let pilot register sidecars as
-    endpoints of their service while their stream lives."""
+    endpoints of their service while their stream lives. Responses leave as bytes (see
+    :meth:`Mesh.encode`), so the service is registered with :func:`add_to_server`."""
 
     def __init__(self, mesh: Mesh, connected: NodeHook, disconnected: NodeHook) -> None:
         self.mesh = mesh
         self.connected = connected
         self.disconnected = disconnected
 
-    async def StreamAggregatedResources(  # noqa: N802 (gRPC's name)
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> None:
+    async def stream(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         await self._serve(Session(self.mesh, False, context.peer()), requests, context)
 
-    async def DeltaAggregatedResources(  # noqa: N802 (gRPC's name)
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> None:
+    async def delta(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         await self._serve(Session(self.mesh, True, context.peer()), requests, context)
 
     async def _serve(
@@ -328,15 +446,18 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # t
                 if isinstance(item, BaseException):
                     return  # the client closed its side, or the stream broke
                 if item is None:
-                    responses = session.delta_push() if session.delta else session.sotw_push()
-                else:
-                    if session.node is None:
-                        session.node = node_info(item.node)
-                        log.info("stream from %s (%s)", session.label(), _variant(session))
-                        self.connected(session.node)
-                    responses = (
-                        session.delta_request(item) if session.delta else session.sotw_request(item)
-                    )
+                    async with self.mesh.pushing:
+                        pushed = session.delta_push() if session.delta else session.sotw_push()
+                        for response in pushed:
+                            await context.write(response)
+                    continue
+                if session.node is None:
+                    session.node = node_info(item.node)
+                    log.info("stream from %s (%s)", session.label(), _variant(session))
+                    self.connected(session.node)
+                responses = (
+                    session.delta_request(item) if session.delta else session.sotw_request(item)
+                )
                 for response in responses:
                     await context.write(response)
         except ConfigError as exc:
@@ -360,8 +481,28 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # t
         session.queue.put_nowait(EOFError())
 
 
+def add_to_server(server: grpc.aio.Server, service: AggregatedDiscovery) -> None:
+    """Register the ADS methods: requests parsed as usual, responses already bytes."""
+    handlers = {
+        "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            service.stream,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=bytes,
+        ),
+        "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            service.delta,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=bytes,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+
+
+_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
 def _variant(session: Session) -> str:
     return "delta" if session.delta else "state of the world"
 
 
-__all__ = ["AggregatedDiscovery", "Mesh", "Session", "node_info"]
+__all__ = ["AggregatedDiscovery", "Mesh", "Session", "add_to_server", "node_info"]
