@@ -98,6 +98,8 @@ class Mesh:
         self.changes: dict[int, dict[str, frozenset[str] | None]] = {}
         self._encoded: dict[tuple[Any, ...], bytes] = {}
         self._names: dict[frozenset[str], frozenset[str]] = {}
+        self._requested: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._versions: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.pushing = asyncio.Semaphore(self.CONCURRENT_PUSHES)
 
     def publish(self, snapshot: MeshSnapshot) -> None:
@@ -105,7 +107,8 @@ class Mesh:
         self.version += 1
         self.changes[self.version] = _changes(old, snapshot)
         self.changes.pop(self.version - self.HISTORY, None)
-        self._encoded.clear()
+        for cache in (self._encoded, self._names, self._requested, self._versions):
+            cache.clear()  # what sessions hold stays shared; new answers share anew
         for session in self.sessions:
             session.wake()
 
@@ -122,6 +125,13 @@ class Mesh:
 
     def intern(self, names: frozenset[str]) -> frozenset[str]:
         return self._names.setdefault(names, names)
+
+    def intern_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        return self._requested.setdefault(names, names)
+
+    def intern_versions(self, versions: tuple[str, ...]) -> tuple[str, ...]:
+        """One object per distinct answer, so a thousand clients hold one tuple."""
+        return self._versions.setdefault(versions, versions)
 
     def encode(self, key: tuple[Any, ...], build: Callable[[], Any]) -> bytes:
         """The serialized response for ``key`` at this version, built once (without its
@@ -163,7 +173,8 @@ class TypeState:
     names: frozenset[str] = frozenset()  # interned: clients asking the same share one set
     requested: tuple[str, ...] = ()  # the names as last sent (SotW), to spot ACKs cheaply
     wildcard: bool = False
-    sent: dict[str, str] = field(default_factory=dict)  # name -> version the client has
+    sent: dict[str, str] = field(default_factory=dict)  # delta: name -> version it has
+    sent_versions: tuple[str, ...] = ()  # SotW Listener/Cluster: the versions of the last answer
     nonce: str = ""
     subscribed: bool = False
 
@@ -209,6 +220,10 @@ class Session:
                 sidecar = self._sidecar_view(type_url)
                 found.update((n, sidecar[n]) for n in only if n in sidecar)
             names = [n for n in only if n in state.names]
+        shared = {CLUSTER: snapshot.clusters, ENDPOINT: snapshot.endpoints}.get(type_url)
+        if shared is not None:  # the common case, thousands of names: plain dict lookups
+            found.update((name, shared[name]) for name in names if name in shared)
+            return found
         for name in names:
             resource = snapshot.lookup(type_url, name)
             if resource is not None:
@@ -248,6 +263,7 @@ class Session:
         requested = tuple(request.resource_names)
         if state.subscribed and requested == state.requested:
             return []  # an ACK (or a NACK) that asks for nothing new: the common case
+        requested = self.mesh.intern_names(requested)
         names = set(requested)
         first = not state.subscribed
         wildcard = "*" in names or (
@@ -286,23 +302,28 @@ class Session:
         force: bool,
         only: Iterable[str] | None = None,
     ) -> bytes | None:
-        """``asked``: names newly subscribed to, sent even if the client had them before;
-        ``force``: answer even with nothing to send (a subscription change); ``only``: the
-        names a push changed (None: look at everything)."""
-        view = self.view(type_url, state, only)
+        """``asked``: names newly subscribed to; ``force``: answer even with nothing to send
+        (a subscription change); ``only``: the names a push changed (None: everything).
+
+        Listener and Cluster answers are whole, and sent when their versions moved.
+        RouteConfiguration and ClusterLoadAssignment answers carry what was asked for or
+        changed: pushes follow the mesh's change log, so a client is always as current as
+        its last push and nothing per resource needs remembering per client."""
         if type_url in FULL_STATE:
-            versions = {n: r.version for n, r in view.items()}
-            if not force and versions == state.sent:
-                return None
+            view = self.view(type_url, state)
             chosen = list(view.values())
-            state.sent = versions
+            versions = self.mesh.intern_versions(tuple(r.version for r in chosen))
+            if not force and versions == state.sent_versions:
+                return None
+            state.sent_versions = versions
         else:
-            chosen = [r for n, r in view.items() if n in asked or state.sent.get(n) != r.version]
+            view = self.view(type_url, state, asked if force else only)
+            chosen = list(view.values())
             if not chosen and not force:
                 return None
-            state.sent.update((r.name, r.version) for r in chosen)
+            versions = tuple(r.version for r in chosen)
         version = str(self.mesh.version)
-        key = ("sotw", type_url, version, tuple(r.version for r in chosen))
+        key = ("sotw", type_url, version, versions)
 
         def build() -> Any:
             resources = [r.body for r in chosen]
