@@ -57,6 +57,9 @@ def clean() -> None:
 
 
 def compile_modules() -> None:
+    # Hash what is about to be compiled: a source edited during the build then leaves the
+    # stamp stale, and the next run builds again instead of trusting an old module.
+    built_from = source_hash()
     clean()
     setup(
         name="shoal-hot-path",
@@ -64,7 +67,7 @@ def compile_modules() -> None:
         package_dir={"": "src"},
         script_args=["build_ext", "--inplace", "--build-temp", str(ROOT / "build")],
     )
-    STAMP.write_text(source_hash())
+    STAMP.write_text(built_from)
 
 
 def main() -> int:
