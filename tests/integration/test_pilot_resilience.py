@@ -53,6 +53,19 @@ def route_all_to(subset: str, weight_total: int = 100) -> list[dict[str, Any]]:
     return [rule, service]
 
 
+def abort_all(host: str, status: int) -> dict[str, Any]:
+    fault = {"abort": {"httpStatus": status, "percentage": {"value": 100}}}
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": host},
+        "spec": {
+            "hosts": [host],
+            "http": [{"fault": fault, "route": [{"destination": {"host": host}}]}],
+        },
+    }
+
+
 @pytest.fixture
 def colors() -> Iterator[dict[str, Echo]]:
     started = {name: Echo(name) for name in ("blue", "green")}
@@ -107,6 +120,12 @@ def test_an_invalid_rule_is_rejected_and_the_last_valid_rules_stay(
         eventually(lambda: "shop.yaml" in pilot.output() and "weight" in pilot.output())
         assert served_by(port, "shop", 20) == {"blue": 20}
         assert pilot.debug()["pushes"] == pushes
+
+        # another file's valid change still goes through while shop.yaml is broken
+        pilot.register("catalog", colors["green"].port, service_port=80)
+        pilot.write_rules("catalog.yaml", abort_all("catalog", 418))
+        eventually(lambda: served_by(port, "catalog", 4) == {"418": 4})
+        assert served_by(port, "shop", 20) == {"blue": 20}
 
         pilot.write_rules("shop.yaml", *route_all_to("green"))  # fixed: it goes through
         eventually(lambda: served_by(port, "shop", 10) == {"green": 10})

@@ -15,14 +15,23 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
 from shoal.errors import ShoalError
-from shoal.pilot.api.model import RuleSet
-from shoal.pilot.api.store import ConfigDir
+from shoal.pilot.api.model import (
+    CircuitBreakerPolicy,
+    DestinationRule,
+    RateLimitPolicy,
+    RuleSet,
+    ServiceEntry,
+    VirtualService,
+    WorkloadEntry,
+)
+from shoal.pilot.api.parse import resource_id
+from shoal.pilot.api.store import ConfigDir, source_file
 from shoal.pilot.http import Reply, Routes, json_reply, serve_http
 from shoal.pilot.model import MergedRegistries, Registry
 from shoal.pilot.registry.embedded import EmbeddedRegistry
@@ -58,6 +67,36 @@ def split_address(text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise StartError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def _keep_last_valid(running: RuleSet, loaded: RuleSet) -> RuleSet:
+    """``loaded``, plus the running resources of files that now have errors which the new
+    load no longer has (by kind, namespace and name)."""
+    present = {resource_id(r) for r in loaded.resources()}
+    kept = [
+        r
+        for r in running.resources()
+        if source_file(r) in loaded.failed_files and resource_id(r) not in present
+    ]
+    if not kept:
+        return loaded
+    return replace(
+        loaded,
+        **{
+            name: getattr(loaded, name) + tuple(r for r in kept if isinstance(r, kind))
+            for name, kind in _KINDS.items()
+        },
+    )
+
+
+_KINDS = {
+    "virtual_services": VirtualService,
+    "destination_rules": DestinationRule,
+    "service_entries": ServiceEntry,
+    "workload_entries": WorkloadEntry,
+    "circuit_breakers": CircuitBreakerPolicy,
+    "rate_limits": RateLimitPolicy,
+}
 
 
 def registry_from_spec(spec: str) -> Registry:
@@ -127,15 +166,22 @@ class Pilot:
         )
 
     def _load_rules(self, rules: RuleSet) -> bool:
-        """Take a new rule set if it is valid; otherwise log why and keep the running one."""
-        if rules.errors:
-            for error in rules.errors:
-                log.error("rules rejected: %s", error)
+        """Take a new rule set; returns whether it differs from the running one.
+
+        A file with an error keeps its last valid resources (the rejected ones are logged
+        with file, resource, field and reason and never reach a proxy); every other file
+        applies as it is now, so one typo does not block unrelated changes."""
+        for error in rules.errors:
+            log.error("rules rejected: %s", error)
+        if rules.failed_files:
+            rules = _keep_last_valid(self.rules, rules)
             log.error(
-                "%d error(s) in %s: the last valid rules stay in force",
+                "%d error(s) in %s: the last valid resources of %s stay in force",
                 len(rules.errors),
                 self.settings.config_dir,
+                ", ".join(sorted(rules.failed_files)),
             )
+        if rules == self.rules:
             return False
         self.rules = rules
         self.files.update(rules)

@@ -8,7 +8,7 @@ rejected by the parser with its path, never dropped silently.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from shoal.pilot.model import Labels
 
@@ -258,3 +258,15 @@ class RuleSet:
     circuit_breakers: tuple[CircuitBreakerPolicy, ...] = ()
     rate_limits: tuple[RateLimitPolicy, ...] = ()
     errors: tuple[str, ...] = field(default=(), compare=False)  # rejected resources, why
+    failed_files: frozenset[str] = field(default=frozenset(), compare=False)  # with errors
+
+    def resources(self) -> list[Any]:
+        """Every resource, of every kind."""
+        return [
+            *self.virtual_services,
+            *self.destination_rules,
+            *self.service_entries,
+            *self.workload_entries,
+            *self.circuit_breakers,
+            *self.rate_limits,
+        ]

@@ -54,13 +54,15 @@ class ConfigDir:
         signature = self._signature()  # taken first: a write during the read is seen next poll
         resources: list[Resource] = []
         errors: list[str] = []
+        failed: set[str] = set()
         for file in _config_files(self.path):
             for result in _parse_file(self.path / file):
                 if isinstance(result, ConfigError):
                     errors.append(str(result))
+                    failed.add((self.path / file).as_posix())
                 else:
                     resources.append(result)
-        ruleset = _ruleset(resources, errors)
+        ruleset = _ruleset(resources, errors, failed)
         self._loaded, self._last = signature, ruleset
         return ruleset
 
@@ -224,7 +226,7 @@ def _items(source: str, document: object) -> list[tuple[str, object]]:
     return [(f"{source}{separator}items[{index}]", item) for index, item in enumerate(items)]
 
 
-def _ruleset(resources: list[Resource], errors: list[str]) -> RuleSet:
+def _ruleset(resources: list[Resource], errors: list[str], failed: set[str]) -> RuleSet:
     """Drop the later of two resources with the same ``Kind namespace/name`` and every
     VirtualService that routes to a subset no DestinationRule defines; group by kind."""
     first: dict[str, Resource] = {}
@@ -234,6 +236,7 @@ def _ruleset(resources: list[Resource], errors: list[str]) -> RuleSet:
             errors.append(
                 f"{resource.meta.source}: {key}: already defined in {first[key].meta.source}"
             )
+            failed.add(source_file(resource))
         else:
             first[key] = resource
     unique = list(first.values())
@@ -243,6 +246,7 @@ def _ruleset(resources: list[Resource], errors: list[str]) -> RuleSet:
         problem = _missing_subset(service, rules)
         if problem:
             errors.append(problem)
+            failed.add(source_file(service))
         else:
             services.append(service)
     return RuleSet(
@@ -253,7 +257,13 @@ def _ruleset(resources: list[Resource], errors: list[str]) -> RuleSet:
         circuit_breakers=tuple(r for r in unique if isinstance(r, CircuitBreakerPolicy)),
         rate_limits=tuple(r for r in unique if isinstance(r, RateLimitPolicy)),
         errors=tuple(errors),
+        failed_files=frozenset(failed),
     )
+
+
+def source_file(resource: Resource) -> str:
+    """The file a resource came from (its source without the ``#N`` document index)."""
+    return resource.meta.source.split("#", 1)[0]
 
 
 def qualified_host(host: str, namespace: str) -> str:
