@@ -100,6 +100,7 @@ class Mesh:
         self._names: dict[frozenset[str], frozenset[str]] = {}
         self._requested: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._versions: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._listed: dict[int, tuple[dict[str, Resource], list[Resource], tuple[str, ...]]] = {}
         self.pushing = asyncio.Semaphore(self.CONCURRENT_PUSHES)
 
     def publish(self, snapshot: MeshSnapshot) -> None:
@@ -107,7 +108,7 @@ class Mesh:
         self.version += 1
         self.changes[self.version] = _changes(old, snapshot)
         self.changes.pop(self.version - self.HISTORY, None)
-        for cache in (self._encoded, self._names, self._requested, self._versions):
+        for cache in (self._encoded, self._names, self._requested, self._versions, self._listed):
             cache.clear()  # what sessions hold stays shared; new answers share anew
         for session in self.sessions:
             session.wake()
@@ -129,9 +130,16 @@ class Mesh:
     def intern_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
         return self._requested.setdefault(names, names)
 
-    def intern_versions(self, versions: tuple[str, ...]) -> tuple[str, ...]:
-        """One object per distinct answer, so a thousand clients hold one tuple."""
-        return self._versions.setdefault(versions, versions)
+    def listed(self, view: dict[str, Resource]) -> tuple[list[Resource], tuple[str, ...]]:
+        """A whole answer's resources and their versions; views shared between clients
+        (the sidecars' clusters) are listed once, and equal version tuples are one object."""
+        found = self._listed.get(id(view))
+        if found is None or found[0] is not view:
+            chosen = list(view.values())
+            versions = tuple(r.version for r in chosen)
+            found = (view, chosen, self._versions.setdefault(versions, versions))
+            self._listed[id(view)] = found
+        return found[1], found[2]
 
     def encode(self, key: tuple[Any, ...], build: Callable[[], Any]) -> bytes:
         """The serialized response for ``key`` at this version, built once (without its
@@ -214,6 +222,8 @@ class Session:
         names: Iterable[str] = state.names
         if only is None:
             if wildcard:
+                if not state.names:
+                    return self._sidecar_view(type_url)  # shared, never modified
                 found.update(self._sidecar_view(type_url))
         else:
             if wildcard:
@@ -311,8 +321,7 @@ class Session:
         its last push and nothing per resource needs remembering per client."""
         if type_url in FULL_STATE:
             view = self.view(type_url, state)
-            chosen = list(view.values())
-            versions = self.mesh.intern_versions(tuple(r.version for r in chosen))
+            chosen, versions = self.mesh.listed(view)
             if not force and versions == state.sent_versions:
                 return None
             state.sent_versions = versions
