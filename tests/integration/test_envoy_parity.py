@@ -323,6 +323,17 @@ static_resources:
                 route: {cluster: mirror}
               - match: {prefix: /mirror}
                 route: {cluster: mirror}
+              - match: {prefix: /shadowed}
+                route:
+                  cluster: a
+                  request_mirror_policies:
+                  - cluster: shadow
+                    runtime_fraction: {default_value: {numerator: 100}}
+              - match: {prefix: /sticky}
+                route:
+                  cluster: ring
+                  hash_policy:
+                  - cookie: {name: sess, ttl: 60s, path: /}
               - match: {prefix: /retry/}
                 route:
                   cluster: flaky
@@ -480,6 +491,23 @@ static_resources:
       endpoints:
       - lb_endpoints:
         - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $mirror}}}
+  - name: shadow
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: shadow
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $b}}}
+  - name: ring
+    type: STATIC
+    connect_timeout: 1s
+    lb_policy: RING_HASH
+    load_assignment:
+      cluster_name: ring
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $a}}}
   - name: named
     type: STATIC
     connect_timeout: 1s
@@ -606,6 +634,12 @@ CASES = [
     Case("client_envoy_headers", "/mirror/e", headers=(("x-envoy-max-retries", "3"),)),
     Case("client_envoy_internal", "/mirror/i", headers=(("x-envoy-internal", "true"),)),
     Case("post_chunked", "/mirror/chunked", method="POST", body=b"chunked"),
+    # the copies' side is compared in test_envoy_parity_mirror_cookie.py and by the stats
+    Case("request_mirror", "/shadowed/x?y=1", headers=(("x-user", "u1"),)),
+    Case("request_mirror_post", "/shadowed/post", method="POST", body=b"m" * 300),
+    # a cookie present: hashed, nothing set (a missing one: test_envoy_parity_mirror_cookie.py)
+    Case("hash_cookie_quoted", "/sticky/a", headers=(("cookie", 'sess="0123456789abcdef"'),)),
+    Case("hash_cookie_plain", "/sticky/b", headers=(("cookie", "t=1; sess=0123456789abcdef"),)),
     Case("retry_5xx_succeeds", "/retry/fail/{run}-k1/1"),
     Case("retry_5xx_exhausted", "/retry/fail/{run}-k2/5"),
     Case("retry_status_code", "/retry-codes/status/418"),
@@ -1169,7 +1203,7 @@ def test_tcp_proxy_passes_bytes_unchanged(runs: dict[str, Run]) -> None:
 COMPARED_STATS = (
     [
         f"cluster.{cluster}.{stat}"
-        for cluster in ("a", "b", "c", "flaky", "slow", "mirror", "dead")
+        for cluster in ("a", "b", "c", "flaky", "slow", "mirror", "dead", "shadow")
         for stat in (
             "upstream_rq_total",
             "upstream_rq_completed",

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.unit.test_config_envoy import CLUSTER, bootstrap, cluster, error, load
+from tests.unit.test_config_envoy import CLUSTER, HTTP_OPTIONS, bootstrap, cluster, error, load
 
 from shoal.config.model import (
     Cluster,
+    GrpcHealthCheck,
     HeaderValueOption,
     HealthCheck,
     HttpHealthCheck,
@@ -51,6 +52,26 @@ def http_check(**fields: Any) -> dict[str, Any]:
 def check_of(tmp_path: Path, **fields: Any) -> HealthCheck:
     (result,) = only_cluster(tmp_path, health_checks=[http_check(**fields)]).health_checks
     return result
+
+
+# explicit HTTP/2, which Envoy requires of a cluster with a gRPC health check
+HTTP2 = {
+    "typed_extension_protocol_options": {
+        HTTP_OPTIONS: {
+            "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+}
+
+
+def grpc_check(**grpc_fields: Any) -> dict[str, Any]:
+    return http_check(http_health_check=None, grpc_health_check=grpc_fields)
+
+
+def with_grpc_cluster(check: dict[str, Any]) -> dict[str, Any]:
+    """Cluster "cart" (HTTP/2, first) with ``check``; the route goes to the other cluster."""
+    return bootstrap(clusters=[cluster("cart", health_checks=[check], **HTTP2), cluster()])
 
 
 # --- outlier detection -------------------------------------------------------------------------
@@ -241,6 +262,29 @@ def test_tcp_health_check_payloads(tmp_path: Path) -> None:
     assert bare.checker == TcpHealthCheck()
 
 
+def test_grpc_health_check(tmp_path: Path) -> None:
+    check = grpc_check(
+        service_name="shop.Cart",
+        authority="cart.internal",
+        initial_metadata=[
+            {"header": {"key": "X-Probe", "value": "1"}},
+            {"header": {"key": "x-zone", "value": "a"}, "append_action": "ADD_IF_ABSENT"},
+        ],
+    )
+    (result,) = load(tmp_path, with_grpc_cluster(check)).clusters[0].health_checks
+    assert result.checker == GrpcHealthCheck(
+        service_name="shop.Cart",
+        authority="cart.internal",
+        initial_metadata=(
+            HeaderValueOption("x-probe", "1"),
+            HeaderValueOption("x-zone", "a", "add_if_absent"),
+        ),
+    )
+    (bare,) = load(tmp_path, with_grpc_cluster(grpc_check())).clusters[0].health_checks
+    assert bare.checker == GrpcHealthCheck()  # the whole server, :authority the cluster name
+    assert bare.reuse_connection
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 OD = f"{CLUSTER}.outlier_detection"
@@ -249,6 +293,17 @@ HC = f"{CLUSTER}.health_checks[0]"
 
 def hc(**fields: Any) -> dict[str, Any]:
     return with_cluster(health_checks=[http_check(**fields)])
+
+
+def grpc_hc(**grpc_fields: Any) -> dict[str, Any]:
+    return with_grpc_cluster(grpc_check(**grpc_fields))
+
+
+def metadata(key: str, value: str = "1") -> dict[str, Any]:
+    return {"initial_metadata": [{"header": {"key": key, "value": value}}]}
+
+
+GRPC = f"{HC}.grpc_health_check"
 
 
 ERRORS = {
@@ -310,10 +365,63 @@ ERRORS = {
         "greater than 0",
     ),
     "no checker": (hc(http_health_check=None), HC, "a health checker is required"),
-    "grpc needs HTTP/2": (
-        hc(http_health_check=None, grpc_health_check={}),
-        f"{HC}.grpc_health_check",
-        "gRPC health checks need HTTP/2, which is not supported yet",
+    "grpc needs HTTP/2": (  # Envoy's own words
+        with_cluster(health_checks=[grpc_check()]),
+        GRPC,
+        "^backend cluster must support HTTP/2 for gRPC healthchecking",
+    ),
+    "grpc on an HTTP/1.1 cluster": (
+        with_cluster(
+            health_checks=[grpc_check()],
+            typed_extension_protocol_options={
+                HTTP_OPTIONS: {
+                    "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
+                    "explicit_http_config": {"http_protocol_options": {}},
+                }
+            },
+        ),
+        GRPC,
+        "must support HTTP/2",
+    ),
+    "grpc authority with a newline": (
+        grpc_hc(authority="a\nb"),
+        f"{GRPC}.authority",
+        "invalid authority",
+    ),
+    "grpc metadata may not set host": (
+        grpc_hc(**metadata("host")),
+        f"{GRPC}.initial_metadata[0]",
+        "host headers may not be modified",
+    ),
+    "grpc metadata may not set a pseudo-header": (
+        grpc_hc(**metadata(":path")),
+        f"{GRPC}.initial_metadata[0]",
+        ":-prefixed or host headers may not be modified",
+    ),
+    "grpc metadata key": (
+        grpc_hc(**metadata("x probe")),
+        f"{GRPC}.initial_metadata[0]",
+        "'x probe' is not a gRPC metadata key",
+    ),
+    "grpc binary metadata": (
+        grpc_hc(**metadata("x-trace-bin", "AAEC")),
+        f"{GRPC}.initial_metadata[0]",
+        "binary metadata",
+    ),
+    "grpc metadata grpcio sets": (
+        grpc_hc(**metadata("user-agent")),
+        f"{GRPC}.initial_metadata[0]",
+        "set by the gRPC client",
+    ),
+    "grpc reserved metadata": (
+        grpc_hc(**metadata("grpc-timeout", "1S")),
+        f"{GRPC}.initial_metadata[0]",
+        "set by the gRPC client",
+    ),
+    "grpc metadata value": (
+        grpc_hc(**metadata("x-probe", "caf\u00e9")),
+        f"{GRPC}.initial_metadata[0]",
+        "must be printable ASCII",
     ),
     "custom checker": (
         hc(http_health_check=None, custom_health_check={"name": "x"}),
@@ -425,6 +533,17 @@ RESILIENT_CLUSTERS = [
             )
         ],
     ),
+    cluster(
+        "cart",
+        health_checks=[
+            grpc_check(
+                service_name="shop.Cart",
+                authority="cart.internal",
+                initial_metadata=[{"header": {"key": "x-probe", "value": "1"}}],
+            )
+        ],
+        **HTTP2,
+    ),
 ]
 
 
@@ -440,7 +559,7 @@ def test_resilience_config_is_valid_for_envoy(tmp_path: Path) -> None:
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(data))
     loaded = load(tmp_path, data)
-    assert [c.name for c in loaded.clusters] == ["web", "db"]
+    assert [c.name for c in loaded.clusters] == ["web", "db", "cart"]
     command = [binary, "--mode", "validate", "-l", "critical", "-c", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

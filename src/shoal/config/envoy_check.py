@@ -156,8 +156,9 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         "envoy.config.route.v3.RouteAction": (
             "cluster weighted_clusters prefix_rewrite regex_rewrite host_rewrite_literal"
             " auto_host_rewrite timeout idle_timeout max_stream_duration retry_policy hash_policy"
-            " hedge_policy"
+            " hedge_policy request_mirror_policies"
         ),
+        "envoy.config.route.v3.RouteAction.RequestMirrorPolicy": "cluster runtime_fraction",
         "envoy.config.route.v3.HedgePolicy": "hedge_on_per_try_timeout",
         "envoy.config.route.v3.RouteAction.MaxStreamDuration": "max_stream_duration",
         "envoy.config.route.v3.WeightedCluster": "clusters total_weight",
@@ -175,7 +176,7 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             "header cookie connection_properties query_parameter terminal"
         ),
         "envoy.config.route.v3.RouteAction.HashPolicy.Header": "header_name",
-        "envoy.config.route.v3.RouteAction.HashPolicy.Cookie": "name",
+        "envoy.config.route.v3.RouteAction.HashPolicy.Cookie": "name ttl path",
         "envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties": "source_ip",
         "envoy.config.route.v3.RouteAction.HashPolicy.QueryParameter": "name",
         "envoy.config.route.v3.DirectResponseAction": "status body",
@@ -209,7 +210,7 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         "envoy.config.core.v3.HealthCheck": (
             "timeout interval initial_jitter interval_jitter interval_jitter_percent"
             " unhealthy_threshold healthy_threshold reuse_connection http_health_check"
-            " tcp_health_check no_traffic_interval no_traffic_healthy_interval"
+            " tcp_health_check grpc_health_check no_traffic_interval no_traffic_healthy_interval"
             " unhealthy_interval unhealthy_edge_interval healthy_edge_interval"
         ),
         "envoy.config.core.v3.HealthCheck.HttpHealthCheck": (
@@ -217,6 +218,9 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " retriable_statuses method"
         ),
         "envoy.config.core.v3.HealthCheck.TcpHealthCheck": "send receive",
+        "envoy.config.core.v3.HealthCheck.GrpcHealthCheck": (
+            "service_name authority initial_metadata"
+        ),
         "envoy.config.core.v3.HealthCheck.Payload": "text binary",
         "envoy.type.v3.Int64Range": "start end",
         "envoy.config.cluster.v3.Cluster.RingHashLbConfig": "minimum_ring_size maximum_ring_size",
@@ -279,10 +283,6 @@ _WHY_NOT: dict[tuple[str, str], str] = {
         ' filter_metadata["shoal.circuit_breaker"]'
     ),
     (
-        "envoy.config.core.v3.HealthCheck",
-        "grpc_health_check",
-    ): f"gRPC health checks need HTTP/2, which is {NOT_YET}",
-    (
         "envoy.config.core.v3.HealthCheck.HttpHealthCheck",
         "codec_client_type",
     ): f"HTTP/2 and HTTP/3 health checks are {NOT_YET}",
@@ -290,6 +290,10 @@ _WHY_NOT: dict[tuple[str, str], str] = {
         "envoy.config.cluster.v3.OutlierDetection",
         "monitors",
     ): f"outlier detection monitor extensions are {NOT_YET}",
+    (
+        "envoy.config.route.v3.RouteAction.RequestMirrorPolicy",
+        "trace_sampled",
+    ): f"tracing is {NOT_YET}",
 }
 
 

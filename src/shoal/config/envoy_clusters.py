@@ -6,6 +6,7 @@ Internal to :mod:`shoal.config.envoy`.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -35,6 +36,7 @@ from shoal.config.model import (
     DiscoveryType,
     DnsLookupFamily,
     Endpoint,
+    GrpcHealthCheck,
     HealthCheck,
     HttpHealthCheck,
     LbPolicy,
@@ -46,6 +48,8 @@ from shoal.config.model import (
 )
 
 _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_GRPC_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+_GRPC_CLIENT_HEADERS = frozenset({"content-type", "te", "user-agent"})
 _MAX_RING_SIZE = 8 * 1024 * 1024
 _DISCOVERY_TYPES = {
     cluster_pb2.Cluster.STATIC: DiscoveryType.STATIC,
@@ -131,7 +135,7 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
             if proto.HasField("outlier_detection")
             else None
         ),
-        health_checks=_health_checks(proto, ctx),
+        health_checks=_health_checks(proto, ctx, http2=http2),
         breaker=breaker_policy(proto, ctx),
         eds_service_name=eds_service_name,
     )
@@ -325,15 +329,21 @@ def _outlier_detection(config: Message, ctx: Ctx) -> OutlierDetection:
     )
 
 
-def _health_checks(cluster: Message, ctx: Ctx) -> tuple[HealthCheck, ...]:
+def _health_checks(cluster: Message, ctx: Ctx, *, http2: bool) -> tuple[HealthCheck, ...]:
     """At most one check: Envoy runs several only when each has a ``name``, a field this
-    version of the API does not have."""
+    version of the API does not have. A gRPC check needs an HTTP/2 cluster, as in Envoy."""
     checks = cluster.health_checks
     if len(checks) > 1:
         raise ctx.at("health_checks").error(
             "only one health check per cluster is supported (Envoy needs a name for each of"
             " several)"
         )
+    for index, check in enumerate(checks):
+        if check.HasField("grpc_health_check") and not http2:
+            raise ctx.at("health_checks", index, "grpc_health_check").error(
+                f"{cluster.name} cluster must support HTTP/2 for gRPC healthchecking"
+                " (http2_protocol_options)"
+            )
     return tuple(_health_check(c, ctx.at("health_checks", i)) for i, c in enumerate(checks))
 
 
@@ -343,13 +353,17 @@ def _health_check(config: Message, ctx: Ctx) -> HealthCheck:
         if not config.HasField(name):
             raise ctx.at(name).error(f"{name} is required")
     kind = config.WhichOneof("health_checker")
-    checker: HttpHealthCheck | TcpHealthCheck
+    checker: HttpHealthCheck | TcpHealthCheck | GrpcHealthCheck
     if kind == "http_health_check":
         checker = _http_health_check(config.http_health_check, ctx.at(kind))
     elif kind == "tcp_health_check":
         checker = _tcp_health_check(config.tcp_health_check, ctx.at(kind))
-    else:  # grpc and custom checkers are refused by the field check before this
-        raise ctx.error("a health checker is required: http_health_check or tcp_health_check")
+    elif kind == "grpc_health_check":
+        checker = _grpc_health_check(config.grpc_health_check, ctx.at(kind))
+    else:  # custom checkers are refused by the field check before this
+        raise ctx.error(
+            "a health checker is required: http_health_check, tcp_health_check or grpc_health_check"
+        )
 
     def interval(name: str) -> Seconds:  # 0 in the model: Envoy's default for that interval
         return seconds(config, name, 0.0, ctx, positive=True)
@@ -425,6 +439,31 @@ def _tcp_health_check(config: Message, ctx: Ctx) -> TcpHealthCheck:
         receive=tuple(
             _payload(item, ctx.at("receive", index)) for index, item in enumerate(config.receive)
         ),
+    )
+
+
+def _grpc_health_check(config: Message, ctx: Ctx) -> GrpcHealthCheck:
+    """Envoy refuses ``:``-prefixed and ``host`` metadata. The rest is what grpcio can send
+    (refused here rather than failing every check): gRPC metadata keys and printable ASCII
+    values; grpcio sets ``content-type``, ``te``, ``user-agent`` and ``grpc-*`` itself."""
+    authority = str(config.authority)
+    if any(c in authority for c in "\r\n\x00"):
+        raise ctx.at("authority").error(f"invalid authority {authority!r}")
+    metadata = headers_to_add(config, "initial_metadata", ctx)
+    for index, option in enumerate(metadata):
+        key, here = option.key, ctx.at("initial_metadata", index)
+        if key == "host" or key.startswith(":"):
+            raise here.error(":-prefixed or host headers may not be modified")
+        if not _GRPC_METADATA_KEY.fullmatch(key):
+            raise here.error(f"{key!r} is not a gRPC metadata key (0-9 a-z _ . - only)")
+        if key.endswith("-bin"):
+            raise here.error(f"binary metadata ({key!r}) is not supported")
+        if key in _GRPC_CLIENT_HEADERS or key.startswith("grpc-"):
+            raise here.error(f"{key!r} is set by the gRPC client")
+        if not (option.value.isascii() and option.value.isprintable()):
+            raise here.error(f"the value of {key!r} must be printable ASCII")
+    return GrpcHealthCheck(
+        service_name=str(config.service_name), authority=authority, initial_metadata=metadata
     )
 
 

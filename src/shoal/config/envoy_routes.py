@@ -6,6 +6,8 @@ here, once per config version.
 
 from __future__ import annotations
 
+import re
+
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf.message import Message
@@ -34,6 +36,7 @@ from shoal.config.model import (
     HeaderMutations,
     QueryParameterMatcher,
     Redirect,
+    RequestMirrorPolicy,
     RetryPolicy,
     Route,
     RouteAction,
@@ -50,6 +53,10 @@ _RETRY_ON = frozenset({
     "retriable-headers", "http3-post-connect-failure", "cancelled", "deadline-exceeded",
     "internal", "resource-exhausted", "unavailable",
 })  # fmt: skip
+_DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}  # FractionalPercent.DenominatorType
+# what a generated cookie's name and path may hold: they are written into Set-Cookie
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_COOKIE_PATH = re.compile(r"[\x21-\x3a\x3c-\x7e]*")
 _REDIRECT_CODES = {
     route_components_pb2.RedirectAction.MOVED_PERMANENTLY: 301,
     route_components_pb2.RedirectAction.FOUND: 302,
@@ -182,7 +189,28 @@ def _route_action(action: Message, ctx: Ctx) -> RouteAction:
         hash_policy=tuple(
             _hash_policy(p, ctx.at("hash_policy", i)) for i, p in enumerate(action.hash_policy)
         ),
+        request_mirror_policies=tuple(
+            _mirror_policy(p, ctx.at("request_mirror_policies", i))
+            for i, p in enumerate(action.request_mirror_policies)
+        ),
     )
+
+
+def _mirror_policy(policy: Message, ctx: Ctx) -> RequestMirrorPolicy:
+    """The mirror cluster is checked like a route's; ``runtime_fraction`` (default 100%) is
+    its ``default_value``, as shoal has no runtime to look ``runtime_key`` up in."""
+    cluster = cluster_ref(str(policy.cluster), ctx.at("cluster"))
+    if not policy.HasField("runtime_fraction"):
+        return RequestMirrorPolicy(cluster)
+    here = ctx.at("runtime_fraction", "default_value")
+    if not policy.runtime_fraction.HasField("default_value"):
+        raise here.error("default_value is required")
+    percent = policy.runtime_fraction.default_value
+    denominator = _DENOMINATORS.get(int(percent.denominator))
+    if denominator is None:
+        raise here.at("denominator").error("unknown denominator")
+    # Envoy caps a numerator above the denominator at 100%
+    return RequestMirrorPolicy(cluster, min(1.0, int(percent.numerator) / denominator))
 
 
 def _weighted_clusters(config: Message, ctx: Ctx) -> tuple[tuple[WeightedCluster, ...], int]:
@@ -252,10 +280,28 @@ def _hash_policy(policy: Message, ctx: Ctx) -> HashPolicy:
         return HashPolicy(
             "header", required(name, ctx.at(kind, "header_name"), "header_name"), terminal
         )
-    if kind in ("cookie", "query_parameter"):
-        name = required(str(getattr(policy, kind).name), ctx.at(kind, "name"), "name")
+    if kind == "cookie":
+        return _cookie_policy(policy.cookie, ctx.at(kind), terminal)
+    if kind == "query_parameter":
+        name = required(str(policy.query_parameter.name), ctx.at(kind, "name"), "name")
         return HashPolicy(kind, name, terminal)
     raise ctx.error("one of header, cookie, connection_properties or query_parameter is required")
+
+
+def _cookie_policy(cookie: Message, ctx: Ctx, terminal: bool) -> HashPolicy:
+    """A cookie hash; with ``ttl`` a missing cookie is generated and set on the response, so
+    its name and path must fit in a Set-Cookie header (Envoy does not check them)."""
+    name = required(str(cookie.name), ctx.at("name"), "name")
+    ttl = duration(cookie, "ttl", ctx)
+    path = str(cookie.path)
+    if ttl is not None:
+        if not _COOKIE_NAME.fullmatch(name):
+            raise ctx.at("name").error(f"{name!r} is not a valid cookie name")
+        if not _COOKIE_PATH.fullmatch(path):
+            raise ctx.at("path").error(f"{path!r} is not a valid cookie path")
+    return HashPolicy(
+        "cookie", name, terminal, ttl=int(ttl) if ttl is not None else None, path=path
+    )
 
 
 def _direct_response(response: Message, ctx: Ctx) -> DirectResponse:

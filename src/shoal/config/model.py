@@ -162,6 +162,19 @@ class HashPolicy:
     kind: HashPolicyKind
     name: str = ""  # header name (lower-cased), cookie or query parameter name
     terminal: bool = False
+    # cookie only: with a ttl (whole seconds; 0 sends no Max-Age), a request without the
+    # cookie gets a generated value and the response sets it, as Envoy does
+    ttl: int | None = None
+    path: str = ""  # the generated cookie's Path ("" sends none)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMirrorPolicy:
+    """``RouteAction.request_mirror_policies[]``: a ``fraction`` (0..1) of the route's
+    requests is copied to ``cluster``, fire and forget."""
+
+    cluster: str
+    fraction: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +191,7 @@ class RouteAction:
     max_stream_duration: Seconds | None = None
     retry_policy: RetryPolicy | None = None
     hash_policy: tuple[HashPolicy, ...] = ()
+    request_mirror_policies: tuple[RequestMirrorPolicy, ...] = ()
     # hedge_policy.hedge_on_per_try_timeout: a per-try timeout starts another try without
     # abandoning the first; the first answer wins
     hedge_on_per_try_timeout: bool = False
@@ -240,6 +254,23 @@ class CircuitBreakerPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class BackupRequestPolicy:
+    """Motan-style backup requests on a route (``shoal.upstream.backup``), from the route's
+    ``metadata.filter_metadata["shoal.backup_request"]``: a request still unanswered after
+    the ``percentile`` of the route's last ``window`` latencies (clamped to
+    [``min_delay``, ``max_delay``]; ``max_delay`` until ``minimum_samples`` are known) gets
+    one more try on another host, for at most ``max_ratio`` of the requests.
+    """
+
+    percentile: float = 90.0
+    max_ratio: float = 0.1
+    min_delay: Seconds = 0.005
+    max_delay: Seconds = 1.0
+    window: int = 1000
+    minimum_samples: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Exactly one of ``action``, ``direct_response`` and ``redirect`` is set."""
 
@@ -252,6 +283,7 @@ class Route:
     # typed_per_filter_config: filter name → that filter's per-route config
     per_filter: tuple[tuple[str, FilterConfig], ...] = ()
     breaker: CircuitBreakerPolicy | None = None  # route-level error-rate breaker
+    backup: BackupRequestPolicy | None = None  # backup requests after a latency percentile
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +478,16 @@ class TcpHealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class GrpcHealthCheck:
+    """``grpc.health.v1.Health/Check`` for ``service_name`` ("" asks about the whole server);
+    ``authority`` empty means the cluster's name (Envoy)."""
+
+    service_name: str = ""
+    authority: str = ""
+    initial_metadata: tuple[HeaderValueOption, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     """Envoy's active health check (``Cluster.health_checks[0]``). An interval given as 0
     (Envoy forbids 0) takes Envoy's default, resolved on construction."""
@@ -454,7 +496,7 @@ class HealthCheck:
     interval: Seconds
     unhealthy_threshold: int
     healthy_threshold: int
-    checker: HttpHealthCheck | TcpHealthCheck
+    checker: HttpHealthCheck | TcpHealthCheck | GrpcHealthCheck
     initial_jitter: Seconds = 0.0
     interval_jitter: Seconds = 0.0
     interval_jitter_percent: int = 0

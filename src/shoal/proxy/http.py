@@ -41,9 +41,17 @@ from shoal.codec.http1 import (
     status_line,
 )
 from shoal.config.filters import FilterConfig
-from shoal.config.model import HashPolicy, Redirect, RetryPolicy, RouteAction
+from shoal.config.model import (
+    HashPolicy,
+    LbPolicy,
+    Redirect,
+    RequestMirrorPolicy,
+    RetryPolicy,
+    RouteAction,
+)
 from shoal.errors import RemoteProtocolError
 from shoal.filters.base import Delay, HttpFilter, LocalReply, Wait
+from shoal.proxy.cookies import generated_value, set_cookie_line
 from shoal.proxy.routes import CompiledRoute, HeaderPlan, split_lines
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
 from shoal.upstream.lb import hash_key_of
@@ -90,6 +98,8 @@ _NOT_FORWARDED = frozenset(
 _UPGRADE_HEADERS = frozenset({b"connection", b"upgrade"})
 # response headers the proxy writes itself, replacing any the upstream sent
 _SET_BY_PROXY = frozenset({b"server", b"date", b"x-envoy-upstream-service-time"})
+# balancers that use a request's hash; Envoy evaluates hash policies only for them
+_HASHING_LBS = (LbPolicy.RING_HASH, LbPolicy.MAGLEV)
 
 
 class _Date:
@@ -130,8 +140,8 @@ def _retry_on_status(policy: RetryPolicy, status: int) -> bool:
 
 
 class _Discard:
-    """Drains the rest of a response nobody wants (a retried 5xx) and returns the
-    connection to its pool when the response ends."""
+    """Drains the rest of a response nobody wants (a retried 5xx, a mirror's answer) and
+    returns the connection to its pool when the response ends."""
 
     __slots__ = ("cluster", "conn", "host")
 
@@ -164,6 +174,164 @@ class _Discard:
 
     def uncork(self) -> None:
         pass
+
+
+class _MirrorAnswer(_Discard):
+    """A mirrored request's answer: reported to its ``_Mirror``, its bytes thrown away."""
+
+    __slots__ = ("mirror",)
+
+    def __init__(self, mirror: _Mirror, host: Host, conn: UpstreamConnection) -> None:
+        super().__init__(mirror.cluster, host, conn)
+        self.mirror = mirror
+
+    def upstream_head(self, head: ResponseHead) -> None:
+        self.mirror.answered(head.status)
+
+    def upstream_end(self) -> None:  # also after an upgrade, once the closed tunnel ends
+        super().upstream_end()
+        self.mirror.finish(0)
+
+    def upstream_reset(self, reason: str) -> None:
+        self.mirror.failed()
+
+
+class _Mirror:
+    """One copy of a request for a mirror cluster (Envoy's request_mirror_policies), fire
+    and forget: it takes a connection from the mirror cluster's own pool, runs under the
+    route's timeout and counts in the mirror cluster's stats as any request does, and
+    nothing it does reaches the exchange it was copied from."""
+
+    __slots__ = (
+        "cluster",
+        "conn",
+        "data",
+        "head_only",
+        "host",
+        "loop",
+        "started",
+        "status",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        cluster: ClusterRuntime,
+        data: bytes,
+        head_only: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.cluster = cluster
+        self.data = data  # head and whole body
+        self.head_only = head_only
+        self.loop = loop
+        self.host: Host | None = None
+        self.conn: UpstreamConnection | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = 0.0
+        self.status = 0
+
+    def send(self, timeout: float) -> None:
+        """Ask the pool for a connection; refusals (max_requests, no healthy host, pending
+        overflow) count as the 503 they would be for any request."""
+        cluster = self.cluster
+        if cluster.rq_active >= cluster.config.circuit_breakers.max_requests:
+            cluster.stats.upstream_rq_active_overflow += 1
+            self._count(503)
+            return
+        host = cluster.lb.choose(None, None)
+        if host is None:
+            self._count(503)
+            return
+        conn = cluster.acquire(host, self)
+        if conn is False:
+            self._count(503)
+            return
+        self.host = host
+        host.active_requests += 1
+        cluster.rq_active += 1
+        self.started = self.loop.time()
+        if timeout:
+            self.timer = self.loop.call_later(timeout, self._timeout)
+        if conn is not None:
+            assert isinstance(conn, UpstreamConnection)
+            self.pool_ready(conn)
+
+    def pool_ready(self, conn: UpstreamConnection) -> None:
+        cluster, host = self.cluster, self.host
+        assert host is not None
+        self.conn = conn
+        cluster.stats.upstream_rq_total += 1
+        if cluster.outlier is not None:
+            cluster.outlier.record_local_success(host)
+        conn.start(_MirrorAnswer(self, host, conn), self.data, self.head_only)
+
+    def pool_failure(self, reason: str, transport_reason: str) -> None:
+        self._report("connect_failure")
+        self.finish(503)
+
+    def answered(self, status: int) -> None:
+        cluster = self.cluster
+        assert self.host is not None
+        self.status = status
+        cluster.stats.upstream_rq_time.record((self.loop.time() - self.started) * 1000.0)
+        if cluster.outlier is not None:
+            cluster.outlier.record_response(self.host, status)
+
+    def failed(self) -> None:
+        """The connection closed or reset before the answer ended."""
+        if not self.status:
+            self.cluster.stats.upstream_rq_rx_reset += 1
+            self._report("reset")
+        self.finish(503)
+
+    def _timeout(self) -> None:
+        self.timer = None
+        self.cluster.stats.upstream_rq_timeout += 1
+        assert self.host is not None
+        if self.conn is None:
+            self.cluster.cancel(self.host, self)  # still waiting for a connection
+        else:
+            self.conn.abort()
+        if not self.status:
+            self._report("timeout")
+        self.finish(504)
+
+    def _report(self, kind: str) -> None:
+        outlier = self.cluster.outlier
+        if outlier is not None and self.host is not None:
+            outlier.record_local_failure(self.host, kind)
+
+    def finish(self, failure_status: int) -> None:
+        """Done: the answer's status (or ``failure_status`` without one) is counted."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.host is not None
+        self.host.active_requests -= 1
+        self.cluster.rq_active -= 1
+        self._count(self.status or failure_status)
+
+    def _count(self, status: int) -> None:
+        codes = self.cluster.stats.codes
+        codes[status] = codes.get(status, 0) + 1
+
+
+def _mirror_head(head: bytes) -> bytes:
+    """The upstream request head as Envoy's mirror sends it: ``-shadow`` after the host part
+    of Host (``reviews:9080`` → ``reviews-shadow:9080``), and ``x-envoy-internal: true``,
+    which Envoy's internal client adds."""
+    start = head.find(b"\r\nhost: ") + 8
+    if start >= 8:
+        end = head.index(b"\r\n", start)
+        host = head[start:end]
+        port_at = host.rfind(b":")
+        if port_at < 0 or host.rfind(b"]") > port_at:  # no port ("[v6]" has colons inside)
+            host += b"-shadow"
+        else:
+            host = host[:port_at] + b"-shadow" + host[port_at:]
+        head = head[:start] + host + head[end:]
+    return head[:-2] + b"x-envoy-internal: true\r\n\r\n"
 
 
 class _Racer:
@@ -220,12 +388,14 @@ class Exchange:
         "_held",
         "_idle_bytes",
         "_idle_mark_at",
+        "_mirrors",
         "_on_finish",
         "_per_try_timer",
         "_racer",
         "_resent",
         "_retry_held",
         "_retry_timer",
+        "_set_cookies",
         "attempt_start",
         "body_buffer",
         "body_buffered_bytes",
@@ -324,6 +494,9 @@ class Exchange:
         self._racer: _Racer | None = None  # the earlier try still running, when hedging
         self._resent = False  # re-sent once after a stale keep-alive connection failed
         self._retry_held = False  # holds a max_retries slot until the retry's outcome
+        # mirrors chosen for this request and the head they get, sent once it has all arrived
+        self._mirrors: tuple[bytes, list[ClusterRuntime]] | None = None
+        self._set_cookies = b""  # set-cookie lines of cookies generated by the hash policy
 
     # access-log record view ------------------------------------------------------------------
 
@@ -542,11 +715,13 @@ class Exchange:
             self.body_buffer = list(self.unsent)  # a queued request's body may be here
             self.body_buffered_bytes = sum(map(len, self.unsent))
         if action.hash_policy:
-            self.hash_key = self._hash(action.hash_policy)
+            self.hash_key = self._hash(action.hash_policy, cluster.config.lb_policy in _HASHING_LBS)
         if head.expect_continue and not connection.closing:
             connection.write(CONTINUE_RESPONSE)
         self.request_plan = request_plan
         self.upstream_head_bytes = self._upstream_head(action, compiled, request_plan)
+        if compiled.mirrors and not self.tunnel:
+            self._pick_mirrors(compiled.mirrors)
         if not head.has_body:
             self.request_complete = True
         if self.request_complete:
@@ -558,6 +733,45 @@ class Exchange:
         ):
             return  # envoy.filters.http.buffer: nothing goes upstream before the whole body
         self._attempt()
+        if self._mirrors is not None and self.request_complete and not self.done:
+            self._send_mirrors()
+
+    def _pick_mirrors(self, policies: tuple[RequestMirrorPolicy, ...]) -> None:
+        """Draw which mirrors get a copy of this request and keep its body for them; an
+        unknown mirror cluster (removed by CDS) is skipped."""
+        clusters = self.connection.ctx.clusters
+        chosen: list[ClusterRuntime] = []
+        for policy in policies:
+            cluster = clusters.get(policy.cluster)
+            if cluster is not None and (
+                policy.fraction >= 1.0 or random.random() < policy.fraction
+            ):
+                chosen.append(cluster)
+        if not chosen:
+            return
+        if self.head.has_body and self.body_buffer is None:
+            self.body_buffer = list(self.unsent)  # a queued request's body may be here
+            self.body_buffered_bytes = sum(map(len, self.unsent))
+        # before the first try: auto_host_rewrite must not reach the copies (as in Envoy)
+        self._mirrors = (_mirror_head(self.upstream_head_bytes), chosen)
+
+    def _send_mirrors(self) -> None:
+        """The whole request is here and its first try under way: send the copies. A body
+        larger than the listener's buffer limit was not kept, so that request is not
+        mirrored (Envoy streams bodies to its copies; this keeps memory bounded)."""
+        assert self._mirrors is not None
+        data, clusters = self._mirrors
+        self._mirrors = None
+        if self.head.has_body:
+            body = self.body_buffer
+            if body is None or self.body_buffered_bytes > self.connection.ctx.buffer_limit:
+                return
+            data += b"".join(body)
+        action = self.route_action
+        timeout = action.timeout if action is not None else 0.0
+        head_only = self.head.method == b"HEAD"
+        for cluster in clusters:
+            _Mirror(cluster, data, head_only, self.connection.loop).send(timeout)
 
     def _ask_breakers(self, compiled: CompiledRoute, cluster_name: str) -> str | None:
         """Ask the route's and the cluster's error-rate breakers; the cluster to use (the
@@ -619,7 +833,9 @@ class Exchange:
                 return weighted.name
         return action.weighted_clusters[-1].name
 
-    def _hash(self, policies: tuple[HashPolicy, ...]) -> int | None:
+    def _hash(self, policies: tuple[HashPolicy, ...], hashing_lb: bool) -> int | None:
+        """The request's hash key; a missing cookie is generated (and set on the response)
+        only for a balancer that uses the hash, as only those make Envoy evaluate policies."""
         combined: int | None = None
         for policy in policies:
             value: str | None
@@ -628,7 +844,9 @@ class Exchange:
             elif policy.kind == "source_ip":
                 value = self.connection.remote_ip
             elif policy.kind == "cookie":
-                value = _cookie(self.head.headers, policy.name)
+                value = _cookie(self.head.headers, policy.name) or None
+                if value is None and policy.ttl is not None and hashing_lb:
+                    value = self._generate_cookie(policy)
             else:
                 value = _query_param(self.path, policy.name)
             if value is None:
@@ -639,6 +857,13 @@ class Exchange:
             if policy.terminal:
                 break
         return combined
+
+    def _generate_cookie(self, policy: HashPolicy) -> str:
+        """Envoy's generated cookie: one value per downstream connection, set on the response."""
+        connection = self.connection
+        value = generated_value(connection.remote, connection.local)
+        self._set_cookies += set_cookie_line(policy, value)
+        return value
 
     def _upstream_head(
         self,
@@ -772,6 +997,8 @@ class Exchange:
         self._start_timeout()
         if self.cluster is not None and not self.tried_hosts and not self.done:
             self._attempt()  # begin() held it for the buffer filter: the body is complete
+        if self._mirrors is not None and not self.done:
+            self._send_mirrors()
 
     def request_data_raw(self, data: bytes) -> None:
         if self.body_buffer is not None:
@@ -1173,6 +1400,8 @@ class Exchange:
                 has_length = True
             append(b"%s: %s\r\n" % (name, value))
         append(b"x-envoy-upstream-service-time: %d\r\n" % upstream_ms)
+        if self._set_cookies and b"set-cookie" not in remove:  # route edits come after it
+            append(self._set_cookies)
         if plan.fast:
             append(plan.add)
         else:  # date, server and framing stay the proxy's: they are added after the edits
@@ -1400,7 +1629,9 @@ def _cookie(headers: Headers, name: str) -> str | None:
     for part in raw.replace(",", ";").split(";"):
         key, _, value = part.strip().partition("=")
         if key == name:
-            return value
+            # a value may be quoted (RFC 6265), as generated cookies are; Envoy unquotes it
+            quoted = len(value) >= 2 and value[0] == value[-1] == '"'
+            return value[1:-1] if quoted else value
     return None
 
 

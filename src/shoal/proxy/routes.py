@@ -15,6 +15,7 @@ from shoal.config.model import (
     HeaderMutations,
     HeaderValueOption,
     QueryParameterMatcher,
+    RequestMirrorPolicy,
     RetryPolicy,
     Route,
     RouteConfiguration,
@@ -126,6 +127,7 @@ class CompiledRoute:
         "headers",
         "hedge",
         "kind",
+        "mirrors",
         "per_filter",
         "query",
         "regex",
@@ -151,6 +153,9 @@ class CompiledRoute:
         )
         self.query: tuple[QueryParameterMatcher, ...] = match.query_parameters
         action = route.action
+        self.mirrors: tuple[RequestMirrorPolicy, ...] = (
+            action.request_mirror_policies if action is not None else ()
+        )
         policy = action.retry_policy if action is not None else None
         self.retry_policy: RetryPolicy | None = policy or vhost.retry_policy
         self.hedge = bool(
