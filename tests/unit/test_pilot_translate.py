@@ -236,3 +236,23 @@ def test_an_endpoint_change_changes_only_that_assignment() -> None:
     assert before.outbound_routes.version == after.outbound_routes.version
     changed = {n for n in after.endpoints if after.endpoints[n] != before.endpoints[n]}
     assert changed == {"outbound|9080|v2|reviews", "outbound|9080||reviews"}
+
+
+def test_mirror_and_cookie_hashing_are_accepted_by_the_proxy() -> None:
+    mirrored = HTTPRoute(
+        route=(to("v1"),), mirror=Destination("reviews", "v2"), mirror_percentage=25.0
+    )
+    policy = TrafficPolicy(
+        load_balancer=LoadBalancer(
+            consistent_hash=ConsistentHash(http_cookie="session", http_cookie_ttl=60.0)
+        )
+    )
+    table = outbound_routes(translate(route(mirrored), policy=policy))
+    action = table["virtual_hosts"][0]["routes"][0]["route"]
+    assert action["request_mirror_policies"] == [
+        {
+            "cluster": "outbound|9080|v2|reviews",
+            "runtime_fraction": {"default_value": {"numerator": 250000, "denominator": "MILLION"}},
+        }
+    ]
+    assert action["hash_policy"] == [{"cookie": {"name": "session", "ttl": "60s"}}]
