@@ -339,8 +339,7 @@ class Translator:
     """Keeps the last translation of each service, keyed by everything it depends on."""
 
     def __init__(self) -> None:
-        self._cluster_cache: dict[Any, dict[str, Resource]] = {}
-        self._endpoint_cache: dict[Any, Resource] = {}
+        self._cache: dict[Any, tuple[dict[str, Resource], dict[str, Resource]]] = {}
         self._routes: tuple[Any, RoutesBuilt] | None = None
 
     def translate(self, registry: RegistrySnapshot, rules: RuleSet) -> MeshSnapshot:
@@ -354,33 +353,18 @@ class Translator:
         rules_for = _RulesIndex(rules, services)
         clusters: dict[str, Resource] = {}
         endpoints: dict[str, Resource] = {}
-        cluster_cache: dict[Any, dict[str, Resource]] = {}
-        endpoint_cache: dict[Any, Resource] = {}
+        cache: dict[Any, tuple[dict[str, Resource], dict[str, Resource]]] = {}
         for host in sorted(services):
             service = services[host]
             rule = rules_for.destination_rule(host)
-            dns = tuple(instances[host]) if service.resolution == "DNS" else ()
             breakers = rules_for.breakers(host)
-            key = (service, rule, dns, breakers)
-            built = self._cluster_cache.get(key) or _clusters(
-                service, rule, instances[host], breakers
-            )
-            cluster_cache[key] = built
-            clusters.update(built)
-            if service.resolution == "STATIC":
-                for port in service.ports:
-                    for subset, labels in _subsets(rule):
-                        name = cluster_name(host, port.number, subset)
-                        chosen = tuple(
-                            i
-                            for i in instances[host]
-                            if i.service_port == port.number and i.matches(labels)
-                        )
-                        ekey = (name, chosen)
-                        assignment = self._endpoint_cache.get(ekey) or _assignment(name, chosen)
-                        endpoint_cache[ekey] = assignment
-                        endpoints[name] = assignment
-        self._cluster_cache, self._endpoint_cache = cluster_cache, endpoint_cache
+            mine = tuple(instances[host])
+            key = (service, rule, breakers, mine)
+            built = self._cache.get(key) or _service_resources(service, rule, mine, breakers)
+            cache[key] = built
+            clusters.update(built[0])
+            endpoints.update(built[1])
+        self._cache = cache
         routes_key = (tuple(services[h] for h in sorted(services)), rules)
         if self._routes is None or self._routes[0] != routes_key:
             self._routes = (routes_key, _route_tables(services, rules_for))
@@ -395,6 +379,27 @@ class Translator:
             fault_used=fault_used,
             rate_limits=rules_for.rate_limits,
         )
+
+
+def _service_resources(
+    service: Service,
+    rule: DestinationRule | None,
+    instances: tuple[Instance, ...],
+    breakers: tuple[Breaker, ...],
+) -> tuple[dict[str, Resource], dict[str, Resource]]:
+    """One service's clusters and endpoint assignments (cached by their inputs: a change
+    elsewhere in the mesh costs this service a dict lookup)."""
+    clusters = _clusters(service, rule, list(instances), breakers)
+    endpoints: dict[str, Resource] = {}
+    if service.resolution == "STATIC":
+        for port in service.ports:
+            for subset, labels in _subsets(rule):
+                name = cluster_name(service.host, port.number, subset)
+                chosen = [
+                    i for i in instances if i.service_port == port.number and i.matches(labels)
+                ]
+                endpoints[name] = _assignment(name, chosen)
+    return clusters, endpoints
 
 
 RoutesBuilt = tuple[dict[str, list[dict[str, Any]]], Resource, bool]
