@@ -179,7 +179,8 @@ def _changes(old: MeshSnapshot, new: MeshSnapshot) -> dict[str, frozenset[str] |
 @dataclass(slots=True)
 class TypeState:
     names: frozenset[str] = frozenset()  # interned: clients asking the same share one set
-    requested: tuple[str, ...] = ()  # the names as last sent (SotW), to spot ACKs cheaply
+    requested: tuple[str, ...] = ()  # the names as last sent (SotW), to spot ACKs
+    names_region: bytes | None = None  # the same, as the request's bytes (see _names_region)
     wildcard: bool = False
     sent: dict[str, str] = field(default_factory=dict)  # delta: name -> version it has
     sent_versions: tuple[str, ...] = ()  # SotW Listener/Cluster: the versions of the last answer
@@ -261,7 +262,9 @@ class Session:
 
     # state of the world ---------------------------------------------------------------------
 
-    def sotw_request(self, request: Any) -> list[bytes]:
+    def sotw_request(self, request: Any, raw: bytes = b"") -> list[bytes]:
+        """``raw``: the request as received, which lets an ACK be recognised without
+        turning a thousand resource names into Python strings."""
         type_url = str(request.type_url)
         state = self.types.setdefault(type_url, TypeState())
         if state.nonce and request.response_nonce and request.response_nonce != state.nonce:
@@ -270,9 +273,13 @@ class Session:
             return []
         if request.HasField("error_detail"):
             self._nack(type_url, str(request.version_info), request.error_detail.message)
+        region = _names_region(raw, type_url)
+        if state.subscribed and region is not None and region == state.names_region:
+            return []  # an ACK (or a NACK) that asks for nothing new: the common case
+        state.names_region = region
         requested = tuple(request.resource_names)
         if state.subscribed and requested == state.requested:
-            return []  # an ACK (or a NACK) that asks for nothing new: the common case
+            return []
         requested = self.mesh.intern_names(requested)
         names = set(requested)
         first = not state.subscribed
@@ -438,6 +445,29 @@ class Session:
         )
 
 
+def _names_region(raw: bytes, type_url: str) -> bytes | None:
+    """The bytes of a DiscoveryRequest's ``resource_names`` (field 3). Serializers write
+    fields in number order, so they sit between ``version_info`` (1) and ``type_url`` (4):
+    two requests with the same region ask for the same names. None when the layout is not
+    that (a node in the request, long versions): then the names are compared as strings."""
+    if not raw:
+        return None
+    start = 0
+    if raw[0] == 0x0A:  # version_info
+        if raw[1] >= 0x80:
+            return None
+        start = 2 + raw[1]
+    if raw[start : start + 1] == b"\x12":  # a node: a stream's first request
+        return None
+    end = raw.find(_type_marker(type_url), start)
+    return raw[start:end] if end >= 0 else None
+
+
+def _type_marker(type_url: str) -> bytes:
+    data = type_url.encode()
+    return bytes((4 << 3 | 2, len(data))) + data if len(data) < 0x80 else b"\x00\x00"
+
+
 def _nonce_field(nonce: str) -> bytes:
     """Field 5 (``nonce``) of DiscoveryResponse and DeltaDiscoveryResponse, serialized: a
     shared response body plus this is that response with this stream's nonce (protobuf
@@ -481,12 +511,17 @@ class AggregatedDiscovery:
                         for response in pushed:
                             await context.write(response)
                     continue
+                raw = b""
+                if isinstance(item, bytes):
+                    raw, item = item, discovery_pb2.DiscoveryRequest.FromString(item)
                 if session.node is None:
                     session.node = node_info(item.node)
                     log.info("stream from %s (%s)", session.label(), _variant(session))
                     self.connected(session.node)
                 responses = (
-                    session.delta_request(item) if session.delta else session.sotw_request(item)
+                    session.delta_request(item)
+                    if session.delta
+                    else session.sotw_request(item, raw)
                 )
                 for response in responses:
                     await context.write(response)
@@ -516,7 +551,7 @@ def add_to_server(server: grpc.aio.Server, service: AggregatedDiscovery) -> None
     handlers = {
         "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
             service.stream,
-            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            request_deserializer=bytes,  # parsed by the session, which keeps the bytes too
             response_serializer=bytes,
         ),
         "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
