@@ -587,15 +587,8 @@ def populate(path: Path, services: int, endpoints: int) -> float:
     """Write the registry file through EmbeddedRegistry's public ``register``; seconds."""
     from shoal.pilot.registry.embedded import EmbeddedRegistry
 
-    class BulkRegistry(EmbeddedRegistry):
-        # register() reloads and re-decodes the whole store after every write (_update →
-        # _load), which makes loading 10,000 instances quadratic (minutes). Nothing listens
-        # here, so skip it: the file written is the same.
-        def _update(self) -> None:
-            pass
-
     start = time.perf_counter()
-    registry = BulkRegistry(str(path))
+    registry = EmbeddedRegistry(str(path))
     try:
         for i in range(services):
             for j in range(endpoints):

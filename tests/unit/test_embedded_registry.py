@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from shoal.pilot.model import Instance, Service, ServicePort
 from shoal.pilot.registry.embedded import EmbeddedRegistry, RegistrationError
+from shoal.pilot.rest import services_json
 
 
 class Clock:
@@ -177,6 +179,33 @@ def test_the_store_is_sqlite_in_wal_mode(registry: EmbeddedRegistry, path: str) 
     db.close()
 
 
+def test_a_write_the_store_refuses_changes_nothing(
+    registry: EmbeddedRegistry, path: str, clock: Clock
+) -> None:
+    """The view in memory follows the store only once a write has committed."""
+    registry.register("reviews", "10.0.0.1", 9080, ttl=10)
+    before = registry.snapshot()
+    with sqlite3.connect(path) as db:
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            db.execute(
+                f"CREATE TRIGGER refuse_{event.lower()} BEFORE {event} ON instances"
+                " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+    db.close()
+    with pytest.raises(sqlite3.DatabaseError, match="refused"):
+        registry.register("ratings", "10.0.0.2", 9080)
+    with pytest.raises(sqlite3.DatabaseError, match="refused"):
+        registry.heartbeat("reviews", "10.0.0.1:9080")
+    with pytest.raises(sqlite3.DatabaseError, match="refused"):
+        registry.deregister("reviews", "10.0.0.1:9080")
+    clock.time += 11
+    with pytest.raises(sqlite3.DatabaseError, match="refused"):
+        registry.expire()
+    assert registry.snapshot() == before
+    (registration,) = registry.registrations()
+    assert registration.expires_at == clock.time - 1  # the heartbeat did not count
+
+
 def test_changes_are_notified_while_running(registry: EmbeddedRegistry, clock: Clock) -> None:
     calls: list[int] = []
 
@@ -222,6 +251,82 @@ def test_the_loop_expires_on_a_real_clock(path: str) -> None:
         assert registry.snapshot().instances == ()
     finally:
         registry.close()
+
+
+def test_the_view_stays_right_at_10000_instances(
+    registry: EmbeddedRegistry, path: str, clock: Clock
+) -> None:
+    """1,000 services x 10 instances through every kind of write, checked against a model
+    the test keeps; the view lives in memory, so the store reopened must agree with it."""
+    expected: dict[tuple[str, str], Instance] = {}
+    expires: dict[tuple[str, str], float] = {}  # the instances with a TTL
+
+    def key(i: int, j: int) -> tuple[str, str]:
+        return f"svc-{i}", f"10.{i // 100}.{i % 100}.{j + 1}:8080"
+
+    def register(i: int, j: int, weight: int = 1) -> None:
+        host, address = f"svc-{i}", f"10.{i // 100}.{i % 100}.{j + 1}"
+        ttl = 10.0 if j % 2 else 0.0
+        label = ("version", f"v{j % 3}")
+        instance_id = registry.register(
+            host, address, 8080, service_port=80, labels=dict([label]), weight=weight, ttl=ttl
+        )
+        assert (host, instance_id) == key(i, j)
+        expected[key(i, j)] = Instance(host, 80, address, 8080, (label,), weight, source="embedded")
+        if ttl:
+            expires[key(i, j)] = clock.time + ttl
+
+    for i in range(1000):
+        for j in range(10):
+            register(i, j)
+    assert len(registry.snapshot().instances) == 10_000
+    clock.time += 5
+    for i in range(0, 1000, 7):
+        register(i, 1, weight=3)  # a changed view, and a renewal
+    for i in range(0, 1000, 3):
+        assert registry.deregister(*key(i, 0))
+        del expected[key(i, 0)]
+    for i in range(9, 1000, 10):
+        assert registry.deregister(f"svc-{i}")
+        for j in range(10):
+            expected.pop(key(i, j), None)
+            expires.pop(key(i, j), None)
+    for i in range(0, 1000, 2):
+        assert registry.heartbeat(*key(i, 3)) == (key(i, 3) in expected)
+        if key(i, 3) in expected:
+            expires[key(i, 3)] = clock.time + 10
+    clock.time += 6  # past the TTL of what was neither renewed nor registered again
+    due = [k for k, at in expires.items() if at < clock.time]
+    assert 0 < len(due) < len(expires)
+    assert registry.expire() == len(due)
+    for k in due:
+        del expected[k], expires[k]
+    assert registry.expire() == 0
+
+    hosts = sorted(f"svc-{i}" for i in range(1000) if i % 10 != 9)
+    snapshot = registry.snapshot()
+    assert [s.host for s in snapshot.services] == hosts
+    assert snapshot.instances == tuple(expected[k] for k in sorted(expected))
+    assert [(r.id, r.instance, r.expires_at) for r in registry.registrations()] == [
+        (k[1], expected[k], expires.get(k)) for k in sorted(expected)
+    ]
+    listing = services_json(snapshot, registry)
+    assert [entry["host"] for entry in listing] == hosts
+    assert Counter({entry["host"]: len(entry["instances"]) for entry in listing}) == Counter(
+        host for host, _ in expected
+    )
+    renewed = listing[0]["instances"][0]  # svc-0 lost .1; .2 was registered again 6 s ago
+    assert (renewed["id"], renewed["weight"], renewed["ttl"], renewed["expires_in"]) == (
+        "10.0.0.2:8080",
+        3,
+        10.0,
+        4.0,
+    )
+    reopened = EmbeddedRegistry(path, now=clock)
+    try:
+        assert reopened.snapshot() == snapshot
+    finally:
+        reopened.close()
 
 
 def test_ipv6_and_dns_addresses(registry: EmbeddedRegistry) -> None:

@@ -13,7 +13,11 @@ Lifecycle, kept deliberately simple:
   a live instance always gets one full TTL to find the new pilot.
 
 The store is small and local: its calls are synchronous and short, made on the event loop
-(in the thread that opened it, as sqlite3 requires).
+(in the thread that opened it, as sqlite3 requires). SQLite is the durable copy, read once on
+opening; the view is kept in memory, changed by each write once it has committed, and
+``snapshot()`` is built from it when asked after a change. A write then costs the same with
+10 or 10,000 instances (reloading every row after each write made bulk registration
+quadratic), and a burst of writes builds one snapshot, not one each.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeGuard, cast, get_args
+from dataclasses import dataclass, replace
+from typing import TypeGuard, cast, get_args
 
 from shoal.pilot.model import (
     AppProtocol,
@@ -73,6 +77,8 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_expiry ON instances (last_renewed + ttl)
     WHERE ttl IS NOT NULL;
+-- the shortest TTL sets the sweep interval: asked every sweep, so no scan
+CREATE INDEX IF NOT EXISTS instances_ttl ON instances (ttl) WHERE ttl IS NOT NULL;
 """
 
 
@@ -125,7 +131,11 @@ class EmbeddedRegistry(Registry):
             )
         self._changed: Callable[[], None] | None = None
         self._wake: asyncio.Event | None = None  # cuts the sweep's sleep short (see run)
-        self._snapshot = self._load()
+        # the view, as committed: services by host; per host, its instances by id
+        self._services: dict[str, Service] = {}
+        self._instances: dict[str, dict[str, Registration]] = {}
+        self._snapshot: RegistrySnapshot | None = None  # None: to build from the above
+        self._load()
 
     def close(self) -> None:
         self._db.close()
@@ -133,6 +143,14 @@ class EmbeddedRegistry(Registry):
     # --- the Registry interface ----------------------------------------------------------
 
     def snapshot(self) -> RegistrySnapshot:
+        """Services by host, instances by host and id; built on the first call after a
+        change (pilot asks once per push, however many writes came before it)."""
+        if self._snapshot is None:
+            hosts = sorted(self._services)
+            self._snapshot = RegistrySnapshot(
+                tuple(self._services[host] for host in hosts),
+                tuple(r.instance for host in hosts for r in self._sorted(host)),
+            )
         return self._snapshot
 
     async def run(self, changed: Callable[[], None]) -> None:
@@ -185,57 +203,60 @@ class EmbeddedRegistry(Registry):
         label_map = _labels(labels or {})
         weight = _weight(weight)
         locality = _locality(locality)
-        ttl = self.default_ttl if ttl is None else _ttl(ttl)
+        ttl = float(self.default_ttl) if ttl is None else _ttl(ttl)  # float: as SQLite has it
         if instance_id is None:
             instance_id = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         instance_id = _instance_id(instance_id)
 
+        old_service = self._services.get(host)
+        siblings = self._instances.get(host, {})
+        new_ports = merge_ports((*given_ports, *(old_service.ports if old_service else ())))
+        if service_port not in {p.number for p in new_ports}:
+            if given_ports:
+                raise RegistrationError(
+                    "service_port", f"{service_port} is not one of the service's ports"
+                )
+            new_ports = merge_ports((*new_ports, ServicePort(service_port)))
+        resolution: Resolution = "STATIC" if _is_ip(address) else "DNS"
+        if (
+            old_service is not None
+            and old_service.resolution != resolution
+            and any(other != instance_id for other in siblings)
+        ):
+            kind = "IP addresses" if old_service.resolution == "STATIC" else "host names"
+            raise RegistrationError(
+                "address", f"the instances of {host} have {kind}; {address} is not one"
+            )
         db = self._db
+        # the UNIQUE index finds the endpoint's owner, however many instances the host has
+        taken = db.execute(
+            "SELECT id FROM instances WHERE host = ? AND service_port = ? AND address = ?"
+            " AND port = ? AND id != ?",
+            (host, service_port, address, port, instance_id),
+        ).fetchone()
+        if taken:
+            raise RegistrationError(
+                "address", f"{address}:{port} is already instance {taken[0]} of {host}"
+            )
+        service = Service(host, new_ports, resolution, self.name)
+        instance = Instance(
+            host=host,
+            service_port=service_port,
+            address=address,
+            port=port,
+            labels=labels_of(label_map),
+            weight=weight,
+            locality=locality,
+            source=self.name,
+        )
+        kept_ttl = ttl if ttl > 0 else None
+        now = self.now()
         with db:
-            row = db.execute(
-                "SELECT ports, resolution FROM services WHERE host = ?", (host,)
-            ).fetchone()
-            old_ports = _ports_from_json(row[0]) if row else ()
-            new_ports = merge_ports((*given_ports, *old_ports))
-            if service_port not in {p.number for p in new_ports}:
-                if given_ports:
-                    raise RegistrationError(
-                        "service_port", f"{service_port} is not one of the service's ports"
-                    )
-                new_ports = merge_ports((*new_ports, ServicePort(service_port)))
-            resolution: Resolution = "STATIC" if _is_ip(address) else "DNS"
-            others = db.execute(
-                "SELECT address FROM instances WHERE host = ? AND id != ? LIMIT 1",
-                (host, instance_id),
-            ).fetchone()
-            if others and row and row[1] != resolution:
-                kind = "IP addresses" if row[1] == "STATIC" else "host names"
-                raise RegistrationError(
-                    "address", f"the instances of {host} have {kind}; {address} is not one"
-                )
-            taken = db.execute(
-                "SELECT id FROM instances WHERE host = ? AND service_port = ? AND address = ?"
-                " AND port = ? AND id != ?",
-                (host, service_port, address, port, instance_id),
-            ).fetchone()
-            if taken:
-                raise RegistrationError(
-                    "address", f"{address}:{port} is already instance {taken[0]} of {host}"
-                )
-            ports_json = _ports_to_json(new_ports)
-            labels_json = json.dumps(label_map, sort_keys=True)
-            view = (service_port, address, port, labels_json, weight, locality)
-            old_view = db.execute(
-                "SELECT service_port, address, port, labels, weight, locality FROM instances"
-                " WHERE host = ? AND id = ?",
-                (host, instance_id),
-            ).fetchone()
-            service_same = row is not None and (row[0], row[1]) == (ports_json, resolution)
             db.execute(
                 "INSERT INTO services (host, ports, resolution) VALUES (?, ?, ?)"
                 " ON CONFLICT (host) DO UPDATE SET ports = excluded.ports,"
                 " resolution = excluded.resolution",
-                (host, ports_json, resolution),
+                (host, _ports_to_json(new_ports), resolution),
             )
             db.execute(
                 "INSERT INTO instances (host, id, service_port, address, port, labels, weight,"
@@ -244,10 +265,27 @@ class EmbeddedRegistry(Registry):
                 " address = excluded.address, port = excluded.port, labels = excluded.labels,"
                 " weight = excluded.weight, locality = excluded.locality, ttl = excluded.ttl,"
                 " last_renewed = excluded.last_renewed",
-                (host, instance_id, *view, ttl if ttl > 0 else None, self.now()),
+                (
+                    host,
+                    instance_id,
+                    service_port,
+                    address,
+                    port,
+                    json.dumps(label_map, sort_keys=True),
+                    weight,
+                    locality,
+                    kept_ttl,
+                    now,
+                ),
             )
-        if not (service_same and old_view == view):
-            self._update()
+        old = siblings.get(instance_id)
+        self._services[host] = service
+        self._instances[host] = siblings
+        siblings[instance_id] = Registration(
+            instance_id, instance, kept_ttl, None if kept_ttl is None else now + kept_ttl
+        )
+        if not (old_service == service and old is not None and old.instance == instance):
+            self._view_changed()
         if self._wake is not None and 0 < ttl < 3 * SWEEP_INTERVAL:
             self._wake.set()  # the sweep may be sleeping longer than this TTL allows
         return instance_id
@@ -255,58 +293,63 @@ class EmbeddedRegistry(Registry):
     def heartbeat(self, host: str, instance_id: str) -> bool:
         """Renew an instance's TTL; False when it is unknown (expired or never registered:
         register it again). A renewal does not change the view, so nothing is notified."""
+        registration = self._instances.get(host, {}).get(instance_id)
+        if registration is None:
+            return False
+        now = self.now()
         with self._db:
-            cursor = self._db.execute(
+            self._db.execute(
                 "UPDATE instances SET last_renewed = ? WHERE host = ? AND id = ?",
-                (self.now(), host, instance_id),
+                (now, host, instance_id),
             )
-        return cursor.rowcount > 0
+        if registration.ttl is not None:
+            self._instances[host][instance_id] = replace(
+                registration, expires_at=now + registration.ttl
+            )
+        return True
 
     def deregister(self, host: str, instance_id: str | None = None) -> bool:
         """Remove one instance, or (``instance_id`` None) the service with all its
         instances; False when there was no such thing."""
-        with self._db:
-            if instance_id is None:
-                cursor = self._db.execute("DELETE FROM services WHERE host = ?", (host,))
-            else:
-                cursor = self._db.execute(
+        if instance_id is None:
+            if host not in self._services:
+                return False
+            with self._db:
+                self._db.execute("DELETE FROM services WHERE host = ?", (host,))
+            del self._services[host], self._instances[host]
+        else:
+            if instance_id not in self._instances.get(host, {}):
+                return False
+            with self._db:
+                self._db.execute(
                     "DELETE FROM instances WHERE host = ? AND id = ?", (host, instance_id)
                 )
-        if cursor.rowcount == 0:
-            return False
-        self._update()
+            del self._instances[host][instance_id]
+        self._view_changed()
         return True
 
     def expire(self) -> int:
-        """Remove the instances whose TTL has passed; returns how many. ``run`` calls it."""
+        """Remove the instances whose TTL has passed; returns how many. ``run`` calls it.
+        The expiry index finds them, so a sweep with nothing due costs next to nothing."""
         with self._db:
-            cursor = self._db.execute(
-                "DELETE FROM instances WHERE ttl IS NOT NULL AND last_renewed + ttl < ?",
+            expired = self._db.execute(
+                "DELETE FROM instances WHERE ttl IS NOT NULL AND last_renewed + ttl < ?"
+                " RETURNING host, id",
                 (self.now(),),
-            )
-        if cursor.rowcount > 0:
-            self._update()
-        return cursor.rowcount
+            ).fetchall()
+        for host, instance_id in expired:
+            del self._instances[host][instance_id]
+        if expired:
+            self._view_changed()
+        return len(expired)
 
     def services(self) -> tuple[Service, ...]:
-        return self._snapshot.services
+        return self.snapshot().services
 
     def registrations(self) -> tuple[Registration, ...]:
-        """Every instance with its id and TTL, by host and id (read from the store: for
+        """Every instance with its id and TTL, by host and id (sorted on each call: for
         listings, not for hot paths)."""
-        rows = self._db.execute(
-            "SELECT host, id, service_port, address, port, labels, weight, locality, ttl,"
-            " last_renewed FROM instances ORDER BY host, id"
-        ).fetchall()
-        return tuple(
-            Registration(
-                id=row[1],
-                instance=self._instance(row),
-                ttl=row[8],
-                expires_at=None if row[8] is None else row[9] + row[8],
-            )
-            for row in rows
-        )
+        return tuple(r for host in sorted(self._instances) for r in self._sorted(host))
 
     # --- internals -----------------------------------------------------------------------
 
@@ -318,33 +361,40 @@ class EmbeddedRegistry(Registry):
             return SWEEP_INTERVAL
         return max(MIN_SWEEP_INTERVAL, min(SWEEP_INTERVAL, shortest / 3))
 
-    def _update(self) -> None:
-        snapshot = self._load()
-        if snapshot != self._snapshot:
-            self._snapshot = snapshot
-            if self._changed is not None:
-                self._changed()
+    def _view_changed(self) -> None:
+        """After a write that changed services or instances (a renewal does not)."""
+        self._snapshot = None
+        if self._changed is not None:
+            self._changed()
 
-    def _load(self) -> RegistrySnapshot:
-        services = tuple(
-            Service(host, _ports_from_json(ports), cast(Resolution, resolution), self.name)
-            for host, ports, resolution in self._db.execute(
-                "SELECT host, ports, resolution FROM services ORDER BY host"
+    def _sorted(self, host: str) -> list[Registration]:
+        """The instances of ``host`` by id, the order SQLite's ``ORDER BY id`` gave."""
+        instances = self._instances[host]
+        return [instances[instance_id] for instance_id in sorted(instances)]
+
+    def _load(self) -> None:
+        """Read the whole store into memory: on opening only."""
+        for host, ports, resolution in self._db.execute(
+            "SELECT host, ports, resolution FROM services"
+        ):
+            resolution = cast(Resolution, resolution)
+            self._services[host] = Service(host, _ports_from_json(ports), resolution, self.name)
+            self._instances[host] = {}
+        for row in self._db.execute(
+            "SELECT host, id, service_port, address, port, labels, weight, locality, ttl,"
+            " last_renewed + ttl FROM instances"
+        ):
+            instance = Instance(
+                host=row[0],
+                service_port=row[2],
+                address=row[3],
+                port=row[4],
+                labels=labels_of(json.loads(row[5])),
+                weight=row[6],
+                locality=row[7],
+                source=self.name,
             )
-        )
-        return RegistrySnapshot(services, tuple(r.instance for r in self.registrations()))
-
-    def _instance(self, row: tuple[Any, ...]) -> Instance:
-        return Instance(
-            host=row[0],
-            service_port=row[2],
-            address=row[3],
-            port=row[4],
-            labels=labels_of(json.loads(row[5])),
-            weight=row[6],
-            locality=row[7],
-            source=self.name,
-        )
+            self._instances[row[0]][row[1]] = Registration(row[1], instance, row[8], row[9])
 
 
 # --- validation: every check names the field it refused --------------------------------------
