@@ -339,7 +339,7 @@ class Translator:
     """Keeps the last translation of each service, keyed by everything it depends on."""
 
     def __init__(self) -> None:
-        self._cache: dict[Any, tuple[dict[str, Resource], dict[str, Resource]]] = {}
+        self._cache: dict[str, tuple[Any, Built]] = {}  # by host: inputs, resources
         self._routes: tuple[Any, RoutesBuilt] | None = None
 
     def translate(self, registry: RegistrySnapshot, rules: RuleSet) -> MeshSnapshot:
@@ -353,15 +353,21 @@ class Translator:
         rules_for = _RulesIndex(rules, services)
         clusters: dict[str, Resource] = {}
         endpoints: dict[str, Resource] = {}
-        cache: dict[Any, tuple[dict[str, Resource], dict[str, Resource]]] = {}
+        cache: dict[str, tuple[Any, Built]] = {}
         for host in sorted(services):
             service = services[host]
             rule = rules_for.destination_rule(host)
             breakers = rules_for.breakers(host)
             mine = tuple(instances[host])
-            key = (service, rule, breakers, mine)
-            built = self._cache.get(key) or _service_resources(service, rule, mine, breakers)
-            cache[key] = built
+            inputs = (service, rule, breakers, mine)
+            previous = self._cache.get(host)
+            # Compared, not hashed: registries hand back the same objects for what did not
+            # change, and tuple equality checks identity first.
+            if previous is not None and previous[0] == inputs:
+                built = previous[1]
+            else:
+                built = _service_resources(service, rule, mine, breakers)
+            cache[host] = (inputs, built)
             clusters.update(built[0])
             endpoints.update(built[1])
         self._cache = cache
@@ -386,7 +392,7 @@ def _service_resources(
     rule: DestinationRule | None,
     instances: tuple[Instance, ...],
     breakers: tuple[Breaker, ...],
-) -> tuple[dict[str, Resource], dict[str, Resource]]:
+) -> Built:
     """One service's clusters and endpoint assignments (cached by their inputs: a change
     elsewhere in the mesh costs this service a dict lookup)."""
     clusters = _clusters(service, rule, list(instances), breakers)
@@ -436,6 +442,7 @@ def _routable(port: ServicePort) -> bool:
     return port.protocol in HTTP_PROTOCOLS or port.protocol in GRPC_PROTOCOLS
 
 
+Built = tuple[dict[str, Resource], dict[str, Resource]]  # a service's clusters, endpoints
 # A breaker policy and where its fallback goes: (host, subset, port, the host's ports).
 Breaker = tuple[CircuitBreakerPolicy, tuple[str, str, int | None, tuple[int, ...]] | None]
 

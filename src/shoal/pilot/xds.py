@@ -180,7 +180,7 @@ def _changes(old: MeshSnapshot, new: MeshSnapshot) -> dict[str, frozenset[str] |
 class TypeState:
     names: frozenset[str] = frozenset()  # interned: clients asking the same share one set
     requested: tuple[str, ...] = ()  # the names as last sent (SotW), to spot ACKs
-    names_region: bytes | None = None  # the same, as the request's bytes (see _names_region)
+    names_region: bytes | None = None  # the same, as the request's bytes (split_names)
     wildcard: bool = False
     sent: dict[str, str] = field(default_factory=dict)  # delta: name -> version it has
     sent_versions: tuple[str, ...] = ()  # SotW Listener/Cluster: the versions of the last answer
@@ -262,9 +262,11 @@ class Session:
 
     # state of the world ---------------------------------------------------------------------
 
-    def sotw_request(self, request: Any, raw: bytes = b"") -> list[bytes]:
-        """``raw``: the request as received, which lets an ACK be recognised without
-        turning a thousand resource names into Python strings."""
+    def sotw_request(
+        self, request: Any, raw: bytes = b"", region: bytes | None = None
+    ) -> list[bytes]:
+        """With ``region`` (see :func:`split_names`), ``request`` lacks its names: an ACK
+        is recognised from their bytes, and anything else parses ``raw`` whole."""
         type_url = str(request.type_url)
         state = self.types.setdefault(type_url, TypeState())
         if state.nonce and request.response_nonce and request.response_nonce != state.nonce:
@@ -273,10 +275,11 @@ class Session:
             return []
         if request.HasField("error_detail"):
             self._nack(type_url, str(request.version_info), request.error_detail.message)
-        region = _names_region(raw, type_url)
         if state.subscribed and region is not None and region == state.names_region:
             return []  # an ACK (or a NACK) that asks for nothing new: the common case
         state.names_region = region
+        if region:
+            request = discovery_pb2.DiscoveryRequest.FromString(raw)
         requested = tuple(request.resource_names)
         if state.subscribed and requested == state.requested:
             return []
@@ -445,27 +448,27 @@ class Session:
         )
 
 
-def _names_region(raw: bytes, type_url: str) -> bytes | None:
-    """The bytes of a DiscoveryRequest's ``resource_names`` (field 3). Serializers write
-    fields in number order, so they sit between ``version_info`` (1) and ``type_url`` (4):
-    two requests with the same region ask for the same names. None when the layout is not
-    that (a node in the request, long versions): then the names are compared as strings."""
-    if not raw:
-        return None
+def split_names(raw: bytes) -> tuple[Any, bytes] | None:
+    """A received DiscoveryRequest without its ``resource_names`` (parsed), and the bytes
+    of those names. Serializers write fields in number order, so the names (field 3) sit
+    between ``version_info`` (1) and ``type_url`` (4): two requests with the same bytes
+    there ask for the same names, and an ACK is known without parsing a thousand names.
+    None when the layout is not that (a stream's first request carries the node)."""
     start = 0
-    if raw[0] == 0x0A:  # version_info
-        if raw[1] >= 0x80:
+    if raw[:1] == b"\x0a":  # version_info
+        if len(raw) < 2 or raw[1] >= 0x80:
             return None
         start = 2 + raw[1]
-    if raw[start : start + 1] == b"\x12":  # a node: a stream's first request
+    if raw[start : start + 1] == b"\x12":  # a node
         return None
-    end = raw.find(_type_marker(type_url), start)
-    return raw[start:end] if end >= 0 else None
+    end = raw.find(_TYPE_PREFIX, start) - 2  # type_url's tag and one-byte length first
+    if end < start or raw[end] != 4 << 3 | 2:
+        return None
+    rest = discovery_pb2.DiscoveryRequest.FromString(raw[:start] + raw[end:])
+    return rest, raw[start:end]
 
 
-def _type_marker(type_url: str) -> bytes:
-    data = type_url.encode()
-    return bytes((4 << 3 | 2, len(data))) + data if len(data) < 0x80 else b"\x00\x00"
+_TYPE_PREFIX = b"type.googleapis.com/"
 
 
 def _nonce_field(nonce: str) -> bytes:
@@ -511,9 +514,14 @@ class AggregatedDiscovery:
                         for response in pushed:
                             await context.write(response)
                     continue
-                raw = b""
+                raw, region = b"", None
                 if isinstance(item, bytes):
-                    raw, item = item, discovery_pb2.DiscoveryRequest.FromString(item)
+                    raw = item
+                    split = split_names(raw)
+                    if split is None:
+                        item = discovery_pb2.DiscoveryRequest.FromString(raw)
+                    else:
+                        item, region = split
                 if session.node is None:
                     session.node = node_info(item.node)
                     log.info("stream from %s (%s)", session.label(), _variant(session))
@@ -521,7 +529,7 @@ class AggregatedDiscovery:
                 responses = (
                     session.delta_request(item)
                     if session.delta
-                    else session.sotw_request(item, raw)
+                    else session.sotw_request(item, raw, region)
                 )
                 for response in responses:
                     await context.write(response)
