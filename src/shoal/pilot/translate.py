@@ -47,6 +47,7 @@ from shoal.pilot.api.model import (
     Headers,
     HTTPFaultInjection,
     HTTPMatchRequest,
+    HTTPRetry,
     HTTPRoute,
     OutlierDetection,
     RateLimitPolicy,
@@ -540,7 +541,7 @@ def _clusters(
                 data["load_assignment"] = _assignment_dict(name, chosen)
             else:
                 data["type"] = "EDS"
-                data["eds_cluster_config"] = {"eds_config": ADS, "service_name": name}
+                data["eds_cluster_config"] = {"eds_config": ADS}  # service name: the cluster's
             if port.protocol in GRPC_PROTOCOLS:
                 data["typed_extension_protocol_options"] = _protocol_options(
                     {"http2_protocol_options": {}}, None
@@ -706,6 +707,7 @@ def _virtual_host(
         "name": f"{host}:{port.number}",
         "domains": domains,
         "routes": routes,
+        "retry_policy": DEFAULT_RETRY_POLICY,
         "_port": port.number,
         "_http": port.protocol in HTTP_PROTOCOLS,
         "_fault": fault,
@@ -781,20 +783,21 @@ def _route_action(
         if http.mirror_percentage is not None:
             policy["runtime_fraction"] = {"default_value": _fraction(http.mirror_percentage)}
         action["request_mirror_policies"] = [policy]
-    action["retry_policy"] = _retry_policy(http)
+    if http is not None and http.retries is not None:
+        action["retry_policy"] = _retry_policy(http.retries)
     return action
 
 
-def _retry_policy(http: HTTPRoute | None) -> dict[str, Any]:
-    """Istio's default when a route says nothing: two retries on connection failures and
-    503s."""
-    retries = http.retries if http is not None else None
-    if retries is None:
-        return {
-            "retry_on": ISTIO_RETRY_ON,
-            "num_retries": 2,
-            "retriable_status_codes": [503],
-        }
+# Istio's retries when a route says nothing: two, on connection failures and 503s. Set on
+# the virtual host (a route's own policy replaces it), once rather than on every route.
+DEFAULT_RETRY_POLICY: dict[str, Any] = {
+    "retry_on": ISTIO_RETRY_ON,
+    "num_retries": 2,
+    "retriable_status_codes": [503],
+}
+
+
+def _retry_policy(retries: HTTPRetry) -> dict[str, Any]:
     policy: dict[str, Any] = {
         "retry_on": retries.retry_on or ISTIO_RETRY_ON,
         "num_retries": retries.attempts,
