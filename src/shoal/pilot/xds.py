@@ -101,6 +101,7 @@ class Mesh:
         self._requested: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._versions: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._listed: dict[int, tuple[dict[str, Resource], list[Resource], tuple[str, ...]]] = {}
+        self._named_views: dict[tuple[str, int], tuple[frozenset[str], dict[str, Resource]]] = {}
         self.pushing = asyncio.Semaphore(self.CONCURRENT_PUSHES)
 
     def publish(self, snapshot: MeshSnapshot) -> None:
@@ -108,7 +109,8 @@ class Mesh:
         self.version += 1
         self.changes[self.version] = _changes(old, snapshot)
         self.changes.pop(self.version - self.HISTORY, None)
-        for cache in (self._encoded, self._names, self._requested, self._versions, self._listed):
+        caches = (self._encoded, self._names, self._requested, self._versions, self._listed)
+        for cache in (*caches, self._named_views):
             cache.clear()  # what sessions hold stays shared; new answers share anew
         for session in self.sessions:
             session.wake()
@@ -130,6 +132,15 @@ class Mesh:
     def intern_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
         return self._requested.setdefault(names, names)
 
+    def named_view(self, type_url: str, names: frozenset[str]) -> dict[str, Resource]:
+        """The resources of these names; clients subscribed to the same (interned) set of
+        names share one view per version, computed once."""
+        found = self._named_views.get((type_url, id(names)))
+        if found is None or found[0] is not names:
+            found = (names, _lookup(self.snapshot, type_url, names))
+            self._named_views[type_url, id(names)] = found
+        return found[1]
+
     def listed(self, view: dict[str, Resource]) -> tuple[list[Resource], tuple[str, ...]]:
         """A whole answer's resources and their versions; views shared between clients
         (the sidecars' clusters) are listed once, and equal version tuples are one object."""
@@ -150,6 +161,20 @@ class Mesh:
             if len(self._encoded) > 4096:  # many distinct answers: keep memory bounded
                 self._encoded.clear()
         return body
+
+
+def _lookup(snapshot: MeshSnapshot, type_url: str, names: Iterable[str]) -> dict[str, Resource]:
+    """The resources of ``names`` that exist; clusters and endpoints (thousands of names)
+    by plain dict lookups."""
+    shared = {CLUSTER: snapshot.clusters, ENDPOINT: snapshot.endpoints}.get(type_url)
+    if shared is not None:
+        return {name: shared[name] for name in names if name in shared}
+    found = {}
+    for name in names:
+        resource = snapshot.lookup(type_url, name)
+        if resource is not None:
+            found[name] = resource
+    return found
 
 
 def _diff(old: Mapping[str, Resource], new: Mapping[str, Resource]) -> frozenset[str]:
@@ -222,23 +247,17 @@ class Session:
         wildcard = state.wildcard and self.node is not None and type_url in FULL_STATE
         names: Iterable[str] = state.names
         if only is None:
-            if wildcard:
-                if not state.names:
-                    return self._sidecar_view(type_url)  # shared, never modified
-                found.update(self._sidecar_view(type_url))
+            if not wildcard:
+                return self.mesh.named_view(type_url, state.names)
+            if not state.names:
+                return self._sidecar_view(type_url)  # shared, never modified
+            found.update(self._sidecar_view(type_url))
         else:
             if wildcard:
                 sidecar = self._sidecar_view(type_url)
                 found.update((n, sidecar[n]) for n in only if n in sidecar)
             names = [n for n in only if n in state.names]
-        shared = {CLUSTER: snapshot.clusters, ENDPOINT: snapshot.endpoints}.get(type_url)
-        if shared is not None:  # the common case, thousands of names: plain dict lookups
-            found.update((name, shared[name]) for name in names if name in shared)
-            return found
-        for name in names:
-            resource = snapshot.lookup(type_url, name)
-            if resource is not None:
-                found[name] = resource
+        found.update(_lookup(snapshot, type_url, names))
         return found
 
     def _sidecar_view(self, type_url: str) -> dict[str, Resource]:
@@ -336,11 +355,15 @@ class Session:
                 return None
             state.sent_versions = versions
         else:
-            view = self.view(type_url, state, asked if force else only)
-            chosen = list(view.values())
-            if not chosen and not force:
-                return None
-            versions = tuple(r.version for r in chosen)
+            everything = force and asked >= state.names  # a first subscription, say
+            view = self.view(type_url, state, None if everything else asked if force else only)
+            if everything:
+                chosen, versions = self.mesh.listed(view)
+            else:
+                chosen = list(view.values())
+                if not chosen and not force:
+                    return None
+                versions = tuple(r.version for r in chosen)
         version = str(self.mesh.version)
         key = ("sotw", type_url, version, versions)
 
