@@ -89,6 +89,7 @@ class Mesh:
 
     HISTORY = 64  # versions of change log kept; a session further behind diffs everything
     CONCURRENT_PUSHES = 64  # sessions building and writing a push at once (bounds memory)
+    ENCODED_BUDGET = 128 * 1024 * 1024  # bytes of serialized answers kept for reuse
 
     def __init__(self, snapshot: MeshSnapshot) -> None:
         self.snapshot = snapshot
@@ -97,6 +98,7 @@ class Mesh:
         self.nacks = 0
         self.changes: dict[int, dict[str, frozenset[str] | None]] = {}
         self._encoded: dict[tuple[Any, ...], bytes] = {}
+        self._encoded_bytes = 0
         self._names: dict[frozenset[str], frozenset[str]] = {}
         self._requested: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._versions: dict[tuple[str, ...], tuple[str, ...]] = {}
@@ -109,9 +111,11 @@ class Mesh:
         self.version += 1
         self.changes[self.version] = _changes(old, snapshot)
         self.changes.pop(self.version - self.HISTORY, None)
+        # What sessions hold stays shared; the next answers share anew.
         caches = (self._encoded, self._names, self._requested, self._versions, self._listed)
         for cache in (*caches, self._named_views):
-            cache.clear()  # what sessions hold stays shared; new answers share anew
+            cache.clear()
+        self._encoded_bytes = 0
         for session in self.sessions:
             session.wake()
 
@@ -152,15 +156,21 @@ class Mesh:
             self._listed[id(view)] = found
         return found[1], found[2]
 
-    def encode(self, key: tuple[Any, ...], build: Callable[[], Any]) -> bytes:
-        """The serialized response for ``key`` at this version, built once (without its
-        nonce, which each session appends)."""
-        body = self._encoded.get(key)
-        if body is None:
-            body = self._encoded[key] = build().SerializeToString()
-            if len(self._encoded) > 4096:  # many distinct answers: keep memory bounded
+    def encode(self, key: tuple[Any, ...], nonce: str, build: Callable[[], Any]) -> bytes:
+        """The serialized response for ``key`` with ``nonce``, built once. Nonces count per
+        stream, so clients with the same history (every sidecar's first answers, say) get
+        the very same bytes; the body is shared even when the nonce differs."""
+        whole = self._encoded.get((key, nonce))
+        if whole is None:
+            body = self._encoded.get(key)
+            if body is None:
+                body = self._encoded[key] = build().SerializeToString()
+            whole = self._encoded[key, nonce] = body + _nonce_field(nonce)
+            self._encoded_bytes += len(body) + len(whole)
+            if self._encoded_bytes > self.ENCODED_BUDGET:  # many distinct answers
                 self._encoded.clear()
-        return body
+                self._encoded_bytes = 0
+        return whole
 
 
 def _lookup(snapshot: MeshSnapshot, type_url: str, names: Iterable[str]) -> dict[str, Resource]:
@@ -374,7 +384,7 @@ class Session:
             )
 
         state.nonce = self._next_nonce()
-        return self.mesh.encode(key, build) + _nonce_field(state.nonce)
+        return self.mesh.encode(key, state.nonce, build)
 
     # delta --------------------------------------------------------------------------------
 
@@ -458,7 +468,7 @@ class Session:
             )
 
         state.nonce = self._next_nonce()
-        return self.mesh.encode(key, build) + _nonce_field(state.nonce)
+        return self.mesh.encode(key, state.nonce, build)
 
     def _nack(self, type_url: str, version: str, message: str) -> None:
         self.mesh.nacks += 1
