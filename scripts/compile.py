@@ -32,6 +32,7 @@ HOT_MODULES = [
     "shoal/upstream/host.py",
     "shoal/upstream/outlier.py",
     "shoal/upstream/breaker.py",
+    "shoal/upstream/backup.py",
     "shoal/observe/stats.py",
 ]
 STAMP = SRC / "shoal" / ".compiled"

@@ -83,15 +83,15 @@ def policy_from_dict(data: dict[str, Any], ctx: Ctx) -> CircuitBreakerPolicy:
     for name in wrong:
         if name in data:
             raise ctx.at(name).error(f'{name} does not apply to window "{window}"')
-    window_size = _int(data, "window_size", d.window_size, ctx, hi=_MAX_WINDOW_SIZE)
-    minimum = _int(data, "minimum_requests", d.minimum_requests, ctx)
+    window_size = int_field(data, "window_size", d.window_size, ctx, hi=_MAX_WINDOW_SIZE)
+    minimum = int_field(data, "minimum_requests", d.minimum_requests, ctx)
     if window == "count" and minimum > window_size:
         raise ctx.at("minimum_requests").error(
             f"minimum_requests {minimum} exceeds window_size {window_size}: the breaker"
             " could never open"
         )
-    slow_duration = _duration(data, "slow_call_duration", None, ctx)
-    slow_ratio = _ratio(data, "slow_call_ratio", d.slow_call_ratio, ctx)
+    slow_duration = duration_field(data, "slow_call_duration", None, ctx)
+    slow_ratio = ratio_field(data, "slow_call_ratio", d.slow_call_ratio, ctx)
     if slow_ratio < 1.0 and slow_duration is None:
         raise ctx.at("slow_call_ratio").error("slow_call_ratio needs slow_call_duration")
     if slow_duration is not None and slow_ratio >= 1.0:
@@ -99,21 +99,21 @@ def policy_from_dict(data: dict[str, Any], ctx: Ctx) -> CircuitBreakerPolicy:
             "slow_call_duration needs a slow_call_ratio below 1 (1, the default, is off)"
         )
     local_reply, fallback_cluster = _fallback(data, ctx)
-    window_duration = _duration(data, "window_duration", d.window_duration, ctx)
+    window_duration = duration_field(data, "window_duration", d.window_duration, ctx)
     assert window_duration is not None
-    open_duration = _duration(data, "open_duration", d.open_duration, ctx)
+    open_duration = duration_field(data, "open_duration", d.open_duration, ctx)
     assert open_duration is not None
     return CircuitBreakerPolicy(
         window="time" if window == "time" else "count",
         window_size=window_size,
         window_duration=window_duration,
-        window_buckets=_int(data, "window_buckets", d.window_buckets, ctx, hi=_MAX_BUCKETS),
+        window_buckets=int_field(data, "window_buckets", d.window_buckets, ctx, hi=_MAX_BUCKETS),
         minimum_requests=minimum,
-        error_ratio=_ratio(data, "error_ratio", d.error_ratio, ctx),
+        error_ratio=ratio_field(data, "error_ratio", d.error_ratio, ctx),
         slow_call_duration=slow_duration,
         slow_call_ratio=slow_ratio,
         open_duration=open_duration,
-        half_open_trials=_int(data, "half_open_trials", d.half_open_trials, ctx),
+        half_open_trials=int_field(data, "half_open_trials", d.half_open_trials, ctx),
         local_reply=local_reply,
         fallback_cluster=fallback_cluster,
     )
@@ -148,7 +148,7 @@ def _fallback(data: dict[str, Any], ctx: Ctx) -> tuple[BreakerLocalReply, str]:
     if "fallback" not in data:
         return BreakerLocalReply(), ""
     ctx = ctx.at("fallback")
-    fallback = _mapping(data["fallback"], ctx)
+    fallback = mapping_field(data["fallback"], ctx)
     for name in sorted(fallback):
         if name not in ("local_reply", "cluster"):
             raise ctx.at(name).error("unknown field in fallback (expected local_reply or cluster)")
@@ -165,19 +165,19 @@ def _fallback(data: dict[str, Any], ctx: Ctx) -> tuple[BreakerLocalReply, str]:
 def _local_reply(value: object, ctx: Ctx) -> BreakerLocalReply:
     """A configured reply: status (default 503), body (default empty), headers (sorted by
     name: a protobuf Struct keeps no order, and a stable order keeps configs comparable)."""
-    reply = _mapping(value, ctx)
+    reply = mapping_field(value, ctx)
     for name in sorted(reply):
         if name not in ("status", "body", "headers"):
             raise ctx.at(name).error(
                 "unknown field in local_reply (expected status, body or headers)"
             )
-    status = _int(reply, "status", 503, ctx, lo=200, hi=599)
+    status = int_field(reply, "status", 503, ctx, lo=200, hi=599)
     body = reply.get("body", "")
     if not isinstance(body, str):
         raise ctx.at("body").error("must be a string")
     headers: list[tuple[str, str]] = []
     headers_ctx = ctx.at("headers")
-    for key, header_value in sorted(_mapping(reply.get("headers", {}), headers_ctx).items()):
+    for key, header_value in sorted(mapping_field(reply.get("headers", {}), headers_ctx).items()):
         name = key.lower()
         here = headers_ctx.at(key)
         if not _TOKEN.fullmatch(name):
@@ -192,25 +192,25 @@ def _local_reply(value: object, ctx: Ctx) -> BreakerLocalReply:
     return BreakerLocalReply(status, body.encode(), tuple(sorted(headers)))
 
 
-def _mapping(value: object, ctx: Ctx) -> dict[str, Any]:
+def mapping_field(value: object, ctx: Ctx) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ctx.error("must be a mapping")
     return value
 
 
-def _number(data: dict[str, Any], name: str, ctx: Ctx) -> float:
+def number_field(data: dict[str, Any], name: str, ctx: Ctx) -> float:
     value = data[name]
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ctx.at(name).error("must be a number")
     return float(value)
 
 
-def _int(
+def int_field(
     data: dict[str, Any], name: str, default: int, ctx: Ctx, *, lo: int = 1, hi: int = _UINT32_MAX
 ) -> int:
     if name not in data:
         return default
-    value = _number(data, name, ctx)
+    value = number_field(data, name, ctx)
     if not value.is_integer():
         raise ctx.at(name).error(f"{value:g} is not a whole number")
     if not lo <= value <= hi:
@@ -218,17 +218,19 @@ def _int(
     return int(value)
 
 
-def _ratio(data: dict[str, Any], name: str, default: float, ctx: Ctx) -> float:
+def ratio_field(data: dict[str, Any], name: str, default: float, ctx: Ctx) -> float:
     """A share in (0, 1]."""
     if name not in data:
         return default
-    value = _number(data, name, ctx)
+    value = number_field(data, name, ctx)
     if not 0 < value <= 1:
         raise ctx.at(name).error(f"{value:g} is out of range (0, 1]")
     return value
 
 
-def _duration(data: dict[str, Any], name: str, default: Seconds | None, ctx: Ctx) -> Seconds | None:
+def duration_field(
+    data: dict[str, Any], name: str, default: Seconds | None, ctx: Ctx
+) -> Seconds | None:
     """A duration string, ``"5s"``, ``"0.25s"`` or ``"250ms"``; it must be above 0."""
     if name not in data:
         return default

@@ -193,7 +193,8 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " outlier_detection health_checks metadata eds_cluster_config"
         ),
         # metadata changes nothing in Envoy; shoal reads filter_metadata["shoal.circuit_breaker"]
-        # (config/envoy_breaker.py) and ignores every other key
+        # (config/envoy_breaker.py) and ["shoal.backup_request"] (config/envoy_backup.py) and
+        # ignores every other key
         "envoy.config.core.v3.Metadata": "filter_metadata",
         "envoy.config.cluster.v3.OutlierDetection": (
             "consecutive_5xx interval base_ejection_time max_ejection_percent"
@@ -280,7 +281,7 @@ _WHY_NOT: dict[tuple[str, str], str] = {
         "typed_filter_metadata",
     ): (
         "typed_filter_metadata is not supported; shoal reads"
-        ' filter_metadata["shoal.circuit_breaker"]'
+        ' filter_metadata["shoal.circuit_breaker"] and ["shoal.backup_request"]'
     ),
     (
         "envoy.config.core.v3.HealthCheck.HttpHealthCheck",

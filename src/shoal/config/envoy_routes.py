@@ -12,6 +12,7 @@ from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf.message import Message
 
+from shoal.config.envoy_backup import route_backup_policy
 from shoal.config.envoy_breaker import route_breaker_policy
 from shoal.config.envoy_fields import (
     Ctx,
@@ -115,6 +116,7 @@ def _route(route: Message, ctx: Ctx) -> Route:
         headers=_header_mutations(route, ctx),
         per_filter=per_filter_configs(route, ctx),
         breaker=route_breaker_policy(route, ctx),
+        backup=route_backup_policy(route, ctx),
     )
 
 

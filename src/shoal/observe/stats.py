@@ -215,8 +215,8 @@ _TAG_EXTRACTORS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("envoy_http_conn_manager_prefix", r"^listener(?=\.).*?\.http\.((.*?)\.)"),
         ("envoy_http_conn_manager_prefix", r"^http\.((.*?)\.)"),
         ("envoy_listener_address", r"^listener\.(((?:[_.\d]*|[_\[\]a-fA-F\d]*))\.)"),
-        # Shoal's route-level error-rate breakers (route names may hold dots)
-        ("envoy_route", r"^route\.((.*)\.)circuit_breaker\."),
+        # Shoal's route-level error-rate breakers and backup requests (names may hold dots)
+        ("envoy_route", r"^route\.((.*)\.)(?:circuit_breaker|backup_request)\."),
     )
 )
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")

@@ -21,6 +21,7 @@ from shoal.config.model import (
     RouteConfiguration,
     VirtualHost,
 )
+from shoal.upstream.backup import BackupRequests, build_backup
 from shoal.upstream.breaker import build_breaker
 
 _HOST_CACHE_LIMIT = 4096
@@ -121,6 +122,7 @@ class CompiledRoute:
     """A route with everything the hot path needs precomputed."""
 
     __slots__ = (
+        "backup",
         "breaker",
         "case_sensitive",
         "cluster_plans",
@@ -173,6 +175,10 @@ class CompiledRoute:
         )
         # the route-level error-rate breaker: one per route per config version
         self.breaker = build_breaker(route.breaker, route.name) if route.breaker else None
+        # backup requests: the route's latencies and budget, one per route per config version
+        self.backup: BackupRequests | None = (
+            build_backup(route.backup, route.name) if route.backup else None
+        )
         # typed_per_filter_config: the route's entry wins over the virtual host's
         self.per_filter: dict[str, FilterConfig] = {
             **dict(vhost.per_filter),

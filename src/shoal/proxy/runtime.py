@@ -34,6 +34,7 @@ from shoal.proxy.listeners import (
     TcpListenerContext,
 )
 from shoal.proxy.tcp import TCP_COUNTERS, TcpSession, TcpStats
+from shoal.upstream.backup import ROUTE_BACKUPS
 from shoal.upstream.breaker import ROUTE_BREAKERS
 from shoal.upstream.cluster import CLUSTER_COUNTERS, ClusterRuntime, ClusterStats
 
@@ -279,6 +280,11 @@ class ProxyRuntime:
             for counter, value in breaker.counters.items():
                 counters[prefix + counter] = value
             gauges[prefix + "state"] = breaker.state_code
+        for route_name, backup in ROUTE_BACKUPS.routes.items():
+            prefix = f"route.{route_name}.backup_request."
+            for counter, value in backup.counters.items():
+                counters[prefix + counter] = value
+            gauges[prefix + "delay_ms"] = backup.delay_ms()
         for prefix_name, http in self.http_stats.items():
             prefix = f"http.{prefix_name}."
             for counter in HTTP_COUNTERS:

@@ -209,6 +209,7 @@ _SHARED_GAUGES = (
     ".health_check.healthy",
     ".health_check.degraded",
     ".circuit_breaker.state",  # each worker has its own breaker: the highest state code
+    ".backup_request.delay_ms",  # each worker learns its own delay: the longest
 )
 
 
