@@ -1,9 +1,11 @@
 """Shoal's policy kinds through pilot: a CircuitBreakerPolicy opens on a failing service and
-serves its fallback; a RateLimitPolicy limits every instance of a service at its sidecar."""
+serves its fallback; a RateLimitPolicy limits every instance of a service at its sidecar,
+locally or against a budget shared through `shoal ratelimit`."""
 
 from __future__ import annotations
 
 import http.client
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,11 @@ from tests.integration.mesh_helpers import (
     outbound_port,
     served_by,
     sidecar_config,
+)
+from tests.integration.ratelimit_helpers import (
+    RateLimitService,
+    RedisServer,
+    sleep_to_window_start,
 )
 
 pytestmark = pytest.mark.slow
@@ -101,3 +108,74 @@ def test_rate_limit_policy_limits_each_instance_at_its_sidecar(
     assert served_by(port, "orders", 10) == {"429": 10}  # refilled only after 60 s
     stats = server_proxy.stats()
     assert stats["inbound_rate_limit.http_local_rate_limit.rate_limited"] >= 10
+
+
+def rate_limit_calls(proxy: Any) -> int:
+    """The calls a sidecar's global rate limit filter has made (whatever their answer)."""
+    return sum(
+        value
+        for key, value in proxy.stats().items()
+        if key.endswith((".ratelimit.ok", ".ratelimit.over_limit"))
+    )
+
+
+def test_global_rate_limit_policy_shares_one_budget_across_instances(
+    pilot: PilotProcess, make_proxy: Any, tmp_path: Path
+) -> None:
+    limits = tmp_path / "shop.yaml"
+    limits.write_text(
+        "domain: shop\n"
+        "descriptors:\n"
+        "  - {key: generic_key, value: orders, rate_limit: {unit: second, requests_per_unit: 10}}\n"
+    )
+    redis = RedisServer(tmp_path / "redis")
+    service = RateLimitService([limits], redis.url, tmp_path / "rls")
+    echoes = [Echo("a"), Echo("b")]
+    try:
+        pilot.register("ratelimit", service.grpc_port, service_port=8081, protocol="GRPC")
+        descriptor = {"actions": [{"genericKey": {"descriptorValue": "orders"}}]}
+        limit = {
+            "domain": "shop",
+            "service": {"host": "ratelimit", "port": 8081},
+            "descriptors": [descriptor],
+            "timeout": "500ms",
+        }
+        pilot.write_rules(
+            "limit.yaml", shoal_policy("RateLimitPolicy", {"host": "orders", "global": limit})
+        )
+        servers = [
+            make_proxy(
+                sidecar_config(
+                    pilot,
+                    f"orders-{e.name}",
+                    service="orders:80",
+                    app_address=f"127.0.0.1:{e.port}",
+                )
+            )
+            for e in echoes
+        ]
+        client = sidecar_config(pilot, "shop")
+        make_proxy(client)
+        port = outbound_port(client)
+        # both instances known to the client, and both asking the service
+        eventually(lambda: {"a", "b"} <= set(served_by(port, "orders", 4)))
+
+        def both_asking() -> bool:
+            served_by(port, "orders", 2)
+            return all(rate_limit_calls(server) > 0 for server in servers)
+
+        eventually(both_asking)
+        sleep_to_window_start()
+        start = time.monotonic()
+        seen = served_by(port, "orders", 40)
+        assert time.monotonic() - start < 0.9, "the 40 requests must fit in one window"
+        print("seen in one window:", dict(seen))
+        admitted = seen["a"] + seen["b"]
+        assert 8 <= admitted <= 12, seen  # 10 a second for the two together, not each
+        assert seen["429"] == 40 - admitted, seen
+        assert seen["a"] > 0 and seen["b"] > 0, seen
+    finally:
+        for echo_server in echoes:
+            echo_server.stop()
+        service.stop()
+        redis.stop()

@@ -28,8 +28,10 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.adaptive_concurrency.v3 import adaptive_concurrency_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,
@@ -43,12 +45,14 @@ from shoal.pilot.api.model import (
     ConnectionPool,
     Destination,
     DestinationRule,
+    GlobalRateLimit,
     HeaderOperations,
     Headers,
     HTTPFaultInjection,
     HTTPMatchRequest,
     HTTPRetry,
     HTTPRoute,
+    LocalRateLimit,
     OutlierDetection,
     RateLimitPolicy,
     RuleSet,
@@ -65,8 +69,10 @@ ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 TYPE_URLS = (CLUSTER, ENDPOINT, LISTENER, ROUTE)  # the order Envoy wants updates in
 # The extensions the translation packs into Any fields (ParseDict looks them up by name).
 EXTENSIONS = (
+    adaptive_concurrency_pb2,
     fault_pb2,
     local_rate_limit_pb2,
+    rate_limit_pb2,
     router_pb2,
     http_connection_manager_pb2,
     http_protocol_options_pb2,
@@ -81,6 +87,10 @@ FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 FAULT_FILTER = "envoy.filters.http.fault"
 LOCAL_RATELIMIT = (
     "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+)
+RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
+ADAPTIVE_CONCURRENCY = (
+    "type.googleapis.com/envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency"
 )
 ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 OUTBOUND_ROUTES = "outbound"
@@ -255,7 +265,7 @@ class MeshSnapshot:
                     }
                 },
                 False,
-                _local_rate_limit(self.rate_limits.get(node.service)),
+                _inbound_filters(self.rate_limits.get(node.service)),
             )
             listeners["inbound"] = pack("inbound", parse(listener_pb2.Listener, inbound))
         return listeners
@@ -279,9 +289,9 @@ def _http_connection_manager(
     stat_prefix: str,
     routes: dict[str, Any],
     fault: bool,
-    first: dict[str, Any] | None = None,
+    first: Iterable[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    filters: list[dict[str, Any]] = [first] if first else []
+    filters = list(first)
     if fault:
         filters.append({"name": FAULT_FILTER, "typed_config": {"@type": FAULT}})
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}})
@@ -293,7 +303,7 @@ def _http_listener(
     address: tuple[str, int],
     routes: dict[str, Any],
     fault: bool,
-    first: dict[str, Any] | None = None,
+    first: Iterable[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -311,10 +321,25 @@ def _http_listener(
     }
 
 
-def _local_rate_limit(policy: RateLimitPolicy | None) -> dict[str, Any] | None:
-    """Envoy's local_ratelimit filter for a RateLimitPolicy: always enabled and enforced."""
+def _inbound_filters(policy: RateLimitPolicy | None) -> list[dict[str, Any]]:
+    """A RateLimitPolicy's filters, cheapest refusal first: the local bucket spares the
+    rate limit service a call, and adaptive concurrency, last, measures only what the
+    limits let through to the app."""
     if policy is None:
-        return None
+        return []
+    filters = []
+    if policy.local is not None:
+        filters.append(_local_rate_limit(policy.local, policy.status))
+    if policy.global_limit is not None:
+        filters.append(_global_rate_limit(policy.global_limit, policy.status))
+    if policy.adaptive_concurrency:
+        config = {"@type": ADAPTIVE_CONCURRENCY, **json.loads(policy.adaptive_concurrency)}
+        filters.append({"name": "envoy.filters.http.adaptive_concurrency", "typed_config": config})
+    return filters
+
+
+def _local_rate_limit(local: LocalRateLimit, status: int) -> dict[str, Any]:
+    """Envoy's local_ratelimit filter, always enabled and enforced."""
     everyone = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": ""}
     return {
         "name": "envoy.filters.http.local_ratelimit",
@@ -322,13 +347,34 @@ def _local_rate_limit(policy: RateLimitPolicy | None) -> dict[str, Any] | None:
             "@type": LOCAL_RATELIMIT,
             "stat_prefix": "inbound_rate_limit",
             "token_bucket": {
-                "max_tokens": policy.max_tokens,
-                "tokens_per_fill": policy.tokens_per_fill,
-                "fill_interval": _duration(policy.fill_interval),
+                "max_tokens": local.max_tokens,
+                "tokens_per_fill": local.tokens_per_fill,
+                "fill_interval": _duration(local.fill_interval),
             },
             "filter_enabled": everyone,
             "filter_enforced": everyone,
-            "status": {"code": policy.status},
+            "status": {"code": status},
+        },
+    }
+
+
+def _global_rate_limit(limit: GlobalRateLimit, status: int) -> dict[str, Any]:
+    """Envoy's ratelimit filter asking the rate limit service, through its mesh cluster,
+    about filter-level ``rate_limits`` (the proxy has no route-level ones)."""
+    service = cluster_name(limit.host, limit.port)
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": RATELIMIT,
+            "domain": limit.domain,
+            "timeout": _duration(limit.timeout),
+            "failure_mode_deny": limit.failure_mode_deny,
+            "rate_limited_status": {"code": status},
+            "rate_limit_service": {
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": service}},
+            },
+            "rate_limits": json.loads(limit.rate_limits),
         },
     }
 
@@ -465,7 +511,13 @@ class _RulesIndex:
                         self.virtual[host].append(vs)
 
         self.rate_limits: dict[str, RateLimitPolicy] = {}
-        for limit in rules.rate_limits:
+        for written in rules.rate_limits:
+            limit = written
+            if written.global_limit is not None:  # the service's full name, for its cluster's
+                target = self.resolve(Destination(written.global_limit.host))
+                if target is not None:
+                    resolved = replace(written.global_limit, host=target.host)
+                    limit = replace(written, global_limit=resolved)
             for host in _hosts_matching(limit.host, services):
                 self.rate_limits.setdefault(host, limit)
         self._breakers: dict[str, list[Breaker]] = defaultdict(list)

@@ -235,15 +235,39 @@ class CircuitBreakerPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class RateLimitPolicy:
-    """A local token bucket in front of every instance of ``host`` (on its sidecar's
-    inbound listener), as Envoy's local_ratelimit filter does it."""
+class LocalRateLimit:
+    """A token bucket per instance, as Envoy's local_ratelimit filter keeps it."""
 
-    meta: Meta
-    host: str
     max_tokens: int
     tokens_per_fill: int
     fill_interval: Seconds
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalRateLimit:
+    """A budget shared by every instance, counted by ``shoal ratelimit`` (Envoy's rate
+    limit service protocol) at ``host:port``. ``rate_limits`` is the validated filter-level
+    ``rate_limits`` of Envoy's ratelimit filter as JSON (one descriptor per entry)."""
+
+    domain: str
+    host: str
+    port: int
+    rate_limits: str
+    timeout: Seconds = 0.02
+    failure_mode_deny: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """What protects every instance of ``host`` from overload, on its sidecar's inbound
+    listener: a local token bucket, a global budget, adaptive concurrency (at least one).
+    ``adaptive_concurrency`` is the validated Envoy filter config as JSON ("" for none)."""
+
+    meta: Meta
+    host: str
+    local: LocalRateLimit | None = None
+    global_limit: GlobalRateLimit | None = None
+    adaptive_concurrency: str = ""
     status: int = 429
 
 

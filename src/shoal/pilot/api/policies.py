@@ -5,8 +5,12 @@ fallback (Hystrix / Sentinel semantics) for a host or one of its subsets. Its fi
 those of Shoal's ``shoal.circuit_breaker`` cluster metadata (docs/config.md), written in
 camelCase like Istio's; they are checked by the very code that reads them in the proxy.
 
-``RateLimitPolicy``: a local token bucket on every instance of a host (Envoy's
-local_ratelimit filter on the instance's sidecar, inbound).
+``RateLimitPolicy``: overload protection for every instance of a host, on the instance's
+sidecar (inbound): a local token bucket (Envoy's local_ratelimit filter), a global budget
+shared by all instances (Envoy's ratelimit filter calling ``shoal ratelimit``) and adaptive
+concurrency (Envoy's adaptive_concurrency filter). They share a kind because they share the
+place and the question ("how much may reach this service?"), and a sidecar's inbound
+listener takes them from one resource.
 """
 
 from __future__ import annotations
@@ -17,19 +21,35 @@ from typing import Any, Final
 
 from shoal.config.envoy import breaker_from_dict
 from shoal.errors import ConfigError
-from shoal.pilot.api.model import CircuitBreakerPolicy, Destination, Meta, RateLimitPolicy
+from shoal.pilot.api.model import (
+    CircuitBreakerPolicy,
+    Destination,
+    GlobalRateLimit,
+    LocalRateLimit,
+    Meta,
+    RateLimitPolicy,
+)
 from shoal.pilot.api.parse import (
     _At,
+    _bool,
     _destination,
     _dns_label,
     _duration,
     _fields,
+    _header_name,
     _hostname,
     _integer,
+    _list,
+    _one_of,
+    _port,
     _required,
+    _string,
 )
 
 KINDS: Final = ("CircuitBreakerPolicy", "RateLimitPolicy")
+_UINT32 = 2**32 - 1
+_ACTIONS = ("genericKey", "requestHeaders", "remoteAddress", "destinationCluster")
+_MIN_RTT_FIELDS = ("interval", "fixedValue", "requestCount", "jitter", "minConcurrency", "buffer")
 
 _BREAKER_FIELDS = (
     "window",
@@ -93,21 +113,147 @@ def _circuit_breaker(spec: object, at: _At, meta: Meta) -> CircuitBreakerPolicy:
 
 
 def _rate_limit(spec: object, at: _At, meta: Meta) -> RateLimitPolicy:
-    data = _fields(spec, at, ("host", "local", "status"))
+    data = _fields(spec, at, ("host", "local", "global", "adaptiveConcurrency", "status"))
     host = _hostname(_required(data, "host", at), at.at("host"), wildcard=False)
-    local_at = at.at("local")
-    local = _fields(
-        _required(data, "local", at), local_at, ("maxTokens", "tokensPerFill", "fillInterval")
-    )
-    max_tokens = _integer(
-        _required(local, "maxTokens", local_at), local_at.at("maxTokens"), 1, 2**32 - 1
-    )
-    per_fill = local.get("tokensPerFill", max_tokens)
-    tokens_per_fill = _integer(per_fill, local_at.at("tokensPerFill"), 1, 2**32 - 1)
-    fill_interval = _duration(
-        _required(local, "fillInterval", local_at), local_at.at("fillInterval")
-    )
-    if fill_interval < 0.05:
-        raise local_at.at("fillInterval").error("must be at least 50ms (as Envoy requires)")
+    if not data.keys() & {"local", "global", "adaptiveConcurrency"}:
+        raise at.error("at least one of local, global or adaptiveConcurrency is required")
+    local = _local(data["local"], at.at("local")) if "local" in data else None
+    limit = _global(data["global"], at.at("global")) if "global" in data else None
+    adaptive = ""
+    if "adaptiveConcurrency" in data:
+        settings = _adaptive(data["adaptiveConcurrency"], at.at("adaptiveConcurrency"))
+        adaptive = json.dumps(settings, sort_keys=True)
     status = _integer(data.get("status", 429), at.at("status"), 400, 599)
-    return RateLimitPolicy(meta, host, max_tokens, tokens_per_fill, fill_interval, status)
+    return RateLimitPolicy(meta, host, local, limit, adaptive, status)
+
+
+def _local(value: object, at: _At) -> LocalRateLimit:
+    local = _fields(value, at, ("maxTokens", "tokensPerFill", "fillInterval"))
+    max_tokens = _integer(_required(local, "maxTokens", at), at.at("maxTokens"), 1, _UINT32)
+    per_fill = local.get("tokensPerFill", max_tokens)
+    tokens_per_fill = _integer(per_fill, at.at("tokensPerFill"), 1, _UINT32)
+    fill_interval = _duration(_required(local, "fillInterval", at), at.at("fillInterval"))
+    if fill_interval < 0.05:
+        raise at.at("fillInterval").error("must be at least 50ms (as Envoy requires)")
+    return LocalRateLimit(max_tokens, tokens_per_fill, fill_interval)
+
+
+def _global(value: object, at: _At) -> GlobalRateLimit:
+    data = _fields(value, at, ("domain", "service", "descriptors", "timeout", "failureModeDeny"))
+    domain = _string(_required(data, "domain", at), at.at("domain"), empty=False)
+    service_at = at.at("service")
+    service = _fields(_required(data, "service", at), service_at, ("host", "port"))
+    host = _hostname(_required(service, "host", service_at), service_at.at("host"), wildcard=False)
+    port = _port(_required(service, "port", service_at), service_at.at("port"))
+    here = at.at("descriptors")
+    descriptors = _list(_required(data, "descriptors", at), here, empty=False)
+    rate_limits = [_descriptor(item, here.at(index)) for index, item in enumerate(descriptors)]
+    timeout = _duration(data["timeout"], at.at("timeout")) if "timeout" in data else 0.02
+    deny = _bool(data.get("failureModeDeny", False), at.at("failureModeDeny"))
+    return GlobalRateLimit(domain, host, port, json.dumps(rate_limits), timeout, deny)
+
+
+def _descriptor(value: object, at: _At) -> dict[str, Any]:
+    """One entry of Envoy's ``rate_limits``: its actions make one descriptor, in order."""
+    here = at.at("actions")
+    actions = _list(_required(_fields(value, at, ("actions",)), "actions", at), here, empty=False)
+    return {"actions": [_action(action, here.at(index)) for index, action in enumerate(actions)]}
+
+
+def _action(value: object, at: _At) -> dict[str, Any]:
+    """An Envoy RateLimit.Action of the kinds the proxy supports, in Envoy's field names."""
+    data = _fields(value, at, _ACTIONS)
+    kind = _one_of(data, _ACTIONS, at)
+    here = at.at(kind)
+    if kind == "genericKey":
+        spec = _fields(data[kind], here, ("descriptorKey", "descriptorValue"))
+        action = {"descriptor_value": _nonempty(spec, "descriptorValue", here)}
+        if "descriptorKey" in spec:
+            action["descriptor_key"] = _string(spec["descriptorKey"], here.at("descriptorKey"))
+        return {"generic_key": action}
+    if kind == "requestHeaders":
+        spec = _fields(data[kind], here, ("headerName", "descriptorKey", "skipIfAbsent"))
+        name = _header_name(_required(spec, "headerName", here), here.at("headerName"))
+        skip = _bool(spec.get("skipIfAbsent", False), here.at("skipIfAbsent"))
+        return {
+            "request_headers": {
+                "header_name": name,
+                "descriptor_key": _nonempty(spec, "descriptorKey", here),
+                "skip_if_absent": skip,
+            }
+        }
+    _fields(data[kind], here, ())  # remoteAddress, destinationCluster: no settings
+    return {_snake(kind): {}}
+
+
+def _nonempty(data: dict[str, Any], key: str, at: _At) -> str:
+    return _string(_required(data, key, at), at.at(key), empty=False)
+
+
+def _adaptive(value: object, at: _At) -> dict[str, Any]:
+    """Envoy's adaptive_concurrency filter config (its gradient controller), with Envoy's
+    field names; only ``concurrencyUpdateInterval``, which Envoy requires, gets a default."""
+    data = _fields(
+        value,
+        at,
+        (
+            "sampleAggregatePercentile",
+            "concurrencyLimitParams",
+            "minRttCalcParams",
+            "concurrencyLimitExceededStatus",
+        ),
+    )
+    gradient: dict[str, Any] = {}
+    if "sampleAggregatePercentile" in data:
+        percentile = _percent(data["sampleAggregatePercentile"], at.at("sampleAggregatePercentile"))
+        gradient["sample_aggregate_percentile"] = percentile
+    limits_at = at.at("concurrencyLimitParams")
+    limits = _fields(
+        data.get("concurrencyLimitParams", {}),
+        limits_at,
+        ("maxConcurrencyLimit", "concurrencyUpdateInterval"),
+    )
+    interval = limits.get("concurrencyUpdateInterval", "100ms")
+    gradient["concurrency_limit_params"] = {
+        "concurrency_update_interval": _envoy_duration(
+            interval, limits_at.at("concurrencyUpdateInterval")
+        )
+    }
+    if "maxConcurrencyLimit" in limits:
+        gradient["concurrency_limit_params"]["max_concurrency_limit"] = _integer(
+            limits["maxConcurrencyLimit"], limits_at.at("maxConcurrencyLimit"), 1, _UINT32
+        )
+    rtt_at = at.at("minRttCalcParams")
+    rtt = _fields(data.get("minRttCalcParams", {}), rtt_at, _MIN_RTT_FIELDS)
+    params: dict[str, Any] = {}
+    for name, item in rtt.items():
+        here = rtt_at.at(name)
+        if name in ("interval", "fixedValue"):
+            params[_snake(name)] = _envoy_duration(item, here)
+        elif name in ("jitter", "buffer"):
+            params[name] = _percent(item, here)
+        else:
+            params[_snake(name)] = _integer(item, here, 1, _UINT32)
+    gradient["min_rtt_calc_params"] = params
+    settings: dict[str, Any] = {"gradient_controller_config": gradient}
+    if "concurrencyLimitExceededStatus" in data:
+        code = _integer(
+            data["concurrencyLimitExceededStatus"],
+            at.at("concurrencyLimitExceededStatus"),
+            400,
+            599,
+        )
+        settings["concurrency_limit_exceeded_status"] = {"code": code}
+    return settings
+
+
+def _percent(value: object, at: _At) -> dict[str, float]:
+    """Envoy's ``Percent``, written as a plain number 0-100."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        raise at.error(f"must be a number 0-100, not {value!r}")
+    return {"value": float(value)}
+
+
+def _envoy_duration(value: object, at: _At) -> str:
+    """A Go-style duration in protobuf JSON form (whole milliseconds, see ``_duration``)."""
+    return f"{_duration(value, at):.3f}s"
