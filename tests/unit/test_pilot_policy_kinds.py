@@ -307,3 +307,39 @@ def test_adaptive_concurrency_alone_takes_the_proxy_defaults() -> None:
     config = adaptive.config
     assert (config.percentile, config.max_limit, config.update_interval) == (0.5, 1000, 0.1)
     assert (config.min_rtt_interval, config.min_concurrency, config.status) == (60.0, 3, 503)
+
+
+def test_backup_request_policy_goes_on_every_route_to_the_host() -> None:
+    from envoy.config.route.v3 import route_pb2
+
+    from shoal.config.envoy import translate_route_configuration
+
+    spec = {"host": "reviews", "percentile": 95, "maxRatio": 0.05, "minDelay": "10ms"}
+    parsed = policy("BackupRequestPolicy", spec)
+    rules = RuleSet(backup_requests=(parsed,))
+    snapshot = Translator().translate(RegistrySnapshot(SERVICES, INSTANCES), rules)
+    message = route_pb2.RouteConfiguration()
+    assert snapshot.outbound_routes.body.Unpack(message)
+    table = translate_route_configuration(message)
+    by_host = {vhost.name: vhost.routes for vhost in table.virtual_hosts}
+    (reviews,) = by_host["reviews:9080"]
+    assert reviews.backup is not None
+    assert reviews.backup.percentile == 95
+    assert reviews.backup.max_ratio == 0.05
+    (backup_service,) = by_host["backup:80"]
+    assert backup_service.backup is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"host": "reviews", "percentile": 10}, "spec.percentile"),
+        ({"host": "reviews", "maxRatio": 2}, "spec.maxRatio"),
+        ({"host": "reviews", "minDelay": "2s", "maxDelay": "1s"}, "spec.minDelay"),
+        ({"host": "reviews", "precentile": 90}, "spec.precentile"),
+    ],
+)
+def test_backup_request_errors_name_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        policy("BackupRequestPolicy", spec)
+    assert caught.value.field == field

@@ -23,6 +23,7 @@ from envoy.config.core.v3 import config_source_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from shoal.config.envoy_backup import backup_policy_from_dict
 from shoal.config.envoy_breaker import check_cluster_fallbacks, policy_from_dict
 from shoal.config.envoy_check import check
 from shoal.config.envoy_clusters import build_cluster, load_assignment
@@ -45,6 +46,7 @@ from shoal.config.model import (
 from shoal.errors import ConfigError
 
 __all__ = [
+    "backup_from_dict",
     "bootstrap_from_dict",
     "breaker_from_dict",
     "load_bootstrap",
@@ -121,6 +123,12 @@ def translate_load_assignment(
     ctx = Ctx(source, field)
     check(proto, ctx)
     return load_assignment(proto, ctx)
+
+
+def backup_from_dict(data: dict[str, Any], source: str = "", field: str = "") -> object:
+    """Shoal's backup request settings from their metadata fields (checked by the control
+    plane before it puts them on routes)."""
+    return backup_policy_from_dict(data, Ctx(source, field))
 
 
 def breaker_from_dict(

@@ -23,6 +23,7 @@ import uvloop
 
 from shoal.errors import ShoalError
 from shoal.pilot.api.model import (
+    BackupRequestPolicy,
     CircuitBreakerPolicy,
     DestinationRule,
     RateLimitPolicy,
@@ -97,6 +98,7 @@ _KINDS = {
     "workload_entries": WorkloadEntry,
     "circuit_breakers": CircuitBreakerPolicy,
     "rate_limits": RateLimitPolicy,
+    "backup_requests": BackupRequestPolicy,
 }
 
 

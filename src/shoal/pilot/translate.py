@@ -510,6 +510,10 @@ class _RulesIndex:
                     if vs not in self.virtual[host]:
                         self.virtual[host].append(vs)
 
+        self.backups: dict[str, dict[str, Any]] = {}
+        for backup in rules.backup_requests:
+            for host in _hosts_matching(backup.host, services):
+                self.backups.setdefault(host, json.loads(backup.settings))
         self.rate_limits: dict[str, RateLimitPolicy] = {}
         for written in rules.rate_limits:
             limit = written
@@ -750,11 +754,15 @@ def _virtual_host(
     if not virtual_services:
         routes.append(
             {
-                "name": "default",
+                "name": f"{host}:{port.number}",
                 "match": {"prefix": "/"},
                 "route": _route_action([(Destination(host, port=port.number), 0)], port, rules),
             }
         )
+    backup = rules.backups.get(host)
+    if backup is not None:  # a BackupRequestPolicy: on every route to the host
+        for route in routes:
+            route["metadata"] = {"filter_metadata": {"shoal.backup_request": backup}}
     return {
         "name": f"{host}:{port.number}",
         "domains": domains,

@@ -258,6 +258,16 @@ class GlobalRateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class BackupRequestPolicy:
+    """Backup requests (Motan's backupRequest) on every route to ``host``: ``settings`` is
+    the validated ``shoal.backup_request`` route metadata as JSON."""
+
+    meta: Meta
+    host: str
+    settings: str
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     """What protects every instance of ``host`` from overload, on its sidecar's inbound
     listener: a local token bucket, a global budget, adaptive concurrency (at least one).
@@ -281,6 +291,7 @@ class RuleSet:
     workload_entries: tuple[WorkloadEntry, ...] = ()
     circuit_breakers: tuple[CircuitBreakerPolicy, ...] = ()
     rate_limits: tuple[RateLimitPolicy, ...] = ()
+    backup_requests: tuple[BackupRequestPolicy, ...] = ()
     errors: tuple[str, ...] = field(default=(), compare=False)  # rejected resources, why
     failed_files: frozenset[str] = field(default=frozenset(), compare=False)  # with errors
 
@@ -293,4 +304,5 @@ class RuleSet:
             *self.workload_entries,
             *self.circuit_breakers,
             *self.rate_limits,
+            *self.backup_requests,
         ]

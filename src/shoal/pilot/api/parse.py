@@ -20,6 +20,7 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 from shoal.errors import ConfigError
 from shoal.pilot.api.model import (
+    BackupRequestPolicy,
     CircuitBreakerPolicy,
     ConnectionPool,
     ConsistentHash,
@@ -62,6 +63,7 @@ Resource: TypeAlias = (
     | WorkloadEntry
     | CircuitBreakerPolicy
     | RateLimitPolicy
+    | BackupRequestPolicy
 )
 T = TypeVar("T")
 

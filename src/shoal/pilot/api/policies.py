@@ -19,9 +19,10 @@ import json
 import re
 from typing import Any, Final
 
-from shoal.config.envoy import breaker_from_dict
+from shoal.config.envoy import backup_from_dict, breaker_from_dict
 from shoal.errors import ConfigError
 from shoal.pilot.api.model import (
+    BackupRequestPolicy,
     CircuitBreakerPolicy,
     Destination,
     GlobalRateLimit,
@@ -46,7 +47,7 @@ from shoal.pilot.api.parse import (
     _string,
 )
 
-KINDS: Final = ("CircuitBreakerPolicy", "RateLimitPolicy")
+KINDS: Final = ("CircuitBreakerPolicy", "RateLimitPolicy", "BackupRequestPolicy")
 _UINT32 = 2**32 - 1
 _ACTIONS = ("genericKey", "requestHeaders", "remoteAddress", "destinationCluster")
 _MIN_RTT_FIELDS = ("interval", "fixedValue", "requestCount", "jitter", "minConcurrency", "buffer")
@@ -81,10 +82,28 @@ def _camel(text: str) -> str:
 
 def parse_policy(
     kind: str, spec: object, at: _At, meta: Meta
-) -> CircuitBreakerPolicy | RateLimitPolicy:
+) -> CircuitBreakerPolicy | RateLimitPolicy | BackupRequestPolicy:
     if kind == "CircuitBreakerPolicy":
         return _circuit_breaker(spec, at, meta)
+    if kind == "BackupRequestPolicy":
+        return _backup_request(spec, at, meta)
     return _rate_limit(spec, at, meta)
+
+
+_BACKUP_FIELDS = ("percentile", "maxRatio", "minDelay", "maxDelay", "window", "minimumSamples")
+
+
+def _backup_request(spec: object, at: _At, meta: Meta) -> BackupRequestPolicy:
+    """The proxy's ``shoal.backup_request`` fields in camelCase, checked by the proxy's
+    own reader so that what pilot accepts the proxy applies."""
+    data = _fields(spec, at, ("host", *_BACKUP_FIELDS))
+    host = _hostname(_required(data, "host", at), at.at("host"), wildcard=False)
+    settings = {_snake(k): v for k, v in data.items() if k in _BACKUP_FIELDS}
+    try:
+        backup_from_dict(settings)
+    except ConfigError as exc:
+        raise at.at(*_camel(exc.field).split(".")).error(_camel(exc.reason)) from exc
+    return BackupRequestPolicy(meta, host, json.dumps(settings, sort_keys=True))
 
 
 def _circuit_breaker(spec: object, at: _At, meta: Meta) -> CircuitBreakerPolicy:

@@ -20,6 +20,7 @@ import yaml
 
 from shoal.errors import ConfigError
 from shoal.pilot.api.model import (
+    BackupRequestPolicy,
     CircuitBreakerPolicy,
     Destination,
     DestinationRule,
@@ -256,6 +257,7 @@ def _ruleset(resources: list[Resource], errors: list[str], failed: set[str]) -> 
         workload_entries=tuple(r for r in unique if isinstance(r, WorkloadEntry)),
         circuit_breakers=tuple(r for r in unique if isinstance(r, CircuitBreakerPolicy)),
         rate_limits=tuple(r for r in unique if isinstance(r, RateLimitPolicy)),
+        backup_requests=tuple(r for r in unique if isinstance(r, BackupRequestPolicy)),
         errors=tuple(errors),
         failed_files=frozenset(failed),
     )
