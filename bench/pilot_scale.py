@@ -26,7 +26,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from common import free_port, tail
 
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -530,18 +531,6 @@ def pilot_source() -> str:
     status = git("status", "--porcelain", "--", "src/shoal/pilot")
     dirty = [line.split(maxsplit=1)[-1] for line in status.splitlines()]
     return head + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
 
 
 def rest(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -25,7 +25,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from common import free_port, tail
 
 HERE = Path(__file__).resolve().parent
 BODY = b"0123456789" * 10  # the upstream's fixed 100-byte response body
@@ -192,18 +193,6 @@ def stop_all() -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
 
 
 def get(port: int, path: str, headers: dict[str, str]) -> tuple[int, bytes]:

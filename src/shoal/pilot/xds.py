@@ -281,13 +281,36 @@ class Session:
         self.nonce += 1
         return str(self.nonce)
 
-    def _changed(self, since: int, type_url: str, state: TypeState) -> Iterable[str] | None:
+    def _changed(self, since: int, type_url: str) -> frozenset[str] | None:
         """What a push must look at for this type: the changed names, or None for all."""
         changed = self.mesh.changed_since(since, type_url)
         if changed is None or type_url not in FULL_STATE:
             return changed
         # A full-state type is answered whole: look at everything if anything moved.
         return None if changed else changed
+
+    def push(self) -> list[bytes]:
+        """Bring the client to the mesh's current version: per type, in Envoy's order, what
+        changed since its last push and concerns it."""
+        self._push_pending = False
+        since, self.synced = self.synced, self.mesh.version
+        responses = []
+        for type_url in TYPE_URLS:
+            state = self.types.get(type_url)
+            if state is None or not state.subscribed:
+                continue
+            changed = (
+                self.mesh.changed_since(since, type_url)
+                if self.delta
+                else self._changed(since, type_url)
+            )
+            if changed is not None and not changed:
+                continue
+            respond = self._delta_response if self.delta else self._sotw_response
+            response = respond(type_url, state, set(), False, changed)
+            if response is not None:
+                responses.append(response)
+        return responses
 
     # state of the world ---------------------------------------------------------------------
 
@@ -328,28 +351,13 @@ class Session:
         response = self._sotw_response(type_url, state, asked=added, force=True)
         return [response] if response is not None else []
 
-    def sotw_push(self) -> list[bytes]:
-        self._push_pending = False
-        since, self.synced = self.synced, self.mesh.version
-        responses = []
-        for type_url in TYPE_URLS:
-            state = self.types.get(type_url)
-            if state is not None and state.subscribed:
-                changed = self._changed(since, type_url, state)
-                if changed is not None and not changed:
-                    continue
-                response = self._sotw_response(type_url, state, set(), False, changed)
-                if response is not None:
-                    responses.append(response)
-        return responses
-
     def _sotw_response(
         self,
         type_url: str,
         state: TypeState,
         asked: set[str],
         force: bool,
-        only: Iterable[str] | None = None,
+        only: frozenset[str] | None = None,
     ) -> bytes | None:
         """``asked``: names newly subscribed to; ``force``: answer even with nothing to send
         (a subscription change); ``only``: the names a push changed (None: everything).
@@ -419,21 +427,6 @@ class Session:
             return []  # an ACK, a NACK, or an unsubscription, which needs no answer
         response = self._delta_response(type_url, state, asked=asked, force=first)
         return [response] if response is not None else []
-
-    def delta_push(self) -> list[bytes]:
-        self._push_pending = False
-        since, self.synced = self.synced, self.mesh.version
-        responses = []
-        for type_url in TYPE_URLS:
-            state = self.types.get(type_url)
-            if state is not None and state.subscribed:
-                changed = self.mesh.changed_since(since, type_url)
-                if changed is not None and not changed:
-                    continue
-                response = self._delta_response(type_url, state, set(), False, changed)
-                if response is not None:
-                    responses.append(response)
-        return responses
 
     def _delta_response(
         self,
@@ -543,8 +536,7 @@ class AggregatedDiscovery:
                     return  # the client closed its side, or the stream broke
                 if item is None:
                     async with self.mesh.pushing:
-                        pushed = session.delta_push() if session.delta else session.sotw_push()
-                        for response in pushed:
+                        for response in session.push():
                             await context.write(response)
                     continue
                 raw, region = b"", None
