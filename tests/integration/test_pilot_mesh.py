@@ -147,7 +147,7 @@ def test_a_sidecar_with_an_app_is_an_endpoint_of_its_service(
         app_address=f"127.0.0.1:{versions['v2'].port}",
         labels={"version": "v2"},
     )
-    make_proxy(server, kind=kind)
+    server_proxy = make_proxy(server, kind=kind)
     client = sidecar_config(pilot, "productpage-1")
     make_proxy(client, kind=kind)
     port = outbound_port(client)
@@ -156,3 +156,22 @@ def test_a_sidecar_with_an_app_is_an_endpoint_of_its_service(
     mesh = pilot.debug()
     details = next(s for s in mesh["services"] if s["host"] == "details")
     assert [i["labels"] for i in details["instances"]] == [{"version": "v2"}]
+    # what came over xDS is in /config_dump, as Envoy shows it
+    dump = dynamic_names(json.loads(server_proxy.admin("/config_dump")[1]))
+    assert dump["listeners"] == {"inbound", "outbound"}
+    inbound_port = server["node"]["metadata"]["INBOUND_ADDRESS"].rpartition(":")[2]
+    assert {f"inbound|{inbound_port}||details", "outbound|9080||details"} <= dump["clusters"]
+    assert dump["routes"] == {"outbound"}
+
+
+def dynamic_names(dump: dict[str, Any]) -> dict[str, set[str]]:
+    """The names of the dynamic listeners, clusters and route tables in a config dump."""
+    found: dict[str, set[str]] = {"listeners": set(), "clusters": set(), "routes": set()}
+    for config in dump["configs"]:
+        for item in config.get("dynamic_listeners", []):
+            found["listeners"].add(item["name"])
+        for item in config.get("dynamic_active_clusters", []):
+            found["clusters"].add(item["cluster"]["name"])
+        for item in config.get("dynamic_route_configs", []):
+            found["routes"].add(item["route_config"]["name"])
+    return found

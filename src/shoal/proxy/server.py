@@ -180,7 +180,8 @@ class ProxyProcess:
         return self.runtime.clusters_text()
 
     def config_dump(self) -> dict[str, Any]:
-        return config_dump(self.runtime.raw_config, self.runtime.config_version)
+        dynamic = self.xds.config_dump() if self.xds is not None else None
+        return config_dump(self.runtime.raw_config, self.runtime.config_version, dynamic)
 
     def server_info(self) -> dict[str, Any]:
         return {
@@ -213,27 +214,42 @@ _SHARED_GAUGES = (
 )
 
 
-def config_dump(raw: dict[str, Any], version: int) -> dict[str, Any]:
-    """Envoy-shaped ``/config_dump``: the bootstrap plus static listeners and clusters."""
+def config_dump(
+    raw: dict[str, Any], version: int, dynamic: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, Any]:
+    """Envoy-shaped ``/config_dump``: the bootstrap, static listeners and clusters, and
+    (with xDS) the dynamic listeners, routes, clusters and endpoints as accepted."""
     static = raw.get("static_resources", {})
-    return {
-        "configs": [
+    extra = dynamic or {}
+    configs: list[dict[str, Any]] = [
+        {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": raw},
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+            "version_info": str(version),
+            "static_listeners": [{"listener": item} for item in static.get("listeners", [])],
+            **({"dynamic_listeners": extra["dynamic_listeners"]} if dynamic else {}),
+        },
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+            "version_info": str(version),
+            "static_clusters": [{"cluster": item} for item in static.get("clusters", [])],
+            **({"dynamic_active_clusters": extra["dynamic_active_clusters"]} if dynamic else {}),
+        },
+    ]
+    if dynamic is not None:
+        configs.append(
             {
-                "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
-                "bootstrap": raw,
-            },
+                "@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+                "dynamic_route_configs": dynamic["dynamic_route_configs"],
+            }
+        )
+        configs.append(
             {
-                "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
-                "version_info": str(version),
-                "static_listeners": [{"listener": item} for item in static.get("listeners", [])],
-            },
-            {
-                "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
-                "version_info": str(version),
-                "static_clusters": [{"cluster": item} for item in static.get("clusters", [])],
-            },
-        ]
-    }
+                "@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump",
+                "dynamic_endpoint_configs": dynamic["dynamic_endpoint_configs"],
+            }
+        )
+    return {"configs": configs}
 
 
 _background: set[asyncio.Task[Any]] = set()

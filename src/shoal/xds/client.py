@@ -120,6 +120,9 @@ class AdsClient:
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
         self._received = {CLUSTER: not source.clusters, LISTENER: not source.listeners}
         self.stats = {"update_success": 0, "update_rejected": 0, "connected_state": 0}
+        self.accepted: dict[
+            str, dict[str, tuple[str, Any]]
+        ] = {}  # type -> name -> (version, proto)
 
     # the stream ---------------------------------------------------------------------------
 
@@ -249,6 +252,7 @@ class AdsClient:
             self._send(self._request(subscription, error=str(exc)))
             return
         self.stats["update_success"] += 1
+        self._record(type_url, updates, removed, version)
         if self.source.delta:
             for name, (resource_version, _message) in updates.items():
                 subscription.versions[name] = resource_version
@@ -257,6 +261,51 @@ class AdsClient:
         else:
             subscription.version_info = version
         self._send(self._request(subscription))  # the ACK
+
+    def _record(
+        self, type_url: str, updates: dict[str, tuple[str, Any]], removed: set[str], version: str
+    ) -> None:
+        """Keep what was accepted, as received, for ``/config_dump``."""
+        held = self.accepted.setdefault(type_url, {})
+        if not self.source.delta and type_url in _FULL_STATE:
+            held.clear()
+        for name, (resource_version, message) in updates.items():
+            held[name] = (resource_version or version, message)
+        for name in removed:
+            held.pop(name, None)
+
+    def config_dump(self) -> dict[str, list[dict[str, Any]]]:
+        """The accepted dynamic resources, in Envoy's ``/config_dump`` shapes."""
+
+        def entries(type_url: str, key: str) -> list[tuple[str, str, dict[str, Any]]]:
+            held = self.accepted.get(type_url, {})
+            return [
+                (
+                    name,
+                    version,
+                    {key: json_format.MessageToDict(message, preserving_proto_field_name=True)},
+                )
+                for name, (version, message) in sorted(held.items())
+            ]
+
+        return {
+            "dynamic_listeners": [
+                {"name": name, "active_state": {"version_info": version, **body}}
+                for name, version, body in entries(LISTENER, "listener")
+            ],
+            "dynamic_route_configs": [
+                {"version_info": version, **body}
+                for _name, version, body in entries(ROUTE, "route_config")
+            ],
+            "dynamic_active_clusters": [
+                {"version_info": version, **body}
+                for _name, version, body in entries(CLUSTER, "cluster")
+            ],
+            "dynamic_endpoint_configs": [
+                {"version_info": version, **body}
+                for _name, version, body in entries(ENDPOINT, "endpoint_config")
+            ],
+        }
 
     @staticmethod
     def _unpack(type_url: str, packed: Any) -> Any:
