@@ -175,3 +175,21 @@ def dynamic_names(dump: dict[str, Any]) -> dict[str, set[str]]:
         for item in config.get("dynamic_route_configs", []):
             found["routes"].add(item["route_config"]["name"])
     return found
+
+
+def test_workers_each_follow_pilot(
+    pilot: PilotProcess, versions: dict[str, Echo], make_proxy: Any
+) -> None:
+    """With --concurrency 2 every worker holds its own stream; the sidecar is one endpoint."""
+    server = sidecar_config(
+        pilot, "details-1", service="details:9080", app_address=f"127.0.0.1:{versions['v1'].port}"
+    )
+    make_proxy(server, "--concurrency", "2")
+    client = sidecar_config(pilot, "productpage-1")
+    make_proxy(client, "--concurrency", "2")
+    port = outbound_port(client)
+    eventually(lambda: served_by(port, "details:9080", 8) == {"v1": 8})
+    clients = pilot.debug()["clients"]
+    assert sum(label.startswith("details-1 ") for label in clients) == 2
+    details = next(s for s in pilot.debug()["services"] if s["host"] == "details")
+    assert len(details["instances"]) == 1
