@@ -8,6 +8,7 @@ import sys
 
 from shoal import __version__
 from shoal.cli.analyze import add_parser as add_analyze_parser
+from shoal.cli.proxy_config import add_parser as add_proxy_config_parser
 from shoal.cli.registry import add_parsers as add_registry_parsers
 
 # Each command imports its own code when it runs: a sidecar must not carry the rate limit
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pilot(commands)
     add_analyze_parser(commands)
     add_registry_parsers(commands)
+    add_proxy_config_parser(commands)
     return parser
 
 
