@@ -477,9 +477,17 @@ def test_nack_is_logged_counted_and_not_answered(
         )
         assert await sidecar.drain() == []
         assert pilot.mesh.nacks == 1
-        # The next snapshot still reaches the client.
+        (status,) = [s.status() for s in pilot.mesh.sessions]
+        assert status["rejected"] == {"Cluster": "cluster inbound: connect_timeout too short"}
+        assert not status["in_sync"]
+        # The next snapshot still reaches the client; taking it clears the refusal.
         pilot.publish(registry(ratings=False))
         (pushed,) = await sidecar.drain()
+        await sidecar.ack(pushed)
+        await sidecar.drain()
+        (status,) = [s.status() for s in pilot.mesh.sessions]
+        assert status["rejected"] == {}
+        assert status["in_sync"]
         assert pushed.type_url == CLUSTER
         if delta:
             assert removed(pushed) == {RATINGS}

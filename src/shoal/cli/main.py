@@ -8,6 +8,7 @@ import sys
 
 from shoal import __version__
 from shoal.cli.analyze import add_parser as add_analyze_parser
+from shoal.cli.check import add_parser as add_check_parser
 from shoal.cli.proxy_config import add_parser as add_proxy_config_parser
 from shoal.cli.registry import add_parsers as add_registry_parsers
 
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(commands)
     add_registry_parsers(commands)
     add_proxy_config_parser(commands)
+    add_check_parser(commands)
     return parser
 
 

@@ -8,6 +8,7 @@ from the command line, through its REST API.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -179,9 +180,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     def pilot_option(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--pilot",
-            default=DEFAULT_PILOT,
+            default=os.environ.get("SHOAL_PILOT", DEFAULT_PILOT),
             metavar="URL",
-            help=f"pilot's HTTP address (default {DEFAULT_PILOT})",
+            help=f"pilot's HTTP address (default $SHOAL_PILOT, else {DEFAULT_PILOT})",
         )
 
     register = commands.add_parser(

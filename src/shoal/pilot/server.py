@@ -129,6 +129,7 @@ class Pilot:
         self.settings = settings
         self.registries = registries
         self.rules = RuleSet()
+        self.rule_errors: tuple[str, ...] = ()
         self.pushes = 0
         self.proxies = ConnectedProxies()
         self.files = FilesRegistry()
@@ -174,6 +175,7 @@ class Pilot:
         A file with an error keeps its last valid resources (the rejected ones are logged
         with file, resource, field and reason and never reach a proxy); every other file
         applies as it is now, so one typo does not block unrelated changes."""
+        self.rule_errors = rules.errors
         for error in rules.errors:
             log.error("rules rejected: %s", error)
         if rules.failed_files:
@@ -208,6 +210,11 @@ class Pilot:
                     "pushes": self.pushes,
                     "nacks": self.mesh.nacks,
                     "clients": sorted(s.label() for s in self.mesh.sessions if s.node is not None),
+                    "streams": sorted(
+                        (s.status() for s in self.mesh.sessions if s.node is not None),
+                        key=lambda status: (status["node"], status["peer"]),
+                    ),
+                    "rule_errors": list(self.rule_errors),
                     "services": services_json(self.merged.snapshot()),
                 },
             )

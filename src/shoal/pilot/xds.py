@@ -221,6 +221,8 @@ class TypeState:
     sent_versions: tuple[str, ...] = ()  # SotW Listener/Cluster: the versions of the last answer
     nonce: str = ""
     subscribed: bool = False
+    acked: str = ""  # the nonce of the last answer the client took
+    rejected: str = ""  # why it refused the last one, until it takes one again
 
 
 class Session:
@@ -325,8 +327,7 @@ class Session:
             # Stale: answers a response the client has not seen the last of. Before this
             # stream sent anything of the type, a nonce can only be a previous stream's.
             return []
-        if request.HasField("error_detail"):
-            self._nack(type_url, str(request.version_info), request.error_detail.message)
+        self._note_reply(type_url, state, request, str(request.version_info))
         if state.subscribed and region is not None and region == state.names_region:
             return []  # an ACK (or a NACK) that asks for nothing new: the common case
         state.names_region = region
@@ -401,8 +402,7 @@ class Session:
         subscription changes in it must still be applied (the protocol doc says so)."""
         type_url = str(request.type_url)
         state = self.types.setdefault(type_url, TypeState())
-        if request.HasField("error_detail"):
-            self._nack(type_url, "", request.error_detail.message)
+        self._note_reply(type_url, state, request, "")
         first = not state.subscribed
         subscribe = {str(n) for n in request.resource_names_subscribe}
         unsubscribe = {str(n) for n in request.resource_names_unsubscribe}
@@ -463,15 +463,38 @@ class Session:
         state.nonce = self._next_nonce()
         return self.mesh.encode(key, state.nonce, build)
 
-    def _nack(self, type_url: str, version: str, message: str) -> None:
-        self.mesh.nacks += 1
-        log.warning(
-            "NACK from %s for %s version %s: %s",
-            self.label(),
-            type_url.rsplit(".", 1)[-1],
-            version or "-",
-            message,
-        )
+    def _note_reply(self, type_url: str, state: TypeState, request: Any, version: str) -> None:
+        """Whether the client took or refused this type's last answer: a NACK is logged
+        with the node and kept for ``status()`` until the client takes an answer again."""
+        if request.HasField("error_detail"):
+            state.rejected = str(request.error_detail.message)
+            self.mesh.nacks += 1
+            log.warning(
+                "NACK from %s for %s version %s: %s",
+                self.label(),
+                type_url.rsplit(".", 1)[-1],
+                version or "-",
+                state.rejected,
+            )
+        elif request.response_nonce:
+            state.acked, state.rejected = str(request.response_nonce), ""
+
+    def status(self) -> dict[str, Any]:
+        """For ``/debug/mesh`` and ``shoal check``: in sync when the client has taken the
+        last answer of every type and has had the last push."""
+        answered = [s for t, s in self.types.items() if s.nonce and t in TYPE_URLS]
+        return {
+            "node": self.node.id if self.node else "",
+            "peer": self.peer,
+            "variant": _variant(self),
+            "in_sync": self.synced == self.mesh.version
+            and all(s.acked == s.nonce for s in answered),
+            "rejected": {
+                type_url.rsplit(".", 1)[-1]: s.rejected
+                for type_url, s in self.types.items()
+                if s.rejected
+            },
+        }
 
 
 def split_names(raw: bytes) -> tuple[Any, bytes] | None:
