@@ -265,6 +265,16 @@ class EnvoyProxy(Proxy):
 
 
 @pytest.fixture
+def pilot(tmp_path: Path) -> Iterator[Any]:
+    """A real `shoal pilot` on the embedded registry, in this test's directory."""
+    from tests.integration.mesh_helpers import PilotProcess
+
+    process = PilotProcess(tmp_path)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
 def make_proxy(tmp_path: Path) -> Iterator[Any]:
     started: list[Proxy] = []
 

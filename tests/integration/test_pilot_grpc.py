@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,13 +34,6 @@ def servers() -> Iterator[dict[str, GrpcServer]]:
     yield started
     for server in started.values():
         stop_process(server.proc)
-
-
-@pytest.fixture
-def pilot(tmp_path: Path) -> Iterator[PilotProcess]:
-    process = PilotProcess(tmp_path)
-    yield process
-    process.stop()
 
 
 CLIENT = [sys.executable, "-m", "tests.integration.grpc_apps.client", TARGET]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,13 +60,6 @@ def versions() -> Iterator[dict[str, Echo]]:
     yield started
     for echo in started.values():
         echo.stop()
-
-
-@pytest.fixture
-def pilot(tmp_path: Path) -> Iterator[PilotProcess]:
-    process = PilotProcess(tmp_path)
-    yield process
-    process.stop()
 
 
 @pytest.mark.parametrize(

@@ -30,13 +30,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def pilot(tmp_path: Path) -> Iterator[PilotProcess]:
-    process = PilotProcess(tmp_path)
-    yield process
-    process.stop()
-
-
-@pytest.fixture
 def echo() -> Iterator[Echo]:
     server = Echo("app")
     yield server

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,13 +19,6 @@ from tests.integration.mesh_helpers import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def pilot(tmp_path: Path) -> Iterator[PilotProcess]:
-    process = PilotProcess(tmp_path)
-    yield process
-    process.stop()
 
 
 def proxy_config(*args: str) -> subprocess.CompletedProcess[str]:
