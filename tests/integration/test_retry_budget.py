@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from tests.conftest import Echo, bootstrap, free_port, http_listener, raw_request, static_cluster
+from tests.conftest import Echo, bootstrap, free_port, http_listener, static_cluster
 
 _keys = itertools.count()
 
@@ -39,15 +41,25 @@ def _proxy(make_proxy: Any, echo: Echo, budget: dict[str, Any]) -> Any:
 
 
 def _burst(port: int, size: int) -> list[int]:
-    def one(_: int) -> int:
-        key = next(_keys)
-        response = raw_request(
-            port, b"GET /fail/budget-%d/1 HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n" % key
-        )
-        return int(response.split(b" ", 2)[1])
+    """``size`` requests sent at the same moment on connections opened beforehand: the
+    retries' back-off is jittered from 0, so requests that straggle in could find an
+    early retry's slot already free again."""
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(size)]
+    start = threading.Barrier(size)
+
+    def one(sock: socket.socket) -> int:
+        request = b"GET /fail/budget-%d/1 HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+        data = request % next(_keys)
+        start.wait()
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        sock.close()
+        return int(answer.split(b" ", 2)[1])
 
     with ThreadPoolExecutor(size) as pool:
-        return list(pool.map(one, range(size)))
+        return list(pool.map(one, connections))
 
 
 @pytest.mark.parametrize(
