@@ -107,7 +107,7 @@ def test_proxyless_grpc_balances_follows_routes_and_sees_endpoint_changes(
     register(pilot, servers["c"], "v2")
 
     # no rules: every endpoint, round robin (once every connection is up)
-    counts = client(pilot, "--calls", "60")
+    counts = client(pilot, "--calls", "60", "--warmup", "30")
     assert set(counts) == {"a", "b", "c"}, counts
     assert all(15 <= n <= 25 for n in counts.values()), counts
 

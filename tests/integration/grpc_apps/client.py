@@ -1,8 +1,9 @@
 """A proxyless gRPC client: dials ``xds:///TARGET`` with pilot as its xDS server (the
 bootstrap comes in GRPC_XDS_BOOTSTRAP_CONFIG) and prints what answered, as JSON.
 
-``--calls N``: make N calls, print ``{"name": count}``. ``--until NAME``: call until NAME
-answers (or ``--timeout``), print ``{"seconds": ...}`` or exit 1.
+``--calls N``: make N calls (after ``--warmup`` uncounted ones), print ``{"name": count}``.
+``--until NAME``: call until NAME answers (or ``--timeout``), print ``{"seconds": ...}`` or
+exit 1.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("target")
     parser.add_argument("--calls", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=0, help="calls made first, not counted")
     parser.add_argument("--until", default="")
     parser.add_argument("--timeout", type=float, default=20.0)
     parser.add_argument("--header", action="append", default=[])
@@ -28,6 +30,8 @@ def main() -> int:
     with grpc.insecure_channel(f"xds:///{args.target}") as channel:
         who = channel.unary_unary("/shoal.test.Echo/Who")
         if args.calls:
+            for _ in range(args.warmup):  # until every connection is up, round robin is uneven
+                who(b"", metadata=metadata, timeout=20)
             seen: Counter[str] = Counter()
             for _ in range(args.calls):
                 try:
