@@ -28,8 +28,9 @@ from google.rpc import status_pb2
 
 from shoal.pilot.api.model import RuleSet
 from shoal.pilot.model import Instance, RegistrySnapshot, Service, ServicePort
-from shoal.pilot.translate import CLUSTER, ENDPOINT, LISTENER, ROUTE, NodeInfo, Translator
+from shoal.pilot.translate import NodeInfo, Translator
 from shoal.pilot.xds import AggregatedDiscovery, Mesh, add_to_server
+from shoal.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 BARRIER = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 MESSAGES: dict[str, Any] = {

@@ -25,7 +25,7 @@ from tests.conftest import Echo, Proxy, free_port
 from tests.integration.mesh_helpers import eventually
 
 from shoal.pilot.bootstrap import sidecar_bootstrap
-from shoal.pilot.translate import CLUSTER, ENDPOINT, LISTENER
+from shoal.xds import CLUSTER, ENDPOINT, LISTENER
 
 pytestmark = pytest.mark.slow
 

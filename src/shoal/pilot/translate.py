@@ -61,12 +61,8 @@ from shoal.pilot.api.model import (
     VirtualService,
 )
 from shoal.pilot.model import Instance, RegistrySnapshot, Service, ServicePort
+from shoal.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
-LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-TYPE_URLS = (CLUSTER, ENDPOINT, LISTENER, ROUTE)  # the order Envoy wants updates in
 # The extensions the translation packs into Any fields (ParseDict looks them up by name).
 EXTENSIONS = (
     adaptive_concurrency_pb2,

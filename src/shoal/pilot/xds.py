@@ -28,15 +28,11 @@ from google.protobuf import json_format
 
 from shoal.errors import ConfigError
 from shoal.pilot.translate import (
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
-    ROUTE,
-    TYPE_URLS,
     MeshSnapshot,
     NodeInfo,
     Resource,
 )
+from shoal.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_URLS
 
 log = logging.getLogger("shoal.pilot.xds")
 

@@ -43,13 +43,10 @@ from shoal.config.envoy import (
 )
 from shoal.config.model import AdsSource, Cluster, DiscoveryType, Endpoint, Listener, Node
 from shoal.errors import ConfigError
+from shoal.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 log = logging.getLogger("shoal.xds")
 
-LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 _PROTOS: dict[str, type[Any]] = {
     LISTENER: listener_pb2.Listener,
     ROUTE: route_pb2.RouteConfiguration,
