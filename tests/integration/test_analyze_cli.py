@@ -55,6 +55,19 @@ def test_a_clean_directory_exits_0(tmp_path: Path) -> None:
     assert result.stdout == "✔ No validation issues found when analyzing rules (2 resources)\n"
 
 
+def test_shoal_kinds_count_as_resources(tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "reviews.yaml").write_text(REVIEWS)
+    (tmp_path / "rules" / "breaker.yaml").write_text(
+        "apiVersion: shoal.io/v1\nkind: CircuitBreakerPolicy\nmetadata: {name: b}\n"
+        "spec: {host: reviews, errorRatio: 0.5}\n"
+    )
+
+    result = analyze(tmp_path, "rules")
+
+    assert result.stdout == "✔ No validation issues found when analyzing rules (3 resources)\n"
+
+
 def test_errors_are_listed_one_per_line_and_exit_1(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()

@@ -19,12 +19,7 @@ def _analyze(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"Error: {exc}")
         return 1
-    valid = (
-        len(rules.virtual_services)
-        + len(rules.destination_rules)
-        + len(rules.service_entries)
-        + len(rules.workload_entries)
-    )
+    valid = len(rules.resources())
     for error in rules.errors:
         print(f"Error: {error}")
     if rules.errors:

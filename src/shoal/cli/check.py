@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
 from typing import Any
 
-DEFAULT_PILOT = "http://127.0.0.1:15014"
-
-
-def pilot_url(given: str | None) -> str:
-    """``--pilot``, else ``SHOAL_PILOT``, else pilot's default address."""
-    return (given or os.environ.get("SHOAL_PILOT") or DEFAULT_PILOT).rstrip("/")
+from shoal.cli.registry import DEFAULT_PILOT, pilot_url
 
 
 def _fetch(url: str) -> tuple[int, str]:
@@ -31,7 +25,8 @@ def checks(pilot: str) -> list[dict[str, Any]]:
     """Each check: ``name``, ``ok`` and, when it failed, ``problem`` and ``fix``."""
     try:
         status, _ = _fetch(f"{pilot}/ready")
-    except (urllib.error.URLError, OSError) as exc:
+        mesh = json.loads(_fetch(f"{pilot}/debug/mesh")[1]) if status == 200 else {}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         return [
             {
                 "name": "pilot is reachable",
@@ -47,7 +42,8 @@ def checks(pilot: str) -> list[dict[str, Any]]:
             **({} if status == 200 else {"problem": f"/ready answered {status}", "fix": "wait"}),
         }
     ]
-    mesh = json.loads(_fetch(f"{pilot}/debug/mesh")[1])
+    if status != 200:
+        return results
     errors = mesh.get("rule_errors", [])
     results.append(
         {

@@ -60,22 +60,30 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
     from shoal.pilot.bootstrap import sidecar_bootstrap  # noqa: PLC0415
 
-    host, _, port = args.pilot.rpartition(":")
-    admin_host, _, admin_port = args.admin_address.rpartition(":")
     labels = dict(item.split("=", 1) for item in args.label)
     config = sidecar_bootstrap(
         args.node_id or args.service or "sidecar",
-        pilot=(host, int(port)),
+        pilot=args.pilot,
         service=args.service,
         labels=labels,
         app_address=args.app_address,
         inbound_address=args.inbound_address,
         outbound_address=args.outbound_address,
-        admin=(admin_host, int(admin_port)) if args.admin_address else None,
+        admin=args.admin_address or None,
         delta=args.delta,
     )
     sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
     return 0
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    """A HOST:PORT argument; "" means none."""
+    from shoal.net import split_address  # noqa: PLC0415 (per-command import)
+
+    try:
+        return split_address(text) if text else None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _label(text: str) -> str:
@@ -122,9 +130,14 @@ def _add_pilot(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bootstrap.add_argument("--inbound-address", default="127.0.0.1:15006")
     bootstrap.add_argument("--outbound-address", default="127.0.0.1:15001")
     bootstrap.add_argument(
-        "--admin-address", default="127.0.0.1:15000", help="admin HOST:PORT ('' for none)"
+        "--admin-address",
+        default=("127.0.0.1", 15000),
+        type=_host_port,
+        help="admin HOST:PORT ('' for none)",
     )
-    bootstrap.add_argument("--pilot", default="127.0.0.1:15010", help="pilot's xDS HOST:PORT")
+    bootstrap.add_argument(
+        "--pilot", default=("127.0.0.1", 15010), type=_host_port, help="pilot's xDS HOST:PORT"
+    )
     bootstrap.add_argument("--delta", action="store_true", help="use delta xDS (DELTA_GRPC)")
     bootstrap.set_defaults(func=_bootstrap)
 

@@ -24,12 +24,12 @@ class _PilotError(Exception):
 
 def _endpoint(value: str) -> tuple[str, int]:
     """``ADDRESS:PORT`` (``[v6]:PORT`` for IPv6) → (address, port)."""
-    address, sep, port = value.rpartition(":")
-    if address.startswith("[") and address.endswith("]"):
-        address = address[1:-1]
-    if not sep or not address or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected ADDRESS:PORT, not {value!r}")
-    return address, int(port)
+    from shoal.net import split_address  # noqa: PLC0415 (per-command import)
+
+    try:
+        return split_address(value, lowest_port=1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ADDRESS:PORT, not {value!r}") from None
 
 
 def _label(value: str) -> tuple[str, str]:
@@ -39,13 +39,20 @@ def _label(value: str) -> tuple[str, str]:
     return key, item
 
 
+def pilot_url(given: str | None) -> str:
+    """``--pilot``, else ``$SHOAL_PILOT``, else pilot's default; ``http://`` when no scheme
+    is given. Every command that talks to pilot finds it this way."""
+    url = (given or os.environ.get("SHOAL_PILOT") or DEFAULT_PILOT).rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
 def _call(pilot: str, method: str, path: str, body: object = None) -> Any:
     """One REST call; the decoded JSON answer, or :class:`_PilotError` with pilot's reason."""
     import json  # noqa: PLC0415 (per-command import)
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
-    base = pilot if "://" in pilot else f"http://{pilot}"
+    base = pilot_url(pilot)
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
     if data is not None:
@@ -180,7 +187,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     def pilot_option(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--pilot",
-            default=os.environ.get("SHOAL_PILOT", DEFAULT_PILOT),
+            default=None,
             metavar="URL",
             help=f"pilot's HTTP address (default $SHOAL_PILOT, else {DEFAULT_PILOT})",
         )

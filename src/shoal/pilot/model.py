@@ -18,6 +18,11 @@ Resolution = Literal["STATIC", "DNS"]
 Labels = tuple[tuple[str, str], ...]
 
 
+def envoy_duration(seconds: float) -> str:
+    """Seconds in protobuf's JSON form for a Duration (``"1.5s"``), as xDS carries them."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
 def labels_of(mapping: Mapping[str, str]) -> Labels:
     """The canonical (sorted, hashable) form of a label map."""
     return tuple(sorted((str(k), str(v)) for k, v in mapping.items()))
@@ -85,6 +90,9 @@ class Registry(abc.ABC):
 
     @abc.abstractmethod
     def snapshot(self) -> RegistrySnapshot: ...
+
+    def close(self) -> None:  # noqa: B027 (most registries hold nothing beyond run())
+        """Release what the registry holds once ``run`` has ended (a file, say)."""
 
 
 @dataclass(slots=True)

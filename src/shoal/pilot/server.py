@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import grpc
 import uvloop
 
 from shoal.errors import ShoalError
+from shoal.net import split_address
 from shoal.pilot.api.model import (
     BackupRequestPolicy,
     CircuitBreakerPolicy,
@@ -34,7 +34,7 @@ from shoal.pilot.api.model import (
 )
 from shoal.pilot.api.parse import resource_id
 from shoal.pilot.api.store import ConfigDir, source_file
-from shoal.pilot.http import Reply, Routes, json_reply, serve_http
+from shoal.pilot.http import Handler, Reply, Routes, json_reply, serve_http
 from shoal.pilot.model import MergedRegistries, Registry
 from shoal.pilot.registry.embedded import EmbeddedRegistry
 from shoal.pilot.registry.files import FilesRegistry
@@ -62,13 +62,6 @@ class Settings:
     max_delay: float = 1.0
     watch_interval: float = 0.5
     grace: float = 1.0
-
-
-def split_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise StartError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 def _keep_last_valid(running: RuleSet, loaded: RuleSet) -> RuleSet:
@@ -219,18 +212,21 @@ class Pilot:
                 },
             )
 
-        routes: dict[tuple[str, str], Callable[..., object]] = {
+        routes: dict[tuple[str, str], Handler] = {
             ("GET", "/ready"): ready,
             ("GET", "/debug/mesh"): debug,
         }
         embedded = next((r for r in self.registries if isinstance(r, EmbeddedRegistry)), None)
         if embedded is not None:
             routes.update(registry_routes(embedded, self.merged.snapshot))
-        return routes  # type: ignore[return-value]
+        return routes
 
     async def serve(self, stop: asyncio.Event) -> None:
-        xds_host, xds_port = split_address(self.settings.xds_address)
-        http_host, http_port = split_address(self.settings.http_address)
+        try:
+            xds_host, xds_port = split_address(self.settings.xds_address)
+            http_host, http_port = split_address(self.settings.http_address)
+        except ValueError as exc:
+            raise StartError(str(exc)) from None
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
@@ -283,12 +279,14 @@ class Pilot:
             http.close()
             await server.stop(self.settings.grace)
             for registry in self.registries:
-                if isinstance(registry, EmbeddedRegistry):
-                    registry.close()
+                registry.close()
 
 
 async def _main(settings: Settings) -> int:
-    registries = [registry_from_spec(spec) for spec in settings.registries]
+    try:
+        registries = [registry_from_spec(spec) for spec in settings.registries]
+    except ValueError as exc:
+        raise StartError(f"--registry: {exc}") from None
     pilot = Pilot(settings, registries)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

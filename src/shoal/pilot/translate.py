@@ -60,7 +60,7 @@ from shoal.pilot.api.model import (
     TrafficPolicy,
     VirtualService,
 )
-from shoal.pilot.model import Instance, RegistrySnapshot, Service, ServicePort
+from shoal.pilot.model import Instance, RegistrySnapshot, Service, ServicePort, envoy_duration
 from shoal.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 # The extensions the translation packs into Any fields (ParseDict looks them up by name).
@@ -345,7 +345,7 @@ def _local_rate_limit(local: LocalRateLimit, status: int) -> dict[str, Any]:
             "token_bucket": {
                 "max_tokens": local.max_tokens,
                 "tokens_per_fill": local.tokens_per_fill,
-                "fill_interval": _duration(local.fill_interval),
+                "fill_interval": envoy_duration(local.fill_interval),
             },
             "filter_enabled": everyone,
             "filter_enforced": everyone,
@@ -363,7 +363,7 @@ def _global_rate_limit(limit: GlobalRateLimit, status: int) -> dict[str, Any]:
         "typed_config": {
             "@type": RATELIMIT,
             "domain": limit.domain,
-            "timeout": _duration(limit.timeout),
+            "timeout": envoy_duration(limit.timeout),
             "failure_mode_deny": limit.failure_mode_deny,
             "rate_limited_status": {"code": status},
             "rate_limit_service": {
@@ -666,10 +666,10 @@ def _apply_connection_pool(data: dict[str, Any], pool: ConnectionPool) -> None:
     if thresholds:
         data["circuit_breakers"] = {"thresholds": [thresholds]}
     if pool.connect_timeout is not None:
-        data["connect_timeout"] = _duration(pool.connect_timeout)
+        data["connect_timeout"] = envoy_duration(pool.connect_timeout)
     common: dict[str, Any] = {}
     if pool.idle_timeout is not None:
-        common["idle_timeout"] = _duration(pool.idle_timeout)
+        common["idle_timeout"] = envoy_duration(pool.idle_timeout)
     if pool.max_requests_per_connection is not None:
         common["max_requests_per_connection"] = pool.max_requests_per_connection
     if common:
@@ -688,9 +688,9 @@ def _outlier_detection(outlier: OutlierDetection) -> dict[str, Any]:
         data["consecutive_gateway_failure"] = outlier.consecutive_gateway_errors
         data["enforcing_consecutive_gateway_failure"] = 100
     if outlier.interval is not None:
-        data["interval"] = _duration(outlier.interval)
+        data["interval"] = envoy_duration(outlier.interval)
     if outlier.base_ejection_time is not None:
-        data["base_ejection_time"] = _duration(outlier.base_ejection_time)
+        data["base_ejection_time"] = envoy_duration(outlier.base_ejection_time)
     if outlier.max_ejection_percent is not None:
         data["max_ejection_percent"] = outlier.max_ejection_percent
     return data
@@ -823,7 +823,7 @@ def _route_action(
                 "clusters": [{"name": name, "weight": weight} for name, weight in names]
             }
         }
-    action["timeout"] = _duration(http.timeout) if http and http.timeout is not None else "0s"
+    action["timeout"] = envoy_duration(http.timeout) if http and http.timeout is not None else "0s"
     if hash_policy:
         action["hash_policy"] = hash_policy
     if http is not None and http.rewrite is not None:
@@ -861,7 +861,7 @@ def _retry_policy(retries: HTTPRetry) -> dict[str, Any]:
     if "retriable-status-codes" in policy["retry_on"]:
         policy["retriable_status_codes"] = [503]
     if retries.per_try_timeout is not None:
-        policy["per_try_timeout"] = _duration(retries.per_try_timeout)
+        policy["per_try_timeout"] = envoy_duration(retries.per_try_timeout)
     return policy
 
 
@@ -876,7 +876,7 @@ def _hash_policy(rule: DestinationRule | None, subset: str) -> list[dict[str, An
     if chash.http_cookie:
         cookie: dict[str, Any] = {"name": chash.http_cookie}
         if chash.http_cookie_ttl is not None:
-            cookie["ttl"] = _duration(chash.http_cookie_ttl)
+            cookie["ttl"] = envoy_duration(chash.http_cookie_ttl)
         return [{"cookie": cookie}]
     if chash.use_source_ip:
         return [{"connection_properties": {"source_ip": True}}]
@@ -948,7 +948,7 @@ def _fault(fault: HTTPFaultInjection) -> dict[str, Any]:
     data: dict[str, Any] = {"@type": FAULT}
     if fault.delay is not None:
         data["delay"] = {
-            "fixed_delay": _duration(fault.delay.fixed_delay),
+            "fixed_delay": envoy_duration(fault.delay.fixed_delay),
             "percentage": _fraction(fault.delay.percentage),
         }
     if fault.abort is not None:
@@ -957,7 +957,3 @@ def _fault(fault: HTTPFaultInjection) -> dict[str, Any]:
             "percentage": _fraction(fault.abort.percentage),
         }
     return data
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"

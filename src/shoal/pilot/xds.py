@@ -27,6 +27,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 
 from shoal.errors import ConfigError
+from shoal.net import split_address
+from shoal.pilot.model import labels_of
 from shoal.pilot.translate import (
     MeshSnapshot,
     NodeInfo,
@@ -40,11 +42,10 @@ FULL_STATE = frozenset({LISTENER, CLUSTER})  # SotW responses list every resourc
 
 
 def _address(value: object, field_name: str) -> tuple[str, int]:
-    text = str(value)
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"expected HOST:PORT, got {text!r}", field=f"node.metadata.{field_name}")
-    return host.strip("[]"), int(port)
+    try:
+        return split_address(str(value), lowest_port=1)
+    except ValueError as exc:
+        raise ConfigError(str(exc), field=f"node.metadata.{field_name}") from None
 
 
 def node_info(node: Any) -> NodeInfo:
@@ -69,7 +70,7 @@ def node_info(node: Any) -> NodeInfo:
         id=str(node.id),
         service=service,
         service_port=service_port,
-        labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+        labels=labels_of(labels),
         **info,
     )
 
@@ -120,7 +121,7 @@ class Mesh:
         known (too old, or a change that touches every named resource of the type)."""
         changed: set[str] = set()
         for step in range(version + 1, self.version + 1):
-            names = self.changes.get(step, {}).get(type_url) if step in self.changes else None
+            names = self.changes[step].get(type_url) if step in self.changes else None
             if names is None:
                 return None
             changed |= names

@@ -24,6 +24,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from shoal.codec.http1 import END, RequestDecoder, RequestHead, status_line
 from shoal.errors import ConfigError, RemoteProtocolError
+from shoal.net import split_address
 from shoal.ratelimit.config import describe, load_config
 from shoal.ratelimit.limiter import RateLimiter, RequestError
 from shoal.ratelimit.stats import ServiceStats
@@ -201,16 +202,6 @@ class _HttpConnection(asyncio.Protocol):
 # --- the process ------------------------------------------------------------------------------
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` → (host, port); ``ValueError`` otherwise."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, not {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "0.0.0.0", int(port)
-
-
 def run_ratelimit(settings: Settings) -> int:
     """Entry point of ``shoal ratelimit``; returns the exit code (0 after SIGTERM, 2 for
     an invalid config or arguments, 1 when it cannot start)."""
@@ -220,8 +211,8 @@ def run_ratelimit(settings: Settings) -> int:
         print(f"shoal ratelimit: invalid config: {exc}", file=sys.stderr)
         return 2
     try:
-        split_address(settings.grpc_address)
-        split_address(settings.http_address)
+        split_address(settings.grpc_address, require_host=False)
+        split_address(settings.http_address, require_host=False)
     except ValueError as exc:
         print(f"shoal ratelimit: {exc}", file=sys.stderr)
         return 2
@@ -264,7 +255,8 @@ async def _serve(settings: Settings, limiter: RateLimiter, stats: ServiceStats) 
     if not grpc_port:
         await store.close()
         raise StartError(f"cannot listen on {settings.grpc_address} (gRPC)")
-    host, port = split_address(settings.http_address)
+    host, port = split_address(settings.http_address, require_host=False)
+    host = host or "0.0.0.0"
     try:
         http = await loop.create_server(lambda: _HttpConnection(state), host, port)
     except OSError as exc:

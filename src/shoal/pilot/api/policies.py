@@ -46,6 +46,7 @@ from shoal.pilot.api.parse import (
     _required,
     _string,
 )
+from shoal.pilot.model import envoy_duration
 
 KINDS: Final = ("CircuitBreakerPolicy", "RateLimitPolicy", "BackupRequestPolicy")
 _UINT32 = 2**32 - 1
@@ -275,4 +276,4 @@ def _percent(value: object, at: _At) -> dict[str, float]:
 
 def _envoy_duration(value: object, at: _At) -> str:
     """A Go-style duration in protobuf JSON form (whole milliseconds, see ``_duration``)."""
-    return f"{_duration(value, at):.3f}s"
+    return envoy_duration(_duration(value, at))

@@ -28,6 +28,7 @@ from typing import Any, cast, get_args
 
 import aetcd
 
+from shoal.net import split_address
 from shoal.pilot.model import (
     AppProtocol,
     Instance,
@@ -79,9 +80,7 @@ class EtcdRegistry(Registry):
 
     def __init__(self, endpoint: str = "127.0.0.1:2379", prefix: str = "/shoal") -> None:
         self.name = f"etcd://{endpoint}{prefix}"
-        host, _, port = endpoint.rpartition(":")
-        self._host = host
-        self._port = int(port)
+        self._host, self._port = split_address(endpoint)
         self._prefix = prefix.rstrip("/") + "/"
         self._services: dict[str, Service] = {}  # by key
         self._instances: dict[str, InstanceSpec] = {}  # by key
