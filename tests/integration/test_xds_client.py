@@ -19,6 +19,10 @@ import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
 from tests.conftest import Echo, Proxy, free_port
@@ -34,6 +38,8 @@ HCM = (
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+# ParseDict finds the typed_config messages by name: their modules must be loaded.
+TYPED_CONFIGS = (http_connection_manager_pb2, router_pb2)
 
 
 class ScriptedServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]

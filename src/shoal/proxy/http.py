@@ -1344,16 +1344,6 @@ class Exchange:
         self.conn = None  # the racer keeps the host's active request
         self._attempt(other)
 
-    def _backup_won(self) -> None:
-        backup = self.compiled.backup if self.compiled is not None else None
-        if backup is not None:
-            backup.counters["won"] += 1
-
-    def _backup_latency(self, seconds: float) -> None:
-        backup = self.compiled.backup if self.compiled is not None else None
-        if backup is not None:
-            backup.record(seconds)
-
     def _arm_stream_timers(self, action: RouteAction) -> None:
         """Stream-level limits (Envoy's stream idle timeout, max stream duration, request
         timeout) share the connection's lazy deadline timer with the route timeout."""
@@ -1463,9 +1453,11 @@ class Exchange:
             self._end_attempt()
             return
         self._release_retry()
+        compiled = self.compiled
         if self._racer is not None:  # this try answered first: the earlier one is dropped
-            if self._racer.backup:
-                self._backup_won()
+            if self._racer.backup:  # a backup was sent: the route has a backup policy
+                assert compiled is not None and compiled.backup is not None
+                compiled.backup.counters["won"] += 1
             self._racer.abandon()
             self._racer = None
         self.status = status
@@ -1481,7 +1473,8 @@ class Exchange:
         elapsed = now - self.attempt_start
         if self._backup_from and status < 500:
             # errors are left out: often fast, they would shorten the delay in bad times
-            self._backup_latency(now - self._backup_from)
+            assert compiled is not None and compiled.backup is not None
+            compiled.backup.record(now - self._backup_from)
         self.upstream_ms = upstream_ms = int(elapsed * 1000)
         self.cluster.stats.upstream_rq_time.record(elapsed * 1000.0)
         plan = self.response_plan

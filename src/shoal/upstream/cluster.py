@@ -182,7 +182,7 @@ class ClusterRuntime:
         if config.health_checks:
             self.health = HealthChecker(config.health_checks[0], self, config.name)
         if config.type is DiscoveryType.STATIC:
-            self.set_hosts([_host(ep, ep.address) for ep in config.endpoints])
+            self.set_endpoints(config.endpoints)
 
     def set_endpoints(self, endpoints: tuple[Endpoint, ...]) -> None:
         """An EDS update: the cluster's endpoints as the management server lists them."""

@@ -98,7 +98,6 @@ class AdsClient:
         self.node = node_proto(node)
         self.sink = sink
         self.initialized = asyncio.Event()
-        self.connected = False
         self.subscriptions: dict[str, Subscription] = {}
         if source.clusters:
             self.subscriptions[CLUSTER] = Subscription(CLUSTER, wildcard=True)
@@ -116,7 +115,6 @@ class AdsClient:
         self._warm_timer: asyncio.TimerHandle | None = None
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
         self._received = {CLUSTER: not source.clusters, LISTENER: not source.listeners}
-        self.stats = {"update_success": 0, "update_rejected": 0, "connected_state": 0}
         self.accepted: dict[
             str, dict[str, tuple[str, Any]]
         ] = {}  # type -> name -> (version, proto)
@@ -134,9 +132,6 @@ class AdsClient:
                 except grpc.RpcError as exc:
                     log.warning("xDS stream to %s:%d ended: %s", *address, _rpc_reason(exc))
                     failures += 1
-                finally:
-                    self.connected = False
-                    self.stats["connected_state"] = 0
             delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** min(failures, 8))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
@@ -164,8 +159,7 @@ class AdsClient:
             async for response in call:
                 if not answered:
                     log.info("xDS stream to %s established", target)
-                    answered = self.connected = True
-                    self.stats["connected_state"] = 1
+                    answered = True
                 await self._handle(response)
         return answered
 
@@ -244,11 +238,9 @@ class AdsClient:
         try:
             await self._accept(type_url, updates, removed, full=not self.source.delta)
         except ConfigError as exc:
-            self.stats["update_rejected"] += 1
             log.error("xDS update rejected (NACK), keeping the running config: %s", exc)
             self._send(self._request(subscription, error=str(exc)))
             return
-        self.stats["update_success"] += 1
         self._record(type_url, updates, removed, version)
         if self.source.delta:
             for name, (resource_version, _message) in updates.items():
