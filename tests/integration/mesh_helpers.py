@@ -160,3 +160,36 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0, interval: float
         if time.monotonic() - start > timeout:
             raise TimeoutError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+# --- Istio rules as tests write them -------------------------------------------------------------
+
+
+def destination_rule(host: str, label: str, *subsets: str) -> dict[str, Any]:
+    """A DestinationRule whose subsets are named after the ``label`` value they select."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": host},
+        "spec": {
+            "host": host,
+            "subsets": [{"name": name, "labels": {label: name}} for name in subsets],
+        },
+    }
+
+
+def virtual_service(host: str, *http: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": host},
+        "spec": {"hosts": [host], "http": list(http)},
+    }
+
+
+def to(host: str, subset: str, weight: int | None = None) -> dict[str, Any]:
+    """One route destination: ``host``'s ``subset``, with a weight if given."""
+    destination: dict[str, Any] = {"destination": {"host": host, "subset": subset}}
+    if weight is not None:
+        destination["weight"] = weight
+    return destination

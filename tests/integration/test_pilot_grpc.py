@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 from tests.conftest import free_port, stop_process, wait_for_port
-from tests.integration.mesh_helpers import PilotProcess, eventually
+from tests.integration.mesh_helpers import (
+    PilotProcess,
+    destination_rule,
+    eventually,
+    to,
+    virtual_service,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -69,36 +75,6 @@ def register(pilot: PilotProcess, server: GrpcServer, version: str) -> str:
     )
 
 
-def rules(*http: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "DestinationRule",
-            "metadata": {"name": "greeter"},
-            "spec": {
-                "host": "greeter",
-                "subsets": [
-                    {"name": "v1", "labels": {"version": "v1"}},
-                    {"name": "v2", "labels": {"version": "v2"}},
-                ],
-            },
-        },
-        {
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "VirtualService",
-            "metadata": {"name": "greeter"},
-            "spec": {"hosts": ["greeter"], "http": list(http)},
-        },
-    ]
-
-
-def to(subset: str, weight: int | None = None) -> dict[str, Any]:
-    destination: dict[str, Any] = {"destination": {"host": "greeter", "subset": subset}}
-    if weight is not None:
-        destination["weight"] = weight
-    return destination
-
-
 def test_proxyless_grpc_balances_follows_routes_and_sees_endpoint_changes(
     pilot: PilotProcess, servers: dict[str, GrpcServer]
 ) -> None:
@@ -114,9 +90,14 @@ def test_proxyless_grpc_balances_follows_routes_and_sees_endpoint_changes(
     # weighted 75/25 between the subsets, and a header route to v2
     pilot.write_rules(
         "greeter.yaml",
-        *rules(
-            {"match": [{"headers": {"x-user": {"exact": "jason"}}}], "route": [to("v2")]},
-            {"route": [to("v1", 75), to("v2", 25)]},
+        destination_rule("greeter", "version", "v1", "v2"),
+        virtual_service(
+            "greeter",
+            {
+                "match": [{"headers": {"x-user": {"exact": "jason"}}}],
+                "route": [to("greeter", "v2")],
+            },
+            {"route": [to("greeter", "v1", 75), to("greeter", "v2", 25)]},
         ),
     )
     eventually(lambda: client(pilot, "--calls", "10", "--header", "x-user=jason") == {"c": 10})

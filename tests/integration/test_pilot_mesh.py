@@ -12,46 +12,18 @@ import pytest
 from tests.conftest import Echo, EnvoyProxy, Proxy
 from tests.integration.mesh_helpers import (
     PilotProcess,
+    destination_rule,
     eventually,
     outbound_port,
     served_by,
     sidecar_config,
+    to,
+    virtual_service,
 )
 
 pytestmark = pytest.mark.slow
 
 REVIEWS = "reviews:9080"
-
-
-def destination_rule() -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": "reviews"},
-        "spec": {
-            "host": "reviews",
-            "subsets": [
-                {"name": "v1", "labels": {"version": "v1"}},
-                {"name": "v2", "labels": {"version": "v2"}},
-            ],
-        },
-    }
-
-
-def virtual_service(*http: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": "reviews"},
-        "spec": {"hosts": ["reviews"], "http": list(http)},
-    }
-
-
-def to(subset: str, weight: int | None = None) -> dict[str, Any]:
-    destination: dict[str, Any] = {"destination": {"host": "reviews", "subset": subset}}
-    if weight is not None:
-        destination["weight"] = weight
-    return destination
 
 
 @pytest.fixture
@@ -72,7 +44,7 @@ def test_registry_and_rules_changes_reach_a_running_sidecar(
 ) -> None:
     for name in ("v1", "v2"):
         pilot.register("reviews", versions[name].port, {"version": name}, service_port=9080)
-    pilot.write_rules("reviews-dr.yaml", destination_rule())
+    pilot.write_rules("reviews-dr.yaml", destination_rule("reviews", "version", "v1", "v2"))
     config = sidecar_config(pilot, "productpage-1", delta=delta)
     make_proxy(config, kind=kind)
     port = outbound_port(config)
@@ -83,7 +55,10 @@ def test_registry_and_rules_changes_reach_a_running_sidecar(
     assert set(served_by(port, "reviews", 4)) == {"v1", "v2"}
 
     # canary: 90/10 over 2,000 requests, within ±5%
-    pilot.write_rules("reviews-vs.yaml", virtual_service({"route": [to("v1", 90), to("v2", 10)]}))
+    pilot.write_rules(
+        "reviews-vs.yaml",
+        virtual_service("reviews", {"route": [to("reviews", "v1", 90), to("reviews", "v2", 10)]}),
+    )
     eventually(lambda: set(served_by(port, REVIEWS, 20)) <= {"v1", "v2"} and pilot.debug())
     eventually(lambda: served_by(port, REVIEWS, 200)["v1"] >= 160)
     counts = served_by(port, REVIEWS, 2000)
@@ -94,8 +69,12 @@ def test_registry_and_rules_changes_reach_a_running_sidecar(
     pilot.write_rules(
         "reviews-vs.yaml",
         virtual_service(
-            {"match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": [to("v2")]},
-            {"route": [to("v1")]},
+            "reviews",
+            {
+                "match": [{"headers": {"end-user": {"exact": "jason"}}}],
+                "route": [to("reviews", "v2")],
+            },
+            {"route": [to("reviews", "v1")]},
         ),
     )
     eventually(lambda: served_by(port, REVIEWS, 10, headers={"end-user": "jason"}) == {"v2": 10})

@@ -11,59 +11,27 @@ import pytest
 from tests.conftest import Echo
 from tests.integration.mesh_helpers import (
     PilotProcess,
+    destination_rule,
     eventually,
     outbound_port,
     served_by,
     sidecar_config,
+    to,
+    virtual_service,
 )
 
 pytestmark = pytest.mark.slow
 
 
 def route_all_to(subset: str, weight_total: int = 100) -> list[dict[str, Any]]:
-    rule = {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": "shop"},
-        "spec": {
-            "host": "shop",
-            "subsets": [
-                {"name": "blue", "labels": {"color": "blue"}},
-                {"name": "green", "labels": {"color": "green"}},
-            ],
-        },
-    }
     other = "green" if subset == "blue" else "blue"
-    service = {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": "shop"},
-        "spec": {
-            "hosts": ["shop"],
-            "http": [
-                {
-                    "route": [
-                        {"destination": {"host": "shop", "subset": subset}, "weight": weight_total},
-                        {"destination": {"host": "shop", "subset": other}, "weight": 0},
-                    ]
-                }
-            ],
-        },
-    }
-    return [rule, service]
+    route = {"route": [to("shop", subset, weight_total), to("shop", other, 0)]}
+    return [destination_rule("shop", "color", "blue", "green"), virtual_service("shop", route)]
 
 
 def abort_all(host: str, status: int) -> dict[str, Any]:
     fault = {"abort": {"httpStatus": status, "percentage": {"value": 100}}}
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": host},
-        "spec": {
-            "hosts": [host],
-            "http": [{"fault": fault, "route": [{"destination": {"host": host}}]}],
-        },
-    }
+    return virtual_service(host, {"fault": fault, "route": [{"destination": {"host": host}}]})
 
 
 @pytest.fixture
