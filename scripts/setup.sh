@@ -33,6 +33,18 @@ if ! [ -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: .venv ready"
 fi
 
+# Real Dubbo and SOFA Bolt peers (Node.js) for the RPC tests, pinned by the lockfile.
+peers=tests/rpc_peers
+if command -v npm >/dev/null; then
+    if ! cmp -s "$peers/package-lock.json" "$peers/node_modules/.shoal-lock" 2>/dev/null; then
+        (cd "$peers" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+        cp "$peers/package-lock.json" "$peers/node_modules/.shoal-lock"
+        echo "setup: RPC peers installed"
+    fi
+else
+    echo "setup: npm not found; the RPC interop tests will fail (install nodejs)" >&2
+fi
+
 # The hot-path modules compiled with mypyc (a no-op when they are up to date). Without a
 # C compiler Shoal still runs, interpreted and slower.
 if ! .venv/bin/python scripts/compile.py > .venv/compile.log 2>&1; then

@@ -51,8 +51,39 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         # listeners
         "envoy.config.listener.v3.Listener": (
             "name address stat_prefix filter_chains per_connection_buffer_limit_bytes"
+            " listener_filters"
         ),
-        "envoy.config.listener.v3.FilterChain": "name filters",
+        "envoy.config.listener.v3.ListenerFilter": "name typed_config",
+        "envoy.config.listener.v3.FilterChain": "name filters filter_chain_match",
+        "envoy.config.listener.v3.FilterChainMatch": "application_protocols",
+        "xds.type.v3.TypedStruct": "type_url value",
+        # generic proxy (RPC protocols)
+        "envoy.extensions.filters.network.generic_proxy.v3.GenericProxy": (
+            "stat_prefix codec_config route_config filters access_log"
+        ),
+        "envoy.config.core.v3.TypedExtensionConfig": "name typed_config",
+        "envoy.extensions.filters.network.generic_proxy.v3.RouteConfiguration": (
+            "name routes virtual_hosts"
+        ),
+        "envoy.extensions.filters.network.generic_proxy.v3.VirtualHost": "name hosts routes",
+        "xds.type.matcher.v3.Matcher": "matcher_list on_no_match",
+        "xds.type.matcher.v3.Matcher.MatcherList": "matchers",
+        "xds.type.matcher.v3.Matcher.MatcherList.FieldMatcher": "predicate on_match",
+        "xds.type.matcher.v3.Matcher.MatcherList.Predicate": "single_predicate and_matcher",
+        "xds.type.matcher.v3.Matcher.MatcherList.Predicate.SinglePredicate": "input value_match",
+        "xds.type.matcher.v3.Matcher.MatcherList.Predicate.PredicateList": "predicate",
+        "xds.type.matcher.v3.Matcher.OnMatch": "action",
+        "xds.core.v3.TypedExtensionConfig": "name typed_config",
+        "xds.type.matcher.v3.StringMatcher": "exact prefix suffix safe_regex contains ignore_case",
+        "xds.type.matcher.v3.RegexMatcher": "google_re2 regex",
+        "xds.type.matcher.v3.RegexMatcher.GoogleRE2": "",
+        "envoy.extensions.filters.network.generic_proxy.matcher.v3.PropertyMatchInput": (
+            "property_name"
+        ),
+        "envoy.extensions.filters.network.generic_proxy.action.v3.RouteAction": (
+            "name cluster weighted_clusters metadata per_filter_config timeout retry_policy"
+        ),
+        "envoy.config.core.v3.RetryPolicy": "num_retries retry_on",
         "envoy.config.listener.v3.Filter": "name typed_config",
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager": (
             "codec_type stat_prefix route_config http_filters common_http_protocol_options"
@@ -270,10 +301,6 @@ _WHY_NOT: dict[tuple[str, str], str] = {
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "rds",
     ): "rds is supported in listeners from LDS only; use an inline route_config",
-    (
-        "envoy.config.listener.v3.FilterChain",
-        "filter_chain_match",
-    ): f"filter chain match {NOT_YET}",
     ("envoy.config.listener.v3.FilterChain", "transport_socket"): f"TLS {NOT_YET}",
     ("envoy.config.cluster.v3.Cluster", "transport_socket"): f"TLS {NOT_YET}",
     (

@@ -19,6 +19,14 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from envoy.extensions.filters.network.generic_proxy.action.v3 import action_pb2
+from envoy.extensions.filters.network.generic_proxy.codecs.dubbo.v3 import dubbo_pb2
+from envoy.extensions.filters.network.generic_proxy.matcher.v3 import matcher_pb2
+from envoy.extensions.filters.network.generic_proxy.router.v3 import (
+    router_pb2 as generic_router_pb2,
+)
+from envoy.extensions.filters.network.generic_proxy.v3 import generic_proxy_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -26,6 +34,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.message import DecodeError, Message
+from xds.type.v3 import typed_struct_pb2
 
 from shoal.config.model import Seconds, SocketAddress, WeightedCluster
 from shoal.errors import ConfigError
@@ -51,6 +60,17 @@ EXTENSIONS: dict[str, type[Message]] = {
         file_pb2.FileAccessLog,
         http_protocol_options_pb2.HttpProtocolOptions,
         previous_hosts_pb2.PreviousHostsPredicate,
+        http_inspector_pb2.HttpInspector,
+        typed_struct_pb2.TypedStruct,
+        generic_proxy_pb2.GenericProxy,
+        generic_router_pb2.Router,
+        action_pb2.RouteAction,
+        dubbo_pb2.DubboCodecConfig,
+        matcher_pb2.ServiceMatchInput,
+        matcher_pb2.HostMatchInput,
+        matcher_pb2.PathMatchInput,
+        matcher_pb2.MethodMatchInput,
+        matcher_pb2.PropertyMatchInput,
     )
 }
 

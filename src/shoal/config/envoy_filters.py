@@ -44,7 +44,7 @@ def filter_config(message: Message, ctx: Ctx) -> FilterConfig:
     if isinstance(message, rate_limit_pb2.RateLimit):
         return _global_rate_limit(message, ctx)
     assert isinstance(message, local_rate_limit_pb2.LocalRateLimit)
-    return _local_rate_limit(message, ctx)
+    return local_rate_limit(message, ctx)
 
 
 def per_filter_configs(owner: Message, ctx: Ctx) -> tuple[tuple[str, FilterConfig], ...]:
@@ -116,7 +116,7 @@ def _percentage(config: Message, ctx: Ctx) -> float:
     return _fraction(config.percentage, ctx.at("percentage"))
 
 
-def _local_rate_limit(limit: Message, ctx: Ctx) -> LocalRateLimit:
+def local_rate_limit(limit: Message, ctx: Ctx) -> LocalRateLimit:
     if not limit.stat_prefix:
         raise ctx.at("stat_prefix").error("stat_prefix is required")
     bucket = None

@@ -11,11 +11,14 @@ from typing import Any
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from envoy.extensions.filters.network.generic_proxy.v3 import generic_proxy_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import Message
+from xds.type.v3 import typed_struct_pb2
 
 from shoal.config.envoy_fields import (
     Ctx,
@@ -33,14 +36,22 @@ from shoal.config.envoy_fields import (
 )
 from shoal.config.envoy_filters import FILTER_TYPES, filter_config
 from shoal.config.envoy_routes import build_route_configuration
+from shoal.config.envoy_rpc import RPC_PROTOCOLS, generic_proxy
 from shoal.config.filters import HttpFilter
 from shoal.config.model import (
     AccessLog,
     HttpConnectionManager,
     Listener,
+    NetworkFilter,
+    ProtocolChain,
     TcpProxy,
     WeightedCluster,
 )
+
+INSPECTOR = "shoal.filters.listener.protocol_inspector"
+INSPECTOR_TYPE_URL = "type.shoal.io/shoal.listener.v1.ProtocolInspector"
+# what the inspector can tell from a connection's first bytes (Envoy's http_inspector names)
+DETECTED_PROTOCOLS = frozenset({"http/1.0", "http/1.1", "h2c", *RPC_PROTOCOLS})
 
 _CODEC_TYPES = {
     hcm_pb2.HttpConnectionManager.AUTO: "auto",
@@ -90,35 +101,96 @@ def _json_format(struct: Message, ctx: Ctx) -> tuple[tuple[str, str], ...]:
 
 
 def build_listener(proto: Message, ctx: Ctx) -> Listener:
+    """One filter chain, or several told apart by ``application_protocols`` that Shoal's
+    protocol inspector (a listener filter) sets from the first bytes of a connection."""
     if not proto.HasField("address"):
         raise ctx.at("address").error("address is required")
-    if len(proto.filter_chains) != 1:
-        raise ctx.at("filter_chains").error(
-            f"exactly one filter chain is supported, got {len(proto.filter_chains)}"
-        )
-    chain_ctx = ctx.at("filter_chains", 0)
-    filters = proto.filter_chains[0].filters
-    if len(filters) != 1:
-        raise chain_ctx.at("filters").error(
-            "exactly one network filter is supported (http_connection_manager or tcp_proxy)"
-        )
-    filter_ctx = chain_ctx.at("filters", 0)
-    config = typed_config(
-        filters[0], filter_ctx, hcm_pb2.HttpConnectionManager, tcp_proxy_pb2.TcpProxy
-    )
-    config_ctx = filter_ctx.at("typed_config")
+    chains = proto.filter_chains
+    if not chains:
+        raise ctx.at("filter_chains").error("at least one filter chain is required")
+    inspected = _listener_filters(proto.listener_filters, ctx.at("listener_filters"))
+    default: NetworkFilter | None = None
+    by_protocol: list[ProtocolChain] = []
+    seen: set[str] = set()
+    for index, chain in enumerate(chains):
+        chain_ctx = ctx.at("filter_chains", index)
+        network_filter = _chain_filter(chain, chain_ctx)
+        protocols = frozenset(str(p) for p in chain.filter_chain_match.application_protocols)
+        if not protocols:
+            if default is not None:
+                raise chain_ctx.error("two filter chains without application_protocols")
+            default = network_filter
+            continue
+        if not inspected:
+            raise chain_ctx.at("filter_chain_match").error(
+                "application_protocols needs a protocol inspector in listener_filters"
+                f" ({INSPECTOR} or envoy.filters.listener.http_inspector)"
+            )
+        unknown = sorted(protocols - DETECTED_PROTOCOLS)
+        if unknown:
+            known = ", ".join(sorted(DETECTED_PROTOCOLS))
+            raise chain_ctx.at("filter_chain_match", "application_protocols").error(
+                f"unknown protocol {unknown[0]!r}; the inspector detects {known}"
+            )
+        if protocols & seen:
+            raise chain_ctx.at("filter_chain_match", "application_protocols").error(
+                f"{sorted(protocols & seen)[0]!r} is matched by an earlier chain"
+            )
+        seen |= protocols
+        by_protocol.append(ProtocolChain(protocols, network_filter))
+    if default is None:
+        # no catch-all chain: the first one is used when the inspector cannot tell
+        default = by_protocol[0].filter
     return Listener(
         name=str(proto.name),
         address=socket_address(proto.address, ctx.at("address")),
-        filter=(
-            _http_connection_manager(config, config_ctx)
-            if isinstance(config, hcm_pb2.HttpConnectionManager)
-            else _tcp_proxy(config, config_ctx)
-        ),
+        filter=default,
         per_connection_buffer_limit_bytes=uint(
             proto, "per_connection_buffer_limit_bytes", 1024 * 1024, ctx
         ),
+        protocol_chains=tuple(by_protocol),
     )
+
+
+def _listener_filters(filters: Any, ctx: Ctx) -> bool:
+    """Whether a protocol inspector is configured (the only listener filters Shoal has)."""
+    for index, item in enumerate(filters):
+        typed_config(
+            item, ctx.at(index), http_inspector_pb2.HttpInspector, typed_struct_pb2.TypedStruct
+        )
+        config = item.typed_config
+        if config.TypeName() == "xds.type.v3.TypedStruct":
+            struct = typed_struct_pb2.TypedStruct()
+            config.Unpack(struct)
+            if struct.type_url != INSPECTOR_TYPE_URL:
+                raise ctx.at(index, "typed_config", "type_url").error(
+                    f"unknown listener filter {struct.type_url!r}; Shoal has {INSPECTOR_TYPE_URL}"
+                )
+    return bool(filters)
+
+
+def _chain_filter(chain: Message, ctx: Ctx) -> NetworkFilter:
+    filters = chain.filters
+    if len(filters) != 1:
+        raise ctx.at("filters").error(
+            "exactly one network filter is supported"
+            " (http_connection_manager, tcp_proxy or generic_proxy)"
+        )
+    filter_ctx = ctx.at("filters", 0)
+    config = typed_config(
+        filters[0],
+        filter_ctx,
+        hcm_pb2.HttpConnectionManager,
+        tcp_proxy_pb2.TcpProxy,
+        generic_proxy_pb2.GenericProxy,
+    )
+    config_ctx = filter_ctx.at("typed_config")
+    if isinstance(config, hcm_pb2.HttpConnectionManager):
+        return _http_connection_manager(config, config_ctx)
+    if isinstance(config, generic_proxy_pb2.GenericProxy):
+        logs = access_logs(config.access_log, config_ctx.at("access_log"))
+        return generic_proxy(config, config_ctx, logs)
+    return _tcp_proxy(config, config_ctx)
 
 
 def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from shoal.config.filters import FilterConfig, HttpFilter
+    from shoal.config.filters import FilterConfig, HttpFilter, TokenBucket
 
 Seconds = float
 
@@ -351,12 +351,88 @@ class TcpProxy:
     max_connect_attempts: int = 1
 
 
+RpcInput = Literal["service", "method", "property"]
+
+
+@dataclass(frozen=True, slots=True)
+class RpcCondition:
+    """One test on a request: its service (Envoy's host/path/service inputs), its method, or
+    a property (``version``, ``group``, or an attachment/header by name; an absent property
+    never matches)."""
+
+    input: RpcInput
+    match: StringMatch
+    property: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRetryPolicy:
+    """Retries of an RPC route; ``retry_on`` ⊆ {connect-failure, reset}. Configure it only
+    on routes whose methods are idempotent: the proxy cannot tell."""
+
+    retry_on: frozenset[str]
+    num_retries: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRoute:
+    """A generic proxy route: all ``conditions`` hold → ``cluster`` or ``weighted_clusters``.
+    ``timeout`` caps the protocol's own per-request timeout; ``rate_limit`` is a token bucket
+    for this route alone (per method, when the route matches one method)."""
+
+    conditions: tuple[RpcCondition, ...]
+    name: str = ""
+    cluster: str = ""
+    weighted_clusters: tuple[WeightedCluster, ...] = ()
+    timeout: Seconds | None = None
+    retry_policy: RpcRetryPolicy | None = None
+    breaker: CircuitBreakerPolicy | None = None
+    rate_limit: TokenBucket | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RpcVirtualHost:
+    """Routes for the services named in ``hosts`` (exact names, or ``*`` for any)."""
+
+    name: str
+    hosts: tuple[str, ...]
+    routes: tuple[RpcRoute, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RpcProxy:
+    """Envoy's ``generic_proxy`` network filter with one of Shoal's RPC codecs."""
+
+    stat_prefix: str
+    protocol: str  # a name in shoal.codec.rpc.registry
+    virtual_hosts: tuple[RpcVirtualHost, ...]
+    routes: tuple[RpcRoute, ...] = ()  # for requests no virtual host names
+    access_logs: tuple[AccessLog, ...] = ()
+    max_frame_bytes: int = 8 * 1024 * 1024
+
+
+NetworkFilter = HttpConnectionManager | TcpProxy | RpcProxy
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolChain:
+    """A filter chain picked by the protocol a connection's first bytes show
+    (``filter_chain_match.application_protocols``)."""
+
+    application_protocols: frozenset[str]
+    filter: NetworkFilter
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
+    """``filter`` is the chain without ``application_protocols`` (or the only chain);
+    ``protocol_chains`` are the others, chosen by Shoal's protocol inspector."""
+
     name: str
     address: SocketAddress
-    filter: HttpConnectionManager | TcpProxy
+    filter: NetworkFilter
     per_connection_buffer_limit_bytes: int = 1024 * 1024
+    protocol_chains: tuple[ProtocolChain, ...] = ()
 
 
 # --- clusters --------------------------------------------------------------------------------

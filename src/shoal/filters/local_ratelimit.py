@@ -16,7 +16,7 @@ from shoal.filters.base import FilteredRequest, LocalReply, Outcome
 
 
 @dataclass(slots=True)
-class _Bucket:
+class TokenBucketState:
     config: TokenBucket
     tokens: float
     last_fill: float
@@ -41,7 +41,7 @@ class LocalRateLimitFilter:
         self.name = name
         self.config = config
         self.rng = rng or random.Random()
-        self.buckets: dict[tuple[int, int], _Bucket] = {}
+        self.buckets: dict[tuple[int, int], TokenBucketState] = {}
         self.stats = {"enabled": 0, "enforced": 0, "rate_limited": 0, "ok": 0}
 
     def on_request(self, request: FilteredRequest, now: float) -> Outcome:
@@ -53,7 +53,9 @@ class LocalRateLimitFilter:
         key = (id(config), request.connection_key if config.per_connection else 0)
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self.buckets[key] = _Bucket(config.bucket, config.bucket.max_tokens, now)
+            bucket = self.buckets[key] = TokenBucketState(
+                config.bucket, config.bucket.max_tokens, now
+            )
         if bucket.take(now):
             self.stats["ok"] += 1
             return None

@@ -211,6 +211,10 @@ _TAG_EXTRACTORS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("envoy_response_code", r"_rq(_(\d{3}))$"),
         ("envoy_response_code_class", r"_rq_(\d)xx$"),
         ("envoy_tcp_prefix", r"^tcp\.((.*?)\.)\w+?$"),
+        # RPC listeners (generic proxy) and their per-method stats; services hold dots
+        ("envoy_rpc_method", r"^generic_proxy\.[^.]+\.rpc\..*\.(([^.]+)\.)\w+$"),
+        ("envoy_rpc_service", r"^generic_proxy\.[^.]+\.rpc\.((.*)\.)[^.]+\.\w+$"),
+        ("envoy_generic_proxy_prefix", r"^generic_proxy\.(([^.]+)\.)"),
         ("envoy_cluster_name", r"^cluster\.(([^.]+)\.)"),
         ("envoy_http_conn_manager_prefix", r"^listener(?=\.).*?\.http\.((.*?)\.)"),
         ("envoy_http_conn_manager_prefix", r"^http\.((.*?)\.)"),

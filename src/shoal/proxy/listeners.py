@@ -110,13 +110,13 @@ class HttpListenerContext:
     def __init__(
         self,
         listener: Listener,
+        config: HttpConnectionManager,
         clusters: dict[str, ClusterRuntime],
         stats: HttpStats,
         logs: AccessLogs,
+        *,
         filters: tuple[HttpFilter, ...] = (),
     ) -> None:
-        assert isinstance(listener.filter, HttpConnectionManager)
-        config = listener.filter
         self.listener = listener
         self.config = config
         self.routes = RouteTable(config.route_config)
@@ -138,15 +138,14 @@ class TcpListenerContext:
 
     def __init__(
         self,
-        listener: Listener,
+        config: TcpProxy,
         clusters: dict[str, ClusterRuntime],
         stats: TcpStats,
         logs: AccessLogs,
     ) -> None:
-        assert isinstance(listener.filter, TcpProxy)
-        self.config = listener.filter
+        self.config = config
         self.clusters = clusters
         self.stats = stats
-        self.access_logs = [logs.sink(a) for a in listener.filter.access_logs]
+        self.access_logs = [logs.sink(a) for a in config.access_logs]
         self.connections: set[Drainable] = set()
         self.draining = False

@@ -11,8 +11,10 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+from shoal.codec.detect import detect
+from shoal.codec.rpc.registry import CODECS
 from shoal.config.model import (
     Bootstrap,
     Cluster,
@@ -20,6 +22,8 @@ from shoal.config.model import (
     Endpoint,
     HttpConnectionManager,
     Listener,
+    NetworkFilter,
+    RpcProxy,
 )
 from shoal.filters.base import HttpFilter
 from shoal.filters.chain import build_filters
@@ -33,6 +37,14 @@ from shoal.proxy.listeners import (
     HttpStats,
     TcpListenerContext,
 )
+from shoal.proxy.rpc import (
+    METHOD_COUNTERS,
+    RPC_COUNTERS,
+    RPC_GAUGES,
+    RpcListenerContext,
+    RpcSession,
+    RpcStats,
+)
 from shoal.proxy.tcp import TCP_COUNTERS, TcpSession, TcpStats
 from shoal.upstream.backup import ROUTE_BACKUPS
 from shoal.upstream.breaker import ROUTE_BREAKERS
@@ -40,7 +52,69 @@ from shoal.upstream.cluster import CLUSTER_COUNTERS, ClusterRuntime, ClusterStat
 
 log = logging.getLogger("shoal.proxy")
 
-Context = HttpListenerContext | TcpListenerContext
+# Envoy's listener_filters_timeout: a connection that says too little is closed
+SNIFF_TIMEOUT = 15.0
+
+ChainContext = HttpListenerContext | TcpListenerContext | RpcListenerContext
+
+
+class DetectingContext:
+    """A listener with several filter chains, chosen by the protocol a connection's first
+    bytes show (``filter_chain_match.application_protocols``); ``default`` otherwise."""
+
+    __slots__ = ("by_protocol", "default", "draining")
+
+    def __init__(self, default: ChainContext, by_protocol: dict[str, ChainContext]) -> None:
+        self.default = default
+        self.by_protocol = by_protocol
+        self.draining = False
+
+    def contexts(self) -> list[ChainContext]:
+        return [self.default, *self.by_protocol.values()]
+
+    @property
+    def connections(self) -> set[Any]:
+        return set().union(*(c.connections for c in self.contexts()))
+
+
+Context = ChainContext | DetectingContext
+
+
+class ProtocolSniffer(asyncio.Protocol):
+    """Holds a new connection until its first bytes tell its protocol, then hands it, with
+    those bytes, to the session of the matching filter chain."""
+
+    __slots__ = ("buffer", "ctx", "timer", "transport")
+
+    def __init__(self, ctx: DetectingContext) -> None:
+        self.ctx = ctx
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(SNIFF_TIMEOUT, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        protocol = detect(self.buffer)
+        if protocol is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        ctx = self.ctx
+        session = _session(ctx.by_protocol.get(protocol, ctx.default))
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(session)
+        session.connection_made(transport)
+        session.data_received(self.buffer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 class ListenerSlot:
@@ -66,6 +140,7 @@ class ProxyRuntime:
         self.listeners: dict[str, ListenerSlot] = {}
         self.http_stats: dict[str, HttpStats] = {}
         self.tcp_stats: dict[str, TcpStats] = {}
+        self.rpc_stats: dict[str, RpcStats] = {}
         self.access_logs = AccessLogs()
         self.draining = False
         self.healthcheck_failed = False
@@ -170,21 +245,42 @@ class ProxyRuntime:
         return (host.address.host, host.address.port) if host is not None else None
 
     def _context(self, listener: Listener, clusters: dict[str, ClusterRuntime]) -> Context:
-        config = listener.filter
+        default = self._chain_context(listener, listener.filter, clusters)
+        context: Context = default
+        if listener.protocol_chains:
+            context = DetectingContext(
+                default,
+                {
+                    protocol: self._chain_context(listener, chain.filter, clusters)
+                    for chain in listener.protocol_chains
+                    for protocol in chain.application_protocols
+                },
+            )
+        draining = self.draining or self.healthcheck_failed
+        for each in _contexts(context):
+            each.draining = draining
+        context.draining = draining
+        return context
+
+    def _chain_context(
+        self, listener: Listener, config: NetworkFilter, clusters: dict[str, ClusterRuntime]
+    ) -> ChainContext:
         if isinstance(config, HttpConnectionManager):
             stats = self.http_stats.setdefault(config.stat_prefix, HttpStats())
             chain, instances = build_filters(
                 config.stat_prefix, config.http_filters, self.filters, self.service_address
             )
             self.filters.update(instances)
-            context: Context = HttpListenerContext(
-                listener, clusters, stats, self.access_logs, chain
+            return HttpListenerContext(
+                listener, config, clusters, stats, self.access_logs, filters=chain
             )
-        else:
-            tcp_stats = self.tcp_stats.setdefault(config.stat_prefix, TcpStats())
-            context = TcpListenerContext(listener, clusters, tcp_stats, self.access_logs)
-        context.draining = self.draining or self.healthcheck_failed
-        return context
+        if isinstance(config, RpcProxy):
+            rpc_stats = self.rpc_stats.setdefault(config.stat_prefix, RpcStats())
+            return RpcListenerContext(
+                config, CODECS[config.protocol], clusters, rpc_stats, self.access_logs
+            )
+        tcp_stats = self.tcp_stats.setdefault(config.stat_prefix, TcpStats())
+        return TcpListenerContext(config, clusters, tcp_stats, self.access_logs)
 
     async def _bind(self, slot: ListenerSlot) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -205,7 +301,8 @@ class ProxyRuntime:
     def set_healthcheck_failed(self, failed: bool) -> None:
         self.healthcheck_failed = failed
         for slot in self.listeners.values():
-            slot.context.draining = failed or self.draining
+            for context in _contexts(slot.context):
+                context.draining = failed or self.draining
             if failed:
                 _drain_context(slot.context)
 
@@ -300,6 +397,18 @@ class ProxyRuntime:
                 counters[prefix + name] = value
             for name, value in instance.gauges().items():
                 gauges[prefix + name] = value
+        for prefix_name, rpc in self.rpc_stats.items():
+            prefix = f"generic_proxy.{prefix_name}."
+            for counter in RPC_COUNTERS:
+                counters[prefix + counter] = getattr(rpc, counter)
+            for gauge in RPC_GAUGES:
+                gauges[prefix + gauge] = getattr(rpc, gauge)
+            histograms[prefix + "downstream_rq_time"] = rpc.downstream_rq_time
+            for (service, method), per_method in rpc.methods.items():
+                method_prefix = f"{prefix}rpc.{service}.{method}."
+                for counter in METHOD_COUNTERS:
+                    counters[method_prefix + counter] = getattr(per_method, counter)
+                histograms[method_prefix + "rq_time"] = per_method.rq_time
         for prefix_name, tcp in self.tcp_stats.items():
             for counter in TCP_COUNTERS:
                 counters[f"tcp.{prefix_name}.{counter}"] = getattr(tcp, counter)
@@ -332,26 +441,33 @@ class ProxyRuntime:
         return "\n".join(lines) + "\n"
 
 
+def _session(context: ChainContext) -> asyncio.Protocol:
+    if isinstance(context, HttpListenerContext):
+        return HttpConnection(context)
+    if isinstance(context, RpcListenerContext):
+        return RpcSession(context)
+    return TcpSession(context)
+
+
 def _protocol_factory(slot: ListenerSlot) -> Callable[[], Any]:
     """The factory reads the slot's context at accept time, so a reload can swap it."""
-    if isinstance(slot.config.filter, HttpConnectionManager):
 
-        def make_http() -> Any:
-            context = slot.context
-            assert isinstance(context, HttpListenerContext)
-            return HttpConnection(context)
-
-        return make_http
-
-    def make_tcp() -> Any:
+    def make() -> Any:
         context = slot.context
-        assert isinstance(context, TcpListenerContext)
-        return TcpSession(context)
+        if isinstance(context, DetectingContext):
+            return ProtocolSniffer(context)
+        return _session(context)
 
-    return make_tcp
+    return make
+
+
+def _contexts(context: Context) -> list[ChainContext]:
+    return context.contexts() if isinstance(context, DetectingContext) else [context]
 
 
 def _drain_context(context: Context) -> None:
     context.draining = True
-    for connection in list(context.connections):
-        connection.drain()
+    for each in _contexts(context):
+        each.draining = True
+        for connection in list(each.connections):
+            connection.drain()

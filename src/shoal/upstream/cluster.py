@@ -28,6 +28,10 @@ from shoal.upstream.outlier import OutlierDetector
 log = logging.getLogger("shoal.upstream")
 
 
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
 class PoolWaiter(Protocol):
     def pool_ready(self, conn: UpstreamConnection) -> None: ...
     def pool_failure(self, reason: str, transport_reason: str) -> None: ...
@@ -153,6 +157,7 @@ class ClusterRuntime:
         "outlier",
         "pools",
         "retries_active",
+        "rpc_pools",
         "rq_active",
         "rq_pending",
         "stats",
@@ -162,6 +167,8 @@ class ClusterRuntime:
         self.config = config
         self.stats = ClusterStats()
         self.pools: dict[str, HostPool] = {}
+        # RPC protocols' pools, by (protocol, host key): shoal.transport.rpc.RpcHostPool
+        self.rpc_pools: dict[tuple[str, str], Closeable] = {}
         self.rq_active = 0
         self.rq_pending = 0
         self.cx_active = 0
@@ -213,6 +220,8 @@ class ClusterRuntime:
         for key in [k for k in self.pools if k not in keys]:
             for conn in self.pools.pop(key).idle:
                 conn.close()
+        for rpc_key in [k for k in self.rpc_pools if k[1] not in keys]:
+            self.rpc_pools.pop(rpc_key).close()
         if self.on_hosts_changed is not None:
             self.on_hosts_changed()
 
@@ -372,6 +381,9 @@ class ClusterRuntime:
             for conn in pool.idle:
                 conn.close()
             pool.idle.clear()
+        for rpc_pool in self.rpc_pools.values():
+            rpc_pool.close()
+        self.rpc_pools.clear()
 
 
 def select_addresses(

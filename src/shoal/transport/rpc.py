@@ -1,0 +1,191 @@
+"""Upstream connections for RPC protocols: one shared connection per host when the
+protocol multiplexes by request id, one request per connection when it does not.
+
+A multiplexed connection carries requests from many downstream connections, whose ids may
+collide, so each request gets a fresh upstream id (``RpcCodec.set_request_id``) and the
+answer is matched back by it. The server's own heartbeats are answered here; answers to
+nobody (a request that timed out meanwhile) are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Protocol, cast
+
+from shoal.codec.rpc.base import RpcCodec, RpcFrame, RpcProtocolError
+
+HIGH_WATERMARK = 1024 * 1024
+_MAX_ID = 2**31 - 1  # Bolt's ids are 32-bit, the others' 64-bit: stay within both
+
+
+class RpcExchange(Protocol):
+    """One request in flight upstream; the connection tells it how it ended."""
+
+    def upstream_response(self, frame: RpcFrame) -> None: ...
+    def upstream_failed(self, reason: str, connect: bool) -> None: ...
+
+
+class ConnectionCounters(Protocol):
+    """The cluster's connection counters (``ClusterStats``)."""
+
+    upstream_cx_total: int
+    upstream_cx_connect_fail: int
+    upstream_cx_connect_timeout: int
+    upstream_cx_destroy: int
+
+
+class RpcUpstreamConnection(asyncio.Protocol):
+    __slots__ = ("closed", "codec", "decoder", "next_id", "pending", "pool", "queued", "transport")
+
+    def __init__(self, pool: RpcHostPool) -> None:
+        self.pool = pool
+        self.codec = pool.codec
+        self.decoder = pool.codec.decoder(pool.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, RpcExchange] = {}
+        self.queued: list[bytes] = []  # written while connecting
+        self.next_id = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=HIGH_WATERMARK)
+        if self.queued:
+            transport.write(b"".join(self.queued))
+            self.queued.clear()
+
+    def send(self, frame: RpcFrame, exchange: RpcExchange | None) -> int:
+        """Write ``frame`` under a fresh id; ``exchange`` (None for one-way requests) gets
+        the answer. Returns the upstream id, for :meth:`forget`."""
+        upstream_id = self.next_id = self.next_id % _MAX_ID + 1
+        data = self.codec.set_request_id(frame.raw, upstream_id)
+        if exchange is not None:
+            self.pending[upstream_id] = exchange
+        if self.transport is not None:
+            self.transport.write(data)
+        else:
+            self.queued.append(data)
+        return upstream_id
+
+    def forget(self, upstream_id: int) -> None:
+        """The request was given up (timeout, downstream gone); a late answer is dropped."""
+        self.pending.pop(upstream_id, None)
+        if self.pool.closing and not self.pending:
+            self.close()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except RpcProtocolError as exc:
+            self.fail(f"upstream protocol error: {exc}")
+            return
+        for frame in frames:
+            if frame.is_request:
+                if frame.heartbeat and self.transport is not None:
+                    self.transport.write(self.codec.heartbeat_reply(frame))
+                continue
+            exchange = self.pending.pop(frame.request_id, None)
+            if exchange is not None:
+                exchange.upstream_response(frame)
+        if self.pool.closing and not self.pending:
+            self.close()
+
+    def fail(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._lost(reason, connect=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost("upstream connection reset", connect=False)
+
+    def connect_failed(self, reason: str) -> None:
+        self._lost(reason, connect=True)
+
+    def _lost(self, reason: str, connect: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.closed(self)
+        pending, self.pending = self.pending, {}
+        for exchange in pending.values():
+            exchange.upstream_failed(reason, connect)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        else:
+            self._lost("connection closed", connect=True)
+
+
+class RpcHostPool:
+    """Connections to one host for one protocol. Multiplexed: a single connection, shared;
+    otherwise one in-flight request per connection (new connections as needed)."""
+
+    __slots__ = (
+        "address",
+        "closing",
+        "codec",
+        "connect_timeout",
+        "connections",
+        "counters",
+        "max_frame_bytes",
+    )
+
+    def __init__(
+        self,
+        codec: RpcCodec,
+        address: tuple[str, int],
+        connect_timeout: float,
+        max_frame_bytes: int,
+        counters: ConnectionCounters,
+    ) -> None:
+        self.codec = codec
+        self.address = address
+        self.connect_timeout = connect_timeout
+        self.max_frame_bytes = max_frame_bytes
+        self.counters = counters
+        self.closing = False
+        self.connections: list[RpcUpstreamConnection] = []
+
+    def connection(self) -> RpcUpstreamConnection:
+        """A connection with room for one more request (opened now if none has room)."""
+        multiplexed = self.codec.multiplexed
+        for conn in self.connections:
+            if multiplexed or not conn.pending:
+                return conn
+        conn = RpcUpstreamConnection(self)
+        self.connections.append(conn)
+        self.counters.upstream_cx_total += 1
+        asyncio.get_running_loop().create_task(self._connect(conn))
+        return conn
+
+    async def _connect(self, conn: RpcUpstreamConnection) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.address
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.create_connection(lambda: conn, host, port)
+        except TimeoutError:
+            self.counters.upstream_cx_connect_fail += 1
+            self.counters.upstream_cx_connect_timeout += 1
+            conn.connect_failed("connection timeout")
+        except OSError as exc:
+            self.counters.upstream_cx_connect_fail += 1
+            conn.connect_failed(f"remote connection failure: {exc.strerror or exc}")
+
+    def closed(self, conn: RpcUpstreamConnection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+            self.counters.upstream_cx_destroy += 1
+
+    def close(self) -> None:
+        """Close idle connections now and the others after their last answer (a config
+        change must not cut requests in flight)."""
+        self.closing = True
+        for conn in list(self.connections):
+            if not conn.pending:
+                conn.close()
