@@ -414,6 +414,12 @@ PY_FRAMES: dict[str, str] = {
         "3a2068c3a96c6c6f2077c3b6726c6420eda0bdedb88020787878787878787878787878787878787878787856"
         "74001c5b6a6176612e6c616e672e537461636b5472616365456c656d656e746e007a4e"
     ),
+    "reply_no_route_protobuf": (
+        "0100000201000000080b0002003400240000001a636f6d2e616c697061792e72656d6f74696e672e7270632e"
+        "657863657074696f6e2e527063536572766572457863657074696f6e00000018736f66615f686561645f7265"
+        "73706f6e73655f6572726f72000000047472756573686f616c3a206e6f20726f757465202870726f746f6275"
+        "6629"
+    ),
     "reply_long_v1": "sha256:36ea9fe3a722a477f01fee35d1b975360c47104943001acb90d4ff012a04f11a",
     "heartbeat": "01010000010000004d01000000000000000000000000",
     "encode_request": (
@@ -1029,6 +1035,19 @@ NODE_VIEW: dict[str, Any] = {
             "没有路由: héllo wörld 😀 xxxxxxxxxxxxxxxxxxxx"
         },
     },
+    "reply_no_route_protobuf": {
+        "events": [
+            {
+                "event": "response",
+                "packetId": 8,
+                "protocolType": "bolt",
+                "codecType": "protobuf",
+                "className": "com.alipay.remoting.rpc.exception.RpcServerException",
+                "error": "Error: shoal: no route (protobuf)",
+            }
+        ],
+        "client": {"error": "Error: shoal: no route (protobuf)"},
+    },
     "reply_long_v1": {
         "events": [
             {
@@ -1319,6 +1338,17 @@ def test_local_reply_unicode_and_long_messages() -> None:
     assert NODE_VIEW["reply_long_v1"]["client"] == {
         "error": f"<{len(long_text)} chars sha256:{digest}>"
     }
+
+
+def test_local_reply_to_a_protobuf_request_is_plain_text() -> None:
+    view = NODE_VIEW["reply_no_route_protobuf"]
+    assert view["events"][0]["codecType"] == "protobuf"
+    assert view["client"] == {"error": "Error: shoal: no route (protobuf)"}
+    frame = one(PY_BYTES["reply_no_route_protobuf"])
+    assert (frame.payload, frame.headers) == (
+        b"shoal: no route (protobuf)",
+        {"sofa_head_response_error": "true"},
+    )
 
 
 def test_local_reply_never_splits_a_surrogate_pair() -> None:

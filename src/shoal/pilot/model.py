@@ -12,7 +12,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-AppProtocol = Literal["HTTP", "HTTP2", "GRPC", "TCP"]
+AppProtocol = Literal["HTTP", "HTTP2", "GRPC", "TCP", "DUBBO", "BOLT", "MOTAN2"]
+# The RPC protocols the proxy routes by service and method (Envoy's generic_proxy), in the
+# order their filter chains take on a listener.
+RPC_PROTOCOLS: tuple[AppProtocol, ...] = ("DUBBO", "BOLT", "MOTAN2")
 Resolution = Literal["STATIC", "DNS"]
 
 Labels = tuple[tuple[str, str], ...]
@@ -37,12 +40,24 @@ class ServicePort:
 
 @dataclass(frozen=True, slots=True)
 class Service:
-    """A name clients call (``reviews``, ``reviews.default.svc.cluster.local``) and its ports."""
+    """A name clients call (``reviews``, ``reviews.default.svc.cluster.local``) and its ports.
+
+    The host of a service with an RPC port is also its RPC service name (a Dubbo or SOFA
+    interface, ``com.example.Greeter``), which the proxy matches exactly: registries keep
+    its case."""
 
     host: str
     ports: tuple[ServicePort, ...]
     resolution: Resolution = "STATIC"
     source: str = ""  # the registry it came from, for errors and `shoal services`
+
+    def rpc_ports(self) -> dict[AppProtocol, ServicePort]:
+        """The first port of each RPC protocol the service speaks, in RPC_PROTOCOLS order."""
+        found: dict[AppProtocol, ServicePort] = {}
+        for port in self.ports:
+            if port.protocol in RPC_PROTOCOLS:
+                found.setdefault(port.protocol, port)
+        return {protocol: found[protocol] for protocol in RPC_PROTOCOLS if protocol in found}
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ _FIXED = _table(
     (0xD8, 0xEF, 1), (0xF0, 0xFF, 2), (0x38, 0x3F, 3), (0x59, 0x59, 5), (0x4C, 0x4C, 9),  # long
     (0x5B, 0x5C, 1), (0x5D, 0x5D, 2), (0x5E, 0x5E, 3), (0x5F, 0x5F, 5), (0x44, 0x44, 9),  # double
     (0x4A, 0x4A, 9), (0x4B, 0x4B, 5),  # date: millis, minutes
-    *((tag, tag, 1 + tag - 0x20) for tag in range(0x20, 0x30)),  # binary of 0-15 bytes
+    *[(tag, tag, 1 + tag - 0x20) for tag in range(0x20, 0x30)],  # binary of 0-15 bytes
 )  # fmt: skip
 
 _STRING, _INT = 1, 2
@@ -53,8 +53,8 @@ _KIND = _table(
     (0xD8, 0xFF, _INT), (0x38, 0x3F, _INT), (0x59, 0x59, _INT), (0x4C, 0x4C, _INT),
 )  # fmt: skip
 
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_ASTRAL = re.compile(r"[\U00010000-\U0010ffff]")  # raw: mypyc refuses surrogate literals
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _pair_surrogates(text: str) -> str:
@@ -275,17 +275,15 @@ class Hessian2Reader:
         elif tag != 0x48:
             raise RpcProtocolError(f"hessian2: expected a map, got tag 0x{tag:02x}")
         result: dict[str, str] = {}
-        kinds = _KIND
-        string = self._string
         while (tag := buf[self.pos]) != 0x5A:
-            if kinds[tag] != _STRING:
+            if _KIND[tag] != _STRING:
                 self._skip(1)
                 self._skip(1)
                 continue
-            key = string()
-            kind = kinds[buf[self.pos]]
+            key = self._string()
+            kind = _KIND[buf[self.pos]]
             if kind == _STRING:
-                result[key] = string()
+                result[key] = self._string()
             elif kind == _INT and numbers is not None:
                 numbers[key] = self._int()
             else:
@@ -403,7 +401,7 @@ def write_string(out: bytearray, value: str) -> None:
     start = 0
     while len(units) - start > 0x8000:
         end = start + 0x8000
-        if "\ud800" <= units[end - 1] <= "\udbff":
+        if 0xD800 <= ord(units[end - 1]) <= 0xDBFF:  # a high surrogate
             end -= 1
         out.append(0x52)
         out += _U16.pack(end - start)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from shoal.pilot.model import Labels
+from shoal.pilot.model import AppProtocol, Labels
 
 Seconds = float
 
@@ -192,7 +192,7 @@ class DestinationRule:
 class Port:
     number: int
     name: str
-    protocol: Literal["HTTP", "HTTP2", "GRPC", "TCP"] = "HTTP"
+    protocol: AppProtocol = "HTTP"
     target_port: int | None = None
 
 
@@ -282,6 +282,50 @@ class RateLimitPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RpcMatch:
+    """What an RPC request must carry for a route to take it: every field given matches.
+    ``attributes`` are Dubbo attachments, the Bolt header map or Motan2 metadata."""
+
+    method: StringMatch | None = None
+    version: StringMatch | None = None
+    group: StringMatch | None = None
+    attributes: tuple[tuple[str, StringMatch], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """An error-rate breaker: ``settings`` is the validated ``shoal.circuit_breaker``
+    metadata as JSON, without the fallback; ``fallback`` is where an open circuit sends."""
+
+    settings: str
+    fallback: Destination | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRouteRule:
+    """One route of an RpcRoute. ``match`` None takes every request; ``retries`` reuses
+    Istio's retry shape with ``retry_on`` ⊆ {connect-failure, reset}."""
+
+    name: str
+    route: tuple[HTTPRouteDestination, ...]
+    match: RpcMatch | None = None
+    timeout: Seconds | None = None
+    retries: HTTPRetry | None = None
+    rate_limit: LocalRateLimit | None = None
+    circuit_breaker: BreakerSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRoute:
+    """Routes for RPC services (Dubbo, SOFA Bolt, Motan2) by method, version, group and
+    attributes, first match first (Aeraki's MetaRouter, in Shoal's shapes)."""
+
+    meta: Meta
+    hosts: tuple[str, ...]
+    routes: tuple[RpcRouteRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RuleSet:
     """Everything valid in the config dir at one moment (the translator's input)."""
 
@@ -292,6 +336,7 @@ class RuleSet:
     circuit_breakers: tuple[CircuitBreakerPolicy, ...] = ()
     rate_limits: tuple[RateLimitPolicy, ...] = ()
     backup_requests: tuple[BackupRequestPolicy, ...] = ()
+    rpc_routes: tuple[RpcRoute, ...] = ()
     errors: tuple[str, ...] = field(default=(), compare=False)  # rejected resources, why
     failed_files: frozenset[str] = field(default=frozenset(), compare=False)  # with errors
 
@@ -305,4 +350,5 @@ class RuleSet:
             *self.circuit_breakers,
             *self.rate_limits,
             *self.backup_requests,
+            *self.rpc_routes,
         ]

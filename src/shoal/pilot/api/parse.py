@@ -41,6 +41,7 @@ from shoal.pilot.api.model import (
     OutlierDetection,
     Port,
     RateLimitPolicy,
+    RpcRoute,
     ServiceEntry,
     StringMatch,
     Subset,
@@ -48,7 +49,7 @@ from shoal.pilot.api.model import (
     VirtualService,
     WorkloadEntry,
 )
-from shoal.pilot.model import Labels, labels_of
+from shoal.pilot.model import RPC_PROTOCOLS, AppProtocol, Labels, labels_of
 
 GROUP: Final = "networking.istio.io"
 VERSIONS: Final = ("v1", "v1beta1", "v1alpha3")
@@ -64,6 +65,7 @@ Resource: TypeAlias = (
     | CircuitBreakerPolicy
     | RateLimitPolicy
     | BackupRequestPolicy
+    | RpcRoute
 )
 T = TypeVar("T")
 
@@ -92,11 +94,14 @@ _SIMPLE_LB: dict[str, Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHR
     "RANDOM": "RANDOM",
     "PASSTHROUGH": "PASSTHROUGH",
 }
-_PROTOCOLS: dict[str, Literal["HTTP", "HTTP2", "GRPC", "TCP"]] = {
+_PROTOCOLS: dict[str, AppProtocol] = {
     "HTTP": "HTTP",
     "HTTP2": "HTTP2",
     "GRPC": "GRPC",
     "TCP": "TCP",
+    "DUBBO": "DUBBO",
+    "BOLT": "BOLT",
+    "MOTAN2": "MOTAN2",
 }
 _RESOLUTIONS: dict[str, Literal["STATIC", "DNS", "NONE"]] = {
     "STATIC": "STATIC",
@@ -503,11 +508,7 @@ def _http_route(value: object, at: _At) -> HTTPRoute:
         ),
         ("redirect", "directResponse", "delegate", "mirrors", "mirrorPercent", "corsPolicy"),
     )  # fmt: skip
-    route_at = at.at("route")
-    destinations = _list(_required(data, "route", at), route_at, empty=False)
-    route = tuple(_route_destination(d, route_at.at(i)) for i, d in enumerate(destinations))
-    if len(route) > 1 and (total := sum(d.weight for d in route)) != 100:
-        raise route_at.error(f"weights must add up to 100, not {total}")
+    route = _route_destinations(data, at, headers=True)
     match_at = at.at("match")
     matches = _list(data.get("match", []), match_at)
     headers = _optional(data, "headers", at, _headers)
@@ -544,7 +545,12 @@ def _match_request(value: object, at: _At) -> HTTPMatchRequest:
     )  # fmt: skip
 
     def named(key: str, *, headers: bool) -> tuple[tuple[str, StringMatch], ...]:
-        return _named_matches(data.get(key, {}), at.at(key), headers=headers)
+        if headers:
+            where = at.at(key)
+            return _named_matches(data.get(key, {}), where, "header", _TOKEN.fullmatch, lower=True)
+        return _named_matches(
+            data.get(key, {}), at.at(key), "query parameter", bool, kinds=("exact", "regex")
+        )
 
     return HTTPMatchRequest(
         name=_string(data.get("name", ""), at.at("name")),
@@ -570,19 +576,25 @@ def _string_match(
     return StringMatch(_MATCH_KINDS[kind], text)
 
 
-def _named_matches(value: object, at: _At, *, headers: bool) -> tuple[tuple[str, StringMatch], ...]:
-    """Header names (lower-cased) or query parameter names → matches. As in Istio, ``{}``
-    means "present", and query parameters match by exact value or regex only."""
-    what = "header" if headers else "query parameter"
+def _named_matches(
+    value: object,
+    at: _At,
+    what: str,
+    valid: Callable[[str], object],
+    *,
+    kinds: Collection[str] = ("exact", "prefix", "regex"),
+    lower: bool = False,
+) -> tuple[tuple[str, StringMatch], ...]:
+    """Names that ``valid`` accepts (lower-cased with ``lower``, as header names are) →
+    matches. As in Istio, ``{}`` means "present"."""
     if not isinstance(value, Mapping):
         raise at.error(f"must be a mapping of {what} names to matches, not {_describe(value)}")
-    kinds = ("exact", "prefix", "regex") if headers else ("exact", "regex")
     result: dict[str, StringMatch] = {}
     for name, match in value.items():
         where = at.at(str(name))
-        if not isinstance(name, str) or not (_TOKEN.fullmatch(name) if headers else name):
+        if not isinstance(name, str) or not valid(name):
             raise where.error(f"invalid {what} name {name!r}")
-        key = name.lower() if headers else name
+        key = name.lower() if lower else name
         if key in result:
             raise where.error(f"{what} {key!r} is matched twice")
         if match is None:
@@ -591,8 +603,23 @@ def _named_matches(value: object, at: _At, *, headers: bool) -> tuple[tuple[str,
     return tuple(result.items())
 
 
-def _route_destination(value: object, at: _At) -> HTTPRouteDestination:
-    data = _fields(value, at, ("destination", "weight", "headers"))
+def _route_destinations(
+    data: Mapping[str, Any], at: _At, *, headers: bool
+) -> tuple[HTTPRouteDestination, ...]:
+    """A route's ``route`` list: one destination, or several whose weights add up to 100.
+    ``headers`` (HTTP only): each destination may change headers."""
+    route_at = at.at("route")
+    destinations = _list(_required(data, "route", at), route_at, empty=False)
+    route = tuple(
+        _route_destination(d, route_at.at(i), headers=headers) for i, d in enumerate(destinations)
+    )
+    if len(route) > 1 and (total := sum(d.weight for d in route)) != 100:
+        raise route_at.error(f"weights must add up to 100, not {total}")
+    return route
+
+
+def _route_destination(value: object, at: _At, *, headers: bool) -> HTTPRouteDestination:
+    data = _fields(value, at, ("destination", "weight", "headers") if headers else ("destination", "weight"))
     return HTTPRouteDestination(
         destination=_destination(_required(data, "destination", at), at.at("destination")),
         weight=_integer(data.get("weight", 0), at.at("weight"), 0, 100),
@@ -923,14 +950,14 @@ def _service_entry(value: object, at: _At, meta: Meta) -> ServiceEntry:
         {"exportTo": ["*"]},
     )
     hosts_at = at.at("hosts")
-    hosts: list[str] = []
+    hosts: list[str] = []  # as written: an RPC service's name keeps its case
     for index, item in enumerate(_list(_required(data, "hosts", at), hosts_at, empty=False)):
         host = _hostname(item, hosts_at.at(index), wildcard=True)
         if host == "*":
             raise hosts_at.at(index).error("invalid host '*'")
-        if host in hosts:
+        if host in (other.lower() for other in hosts):
             raise hosts_at.at(index).error(f"duplicate host {host!r}")
-        hosts.append(host)
+        hosts.append(str(item))
     ports_at = at.at("ports")
     ports: list[Port] = []
     for index, item in enumerate(_list(_required(data, "ports", at), ports_at, empty=False)):
@@ -941,6 +968,8 @@ def _service_entry(value: object, at: _At, meta: Meta) -> ServiceEntry:
             if other.name == port.name:
                 raise ports_at.at(index, "name").error(f"port name {port.name!r} is repeated")
         ports.append(port)
+    if not any(port.protocol in RPC_PROTOCOLS for port in ports):
+        hosts = [host.lower() for host in hosts]
     if "location" in data and data["location"] not in ("MESH_EXTERNAL", "MESH_INTERNAL"):
         raise at.at("location").error("must be MESH_EXTERNAL or MESH_INTERNAL")
     resolution = _resolution(data.get("resolution", "NONE"), at.at("resolution"))
@@ -1000,7 +1029,7 @@ def _service_port(value: object, at: _At) -> Port:
         if protocol in _OTHER_PROTOCOLS:
             raise at.at("protocol").error(f"protocol {protocol} is {NOT_SUPPORTED}")
         raise at.at("protocol").error(
-            f"unknown protocol {protocol!r} (use HTTP, HTTP2, GRPC or TCP)"
+            f"unknown protocol {protocol!r} (use one of {', '.join(_PROTOCOLS)})"
         )
     target = _optional(data, "targetPort", at, _port)
     return Port(number, name, _PROTOCOLS[protocol], target)

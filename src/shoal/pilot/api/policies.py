@@ -11,6 +11,10 @@ shared by all instances (Envoy's ratelimit filter calling ``shoal ratelimit``) a
 concurrency (Envoy's adaptive_concurrency filter). They share a kind because they share the
 place and the question ("how much may reach this service?"), and a sidecar's inbound
 listener takes them from one resource.
+
+``RpcRoute``: routes for RPC services (Dubbo, SOFA Bolt, Motan2) by method, version, group
+and attributes, modelled on Aeraki's MetaRouter; each route may carry a timeout, retries, a
+token bucket and an error-rate breaker of its own (they go on the route, so per method).
 """
 
 from __future__ import annotations
@@ -20,17 +24,24 @@ import re
 from typing import Any, Final
 
 from shoal.config.envoy import backup_from_dict, breaker_from_dict
+from shoal.config.envoy_rpc import RPC_RETRY_ON
 from shoal.errors import ConfigError
 from shoal.pilot.api.model import (
     BackupRequestPolicy,
     CircuitBreakerPolicy,
     Destination,
     GlobalRateLimit,
+    HTTPRetry,
     LocalRateLimit,
     Meta,
     RateLimitPolicy,
+    BreakerSettings,
+    RpcMatch,
+    RpcRoute,
+    RpcRouteRule,
 )
 from shoal.pilot.api.parse import (
+    _INT32_MAX,
     _At,
     _bool,
     _destination,
@@ -41,14 +52,18 @@ from shoal.pilot.api.parse import (
     _hostname,
     _integer,
     _list,
+    _named_matches,
     _one_of,
+    _optional,
     _port,
     _required,
+    _route_destinations,
     _string,
+    _string_match,
 )
 from shoal.pilot.model import envoy_duration
 
-KINDS: Final = ("CircuitBreakerPolicy", "RateLimitPolicy", "BackupRequestPolicy")
+KINDS: Final = ("CircuitBreakerPolicy", "RateLimitPolicy", "BackupRequestPolicy", "RpcRoute")
 _UINT32 = 2**32 - 1
 _ACTIONS = ("genericKey", "requestHeaders", "remoteAddress", "destinationCluster")
 _MIN_RTT_FIELDS = ("interval", "fixedValue", "requestCount", "jitter", "minConcurrency", "buffer")
@@ -83,11 +98,13 @@ def _camel(text: str) -> str:
 
 def parse_policy(
     kind: str, spec: object, at: _At, meta: Meta
-) -> CircuitBreakerPolicy | RateLimitPolicy | BackupRequestPolicy:
+) -> CircuitBreakerPolicy | RateLimitPolicy | BackupRequestPolicy | RpcRoute:
     if kind == "CircuitBreakerPolicy":
         return _circuit_breaker(spec, at, meta)
     if kind == "BackupRequestPolicy":
         return _backup_request(spec, at, meta)
+    if kind == "RpcRoute":
+        return _rpc_route(spec, at, meta)
     return _rate_limit(spec, at, meta)
 
 
@@ -111,13 +128,21 @@ def _circuit_breaker(spec: object, at: _At, meta: Meta) -> CircuitBreakerPolicy:
     data = _fields(spec, at, ("host", "subset", *_BREAKER_FIELDS))
     host = _hostname(_required(data, "host", at), at.at("host"), wildcard=False)
     subset = _dns_label(data["subset"], at.at("subset"), "subset name") if "subset" in data else ""
+    breaker = _breaker(data, at, ("localReply", "destination"))
+    return CircuitBreakerPolicy(meta, host, breaker.settings, subset, breaker.fallback)
+
+
+def _breaker(data: dict[str, Any], at: _At, fallbacks: tuple[str, ...]) -> BreakerSettings:
+    """The breaker fields of ``data`` as the proxy's ``shoal.circuit_breaker`` settings,
+    checked by the proxy's own reader; a fallback is one of ``fallbacks``."""
     settings: dict[str, Any] = {_snake(k): v for k, v in data.items() if k in _BREAKER_FIELDS}
     fallback: Destination | None = None
     if "fallback" in data:
         here = at.at("fallback")
-        chosen = _fields(data["fallback"], here, ("localReply", "destination"))
+        others = [f for f in ("localReply", "destination") if f not in fallbacks]
+        chosen = _fields(data["fallback"], here, fallbacks, others)
         if len(chosen) != 1:
-            raise here.error("exactly one of localReply or destination")
+            raise here.error(f"exactly one of {' or '.join(fallbacks)}")
         if "destination" in chosen:
             fallback = _destination(chosen["destination"], here.at("destination"))
             settings["fallback"] = {"cluster": _FALLBACK_CLUSTER}
@@ -129,7 +154,7 @@ def _circuit_breaker(spec: object, at: _At, meta: Meta) -> CircuitBreakerPolicy:
         raise at.at(*_camel(exc.field).split(".")).error(_camel(exc.reason)) from exc
     if fallback is not None:
         del settings["fallback"]
-    return CircuitBreakerPolicy(meta, host, json.dumps(settings, sort_keys=True), subset, fallback)
+    return BreakerSettings(json.dumps(settings, sort_keys=True), fallback)
 
 
 def _rate_limit(spec: object, at: _At, meta: Meta) -> RateLimitPolicy:
