@@ -353,3 +353,54 @@ def _read_until_closed(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def test_outlier_detection_ejects_a_failing_host(make_proxy: Any, protocol: str) -> None:
+    """A host whose every answer is an error is ejected after consecutive errors, and
+    the rest of the calls go to the healthy one."""
+    port = free_port()
+    outlier = {
+        "consecutive_5xx": 3,
+        "interval": "10s",
+        "base_ejection_time": "30s",
+        "max_ejection_percent": 50,
+    }
+    with (
+        RpcServer(protocol, "good") as good,
+        RpcServer(protocol, "bad", fail_methods=["sayHello"]) as bad,
+    ):
+        config = bootstrap(
+            [
+                listener_config(
+                    port,
+                    ([], generic_proxy(protocol, {GREETER: matcher([], default=action("both"))})),
+                )
+            ],
+            [static_cluster("both", good.port, bad.port, outlier_detection=outlier)],
+            free_port(),
+        )
+        proxy = make_proxy(config)
+        report = run_client(protocol, port, args=["w"], count=40)
+        assert len(report["errors"]) == 3
+        assert set(_labels(report)) == {"good"}
+        stats = proxy.stats()
+        assert stats["cluster.both.outlier_detection.ejections_enforced_total"] == 1
+
+
+def test_malformed_dubbo_body_gets_bad_request_and_close(make_proxy: Any) -> None:
+    """A Dubbo request whose hessian2 body is not hessian2: status 40 for its request id,
+    then the connection is closed."""
+    port = free_port()
+    routes = matcher([], default=action("none"))
+    config = bootstrap(
+        [listener_config(port, ([], generic_proxy("dubbo", routes=routes)))],
+        [static_cluster("none", free_port())],
+        free_port(),
+    )
+    make_proxy(config)
+    body = b"\x05" + b"2.0.2" + b"\xff" * 10  # a string, then bytes that are no hessian2 tag
+    header = b"\xda\xbb\xc2\x00" + (77).to_bytes(8, "big") + len(body).to_bytes(4, "big")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(header + body)
+        frames = CODECS["dubbo"].decoder().feed(_read_until_closed(sock))
+    assert [(f.request_id, f.status, f.is_request) for f in frames] == [(77, 40, False)]

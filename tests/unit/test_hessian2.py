@@ -87,9 +87,12 @@ GOLDEN_VALUES: dict[str, str] = {
     "bin_16": "341002020202020202020202020202020202",
     "list_empty": "78",
     "list_3": "7b910374776f5f00000dac",
+    "list_4": "7c0161016201630164",
+    "list_7": "7f91929394959697",
     "list_9": "5899919293949596979899",
     "list_nested": "7b79917a927a937a94799578",
     "list_typed_int": "73045b696e74919293",
+    "list_typed_int_7": "77045b696e7491929394959697",
     "list_typed_long_10": "56055b6c6f6e679ae1e2e3e4e5e6e7e8e9ea",
     "list_typed_reuse": "7a71045b696e749172909293",
     "list_of_lists_typed": "720e6a6176612e7574696c2e4c6973747190016171900162",
@@ -202,7 +205,9 @@ def test_every_golden_form_is_covered() -> None:
         assert tag in first
     for tag in (0x20, 0x2F, 0x34, 0x37, 0x41, 0x42):  # binary
         assert tag in first
-    for tag in (0x78, 0x7B, 0x58, 0x72, 0x73, 0x56, 0x7A, 0x48, 0x4D, 0x43, 0x4E, 0x54, 0x46):
+    for tag in (0x78, 0x7B, 0x7C, 0x7F, 0x58, 0x72, 0x73, 0x77, 0x56, 0x7A):  # lists
+        assert tag in first
+    for tag in (0x48, 0x4D, 0x43, 0x4E, 0x54, 0x46):  # maps, objects, null, booleans
         assert tag in first
     assert b"\x51" in golden("obj_ref")  # a back-reference
     assert b"\x4f" in golden("obj_17_classes")  # an object by 'O' int (class #16)

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 DEFAULT_PILOT = "http://127.0.0.1:15014"
-PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP")  # shoal.pilot.model.AppProtocol, without importing
+# shoal.pilot.model.AppProtocol, without importing
+PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP", "DUBBO", "BOLT", "MOTAN2")
 TIMEOUT = 10.0
 
 

@@ -51,14 +51,6 @@ class Service:
     resolution: Resolution = "STATIC"
     source: str = ""  # the registry it came from, for errors and `shoal services`
 
-    def rpc_ports(self) -> dict[AppProtocol, ServicePort]:
-        """The first port of each RPC protocol the service speaks, in RPC_PROTOCOLS order."""
-        found: dict[AppProtocol, ServicePort] = {}
-        for port in self.ports:
-            if port.protocol in RPC_PROTOCOLS:
-                found.setdefault(port.protocol, port)
-        return {protocol: found[protocol] for protocol in RPC_PROTOCOLS if protocol in found}
-
 
 @dataclass(frozen=True, slots=True)
 class Instance:
@@ -126,6 +118,15 @@ class MergedRegistries:
                 services.setdefault(service.host, service)
             instances.extend(view.instances)
         return RegistrySnapshot(tuple(services.values()), tuple(instances))
+
+
+def rpc_ports(ports: Iterable[ServicePort]) -> dict[AppProtocol, ServicePort]:
+    """The first of ``ports`` for each RPC protocol among them, in RPC_PROTOCOLS order."""
+    found: dict[AppProtocol, ServicePort] = {}
+    for port in ports:
+        if port.protocol in RPC_PROTOCOLS:
+            found.setdefault(port.protocol, port)
+    return {protocol: found[protocol] for protocol in RPC_PROTOCOLS if protocol in found}
 
 
 def merge_ports(ports: Iterable[ServicePort]) -> tuple[ServicePort, ...]:

@@ -21,11 +21,18 @@ Bolt v1 response: 20 bytes, ``timeout(4)`` replaced by ``respStatus(2)``::
     classLen(2) headerLen(2) contentLen(4) | className | header | content
 
 Bolt v2 (protocol code 0x02) adds ``ver1`` after the code and a ``switch`` byte after the
-codec; request 24 bytes, response 22::
+codec. Request, 24-byte fixed header (a response has ``respStatus(2)`` for ``timeout(4)``,
+22 bytes)::
 
-    proto(1) ver1(1) type(1) cmdcode(2) ver2(1) requestId(4) codec(1) switch(1)
-    timeout(4) | respStatus(2)
-    classLen(2) headerLen(2) contentLen(4) | className | header | content | [CRC32(4)]
+    0      1      2      3             5      6                           10     11     12
+    +------+------+------+-------------+------+---------------------------+------+------+
+    |proto | ver1 | type |   cmdcode   | ver2 |         requestId         |codec |switch|
+    +------+------+------+-------------+------+---------------------------+------+------+
+    12                          16            18            20                          24
+    +---------------------------+-------------+-------------+---------------------------+
+    |          timeout          |   classLen  |  headerLen  |         contentLen        |
+    +---------------------------+-------------+-------------+---------------------------+
+    then className, header map, content, and CRC32(4) when it is on
 
 The CRC32 (zlib's, over every byte before it) is present when ``ver1 == 2`` and bit 0 of
 ``switch`` is set: that is Java sofa-bolt's rule (``RpcCommandEncoderV2`` /

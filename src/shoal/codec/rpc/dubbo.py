@@ -293,7 +293,7 @@ class DubboDecoder(FrameDecoder):
         if buf:
             del buf[:pos]
         elif pos < size:
-            buf += memoryview(data)[pos:]
+            buf += memoryview(data)[pos + 1:]
         return frames
 
 

@@ -619,7 +619,9 @@ def _route_destinations(
 
 
 def _route_destination(value: object, at: _At, *, headers: bool) -> HTTPRouteDestination:
-    data = _fields(value, at, ("destination", "weight", "headers") if headers else ("destination", "weight"))
+    data = _fields(
+        value, at, ("destination", "weight", "headers") if headers else ("destination", "weight")
+    )
     return HTTPRouteDestination(
         destination=_destination(_required(data, "destination", at), at.at("destination")),
         weight=_integer(data.get("weight", 0), at.at("weight"), 0, 100),

@@ -28,6 +28,7 @@ from shoal.config.envoy_rpc import RPC_RETRY_ON
 from shoal.errors import ConfigError
 from shoal.pilot.api.model import (
     BackupRequestPolicy,
+    BreakerSettings,
     CircuitBreakerPolicy,
     Destination,
     GlobalRateLimit,
@@ -35,7 +36,6 @@ from shoal.pilot.api.model import (
     LocalRateLimit,
     Meta,
     RateLimitPolicy,
-    BreakerSettings,
     RpcMatch,
     RpcRoute,
     RpcRouteRule,
@@ -302,3 +302,86 @@ def _percent(value: object, at: _At) -> dict[str, float]:
 def _envoy_duration(value: object, at: _At) -> str:
     """A Go-style duration in protobuf JSON form (whole milliseconds, see ``_duration``)."""
     return envoy_duration(_duration(value, at))
+
+
+# --- RpcRoute ------------------------------------------------------------------------------------
+
+_RPC_ROUTE_FIELDS = (
+    "name", "match", "route", "timeout", "retries", "rateLimit", "circuitBreaker",
+)  # fmt: skip
+# Properties the proxy reads from the request itself rather than from its attributes.
+_RPC_PROPERTIES = ("version", "group")
+
+
+def _rpc_route(spec: object, at: _At, meta: Meta) -> RpcRoute:
+    data = _fields(spec, at, ("hosts", "routes"))
+    hosts_at = at.at("hosts")
+    hosts: list[str] = []
+    for index, item in enumerate(_list(_required(data, "hosts", at), hosts_at, empty=False)):
+        # an RPC service's exact name (a Dubbo interface): no wildcards, no short names
+        host = _hostname(item, hosts_at.at(index), wildcard=False)
+        if host in hosts:
+            raise hosts_at.at(index).error(f"duplicate host {host!r}")
+        hosts.append(host)
+    routes_at = at.at("routes")
+    routes: list[RpcRouteRule] = []
+    for index, item in enumerate(_list(_required(data, "routes", at), routes_at, empty=False)):
+        here = routes_at.at(index)
+        if routes and routes[-1].match is None:
+            raise here.error(f"unreachable: routes[{index - 1}] has no match and takes every call")
+        route = _rpc_route_rule(item, here)
+        if route.name and any(other.name == route.name for other in routes):
+            raise here.at("name").error(f"duplicate route name {route.name!r}")
+        routes.append(route)
+    return RpcRoute(meta, tuple(hosts), tuple(routes))
+
+
+def _rpc_route_rule(value: object, at: _At) -> RpcRouteRule:
+    data = _fields(value, at, _RPC_ROUTE_FIELDS)
+    breaker = None
+    if "circuitBreaker" in data:
+        here = at.at("circuitBreaker")
+        # an open circuit is answered in the RPC protocol: no HTTP localReply
+        breaker = _breaker(
+            _fields(data["circuitBreaker"], here, _BREAKER_FIELDS), here, ("destination",)
+        )
+    return RpcRouteRule(
+        name=_string(data.get("name", ""), at.at("name")),
+        route=_route_destinations(data, at, headers=False),
+        match=_optional(data, "match", at, _rpc_match),
+        timeout=_optional(data, "timeout", at, _duration),
+        retries=_optional(data, "retries", at, _rpc_retries),
+        rate_limit=_optional(data, "rateLimit", at, _local),
+        circuit_breaker=breaker,
+    )
+
+
+def _rpc_match(value: object, at: _At) -> RpcMatch | None:
+    """None when nothing is to match (``{}``): such a route takes every call."""
+    data = _fields(value, at, ("method", "version", "group", "attributes"))
+    attributes = _named_matches(data.get("attributes", {}), at.at("attributes"), "attribute", bool)
+    for name, _ in attributes:
+        if name in _RPC_PROPERTIES:
+            raise at.at("attributes", name).error(f"use match.{name}")
+    match = RpcMatch(
+        method=_optional(data, "method", at, _string_match),
+        version=_optional(data, "version", at, _string_match),
+        group=_optional(data, "group", at, _string_match),
+        attributes=attributes,
+    )
+    return None if match == RpcMatch() else match
+
+
+def _rpc_retries(value: object, at: _At) -> HTTPRetry:
+    """Istio's ``attempts`` and ``retryOn``, with only the conditions the proxy can retry an
+    RPC on; the default, ``connect-failure``, never sends a call twice."""
+    data = _fields(value, at, ("attempts", "retryOn"), ("perTryTimeout",))
+    attempts = _integer(_required(data, "attempts", at), at.at("attempts"), 0, _INT32_MAX)
+    retry_on = _string(data.get("retryOn", "connect-failure"), at.at("retryOn"), empty=False)
+    for condition in retry_on.split(","):
+        if condition not in RPC_RETRY_ON:
+            allowed = ", ".join(sorted(RPC_RETRY_ON))
+            raise at.at("retryOn").error(f"{condition!r} is not an RPC retry condition ({allowed})")
+    if attempts == 0 and "retryOn" in data:
+        raise at.at("attempts").error("retries are disabled (attempts is 0) but configured")
+    return HTTPRetry(attempts=attempts, retry_on=retry_on)

@@ -25,6 +25,7 @@ from shoal.pilot.api.model import (
     Destination,
     DestinationRule,
     RateLimitPolicy,
+    RpcRoute,
     RuleSet,
     ServiceEntry,
     VirtualService,
@@ -229,7 +230,8 @@ def _items(source: str, document: object) -> list[tuple[str, object]]:
 
 def _ruleset(resources: list[Resource], errors: list[str], failed: set[str]) -> RuleSet:
     """Drop the later of two resources with the same ``Kind namespace/name`` and every
-    VirtualService that routes to a subset no DestinationRule defines; group by kind."""
+    VirtualService or RpcRoute that routes to a subset no DestinationRule defines; group by
+    kind."""
     first: dict[str, Resource] = {}
     for resource in resources:
         key = resource_id(resource)
@@ -242,22 +244,23 @@ def _ruleset(resources: list[Resource], errors: list[str], failed: set[str]) -> 
             first[key] = resource
     unique = list(first.values())
     rules = [r for r in unique if isinstance(r, DestinationRule)]
-    services: list[VirtualService] = []
-    for service in (r for r in unique if isinstance(r, VirtualService)):
-        problem = _missing_subset(service, rules)
+    routing: list[VirtualService | RpcRoute] = []
+    for resource in (r for r in unique if isinstance(r, VirtualService | RpcRoute)):
+        problem = _missing_subset(resource, rules)
         if problem:
             errors.append(problem)
-            failed.add(source_file(service))
+            failed.add(source_file(resource))
         else:
-            services.append(service)
+            routing.append(resource)
     return RuleSet(
-        virtual_services=tuple(services),
+        virtual_services=tuple(r for r in routing if isinstance(r, VirtualService)),
         destination_rules=tuple(rules),
         service_entries=tuple(r for r in unique if isinstance(r, ServiceEntry)),
         workload_entries=tuple(r for r in unique if isinstance(r, WorkloadEntry)),
         circuit_breakers=tuple(r for r in unique if isinstance(r, CircuitBreakerPolicy)),
         rate_limits=tuple(r for r in unique if isinstance(r, RateLimitPolicy)),
         backup_requests=tuple(r for r in unique if isinstance(r, BackupRequestPolicy)),
+        rpc_routes=tuple(r for r in routing if isinstance(r, RpcRoute)),
         errors=tuple(errors),
         failed_files=frozenset(failed),
     )
@@ -274,29 +277,39 @@ def qualified_host(host: str, namespace: str) -> str:
     return host if "." in host or host == "*" else f"{host}.{namespace}.svc.cluster.local"
 
 
-def _missing_subset(service: VirtualService, rules: list[DestinationRule]) -> str:
-    """Why ``service`` must be rejected for a subset no DestinationRule defines, or ""."""
-    for index, route in enumerate(service.http):
-        targets: list[tuple[str, Destination]] = [
-            (f"spec.http[{index}].route[{n}].destination", d.destination)
-            for n, d in enumerate(route.route)
-        ]
-        if route.mirror:
-            targets.append((f"spec.http[{index}].mirror", route.mirror))
-        for path, destination in targets:
-            if not destination.subset:
-                continue
-            host = qualified_host(destination.host, service.meta.namespace)
-            applying = _rules_for(host, rules)
-            if any(s.name == destination.subset for r in applying for s in r.subsets):
-                continue
-            if applying:
-                names = ", ".join(resource_id(r) for r in applying)
-                reason = f"subset {destination.subset!r} is not defined by {names}"
-            else:
-                reason = f"subset {destination.subset!r}: no DestinationRule for host {host}"
-            where = f"{service.meta.source}: {resource_id(service)}"
-            return str(ConfigError(reason, field=f"{path}.subset", source=where))
+def _destinations(resource: VirtualService | RpcRoute) -> Iterator[tuple[str, Destination]]:
+    """Where a resource sends traffic, each with its field path."""
+    if isinstance(resource, VirtualService):
+        for index, http in enumerate(resource.http):
+            for n, d in enumerate(http.route):
+                yield f"spec.http[{index}].route[{n}].destination", d.destination
+            if http.mirror:
+                yield f"spec.http[{index}].mirror", http.mirror
+        return
+    for index, rpc in enumerate(resource.routes):
+        for n, d in enumerate(rpc.route):
+            yield f"spec.routes[{index}].route[{n}].destination", d.destination
+        fallback = rpc.circuit_breaker.fallback if rpc.circuit_breaker else None
+        if fallback:
+            yield f"spec.routes[{index}].circuitBreaker.fallback.destination", fallback
+
+
+def _missing_subset(resource: VirtualService | RpcRoute, rules: list[DestinationRule]) -> str:
+    """Why ``resource`` must be rejected for a subset no DestinationRule defines, or ""."""
+    for path, destination in _destinations(resource):
+        if not destination.subset:
+            continue
+        host = qualified_host(destination.host, resource.meta.namespace)
+        applying = _rules_for(host, rules)
+        if any(s.name == destination.subset for r in applying for s in r.subsets):
+            continue
+        if applying:
+            names = ", ".join(resource_id(r) for r in applying)
+            reason = f"subset {destination.subset!r} is not defined by {names}"
+        else:
+            reason = f"subset {destination.subset!r}: no DestinationRule for host {host}"
+        where = f"{resource.meta.source}: {resource_id(resource)}"
+        return str(ConfigError(reason, field=f"{path}.subset", source=where))
     return ""
 
 

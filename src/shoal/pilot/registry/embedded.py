@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import TypeGuard, cast, get_args
 
 from shoal.pilot.model import (
+    RPC_PROTOCOLS,
     AppProtocol,
     Instance,
     Registry,
@@ -193,10 +194,11 @@ class EmbeddedRegistry(Registry):
         address, port and service port under another id is refused: it would be the same
         endpoint twice. Raises :class:`RegistrationError` for any invalid input.
         """
-        host = _host("host", host)
+        given_ports = _ports(ports) if ports is not None else ()
+        old_service = self._services.get(host) if isinstance(host, str) else None
+        host = _host("host", host, (*given_ports, *(old_service.ports if old_service else ())))
         address = _address(address)
         port = _port("port", port)
-        given_ports = _ports(ports) if ports is not None else ()
         if service_port is None:
             service_port = given_ports[0].number if given_ports else port
         service_port = _port("service_port", service_port)
@@ -208,7 +210,6 @@ class EmbeddedRegistry(Registry):
             instance_id = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         instance_id = _instance_id(instance_id)
 
-        old_service = self._services.get(host)
         siblings = self._instances.get(host, {})
         new_ports = merge_ports((*given_ports, *(old_service.ports if old_service else ())))
         if service_port not in {p.number for p in new_ports}:
@@ -410,13 +411,17 @@ def _port(field: str, value: object) -> int:
     return value
 
 
-def _host(field: str, value: object) -> str:
-    """A DNS name in lower case (``reviews``, ``reviews.default.svc.cluster.local``)."""
-    if not isinstance(value, str) or not _is_dns_name(value):
+def _host(field: str, value: object, ports: Iterable[ServicePort] = ()) -> str:
+    """A DNS name in lower case (``reviews``, ``reviews.default.svc.cluster.local``); with an
+    RPC port among ``ports``, upper case too: the host is then the RPC service's name (a
+    Dubbo interface such as ``com.example.Greeter``), which the proxy matches exactly."""
+    rpc = any(port.protocol in RPC_PROTOCOLS for port in ports)
+    if not isinstance(value, str) or not _is_dns_name(value.lower() if rpc else value):
         raise RegistrationError(
             field,
             f"{value!r} is not a DNS name: dot-separated labels of lower-case letters, "
-            "digits and '-' (at most 63 characters each, 253 in all)",
+            "digits and '-' (at most 63 characters each, 253 in all; upper case too for a "
+            "service with a DUBBO, BOLT or MOTAN2 port)",
         )
     return value
 

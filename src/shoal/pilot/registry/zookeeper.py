@@ -8,8 +8,9 @@ Dubbo keeps, under its root (``/dubbo``), one persistent node per interface and 
         dubbo%3A%2F%2F192.168.1.5%3A20880%2Forg.apache.dubbo.demo.DemoService%3F...
 
 Each interface with providers becomes a service on Dubbo's default port, 20880, whatever
-ports its providers listen on; each provider becomes an instance at its own address and
-port. The URL's scheme (``dubbo``, ``tri``, ...) and the parameters that select a subset
+ports its providers listen on (protocol DUBBO when every provider speaks ``dubbo://``, TCP
+for a mix of schemes); each provider becomes an instance at its own address and port. The
+URL's scheme (``dubbo``, ``tri``, ...) and the parameters that select a subset
 (``version``, ``group``, ``application``, ...) become labels, ``weight`` the instance
 weight. ``consumers``, ``configurators`` and ``routers`` are not read.
 
@@ -32,6 +33,7 @@ from kazoo.protocol.states import EventType
 from kazoo.retry import KazooRetry
 
 from shoal.pilot.model import (
+    AppProtocol,
     Instance,
     Registry,
     RegistrySnapshot,
@@ -72,9 +74,10 @@ class ZooKeeperRegistry(Registry):
             services = []
             instances: list[Instance] = []
             for interface in sorted(self._providers):
-                ports = (ServicePort(DUBBO_PORT, "dubbo", "TCP"),)
+                providers = self._providers[interface]
+                ports = (ServicePort(DUBBO_PORT, "dubbo", _protocol(providers)),)
                 services.append(Service(interface, ports, source=self.name))
-                instances.extend(self._providers[interface])
+                instances.extend(providers)
             self._snapshot = RegistrySnapshot(tuple(services), tuple(instances))
         return self._snapshot
 
@@ -168,6 +171,14 @@ class ZooKeeperRegistry(Registry):
             except ValueError as exc:
                 log.warning("%s: ignoring provider %s of %s: %s", self.name, name, interface, exc)
         return tuple(instances)
+
+
+def _protocol(providers: Iterable[Instance]) -> AppProtocol:
+    """DUBBO when every provider speaks Dubbo's own protocol: the proxy then routes its calls
+    by method. Other schemes (``tri://``, ``rest://``, ...) speak something else on the same
+    port, so a mix stays TCP, proxied as bytes."""
+    dubbo = all(dict(p.labels).get("protocol") == "dubbo" for p in providers)
+    return "DUBBO" if dubbo else "TCP"
 
 
 def parse_provider(interface: str, node: str, source: str) -> Instance:
