@@ -332,11 +332,10 @@ def test_bad_bytes_close_the_connection_and_nothing_else(make_proxy: Any, name: 
     )
     proxy = make_proxy(config)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(codec.heartbeat(9))
-        (beat,) = codec.decoder().feed(sock.recv(65536))
+        # the heartbeat before the garbage, in the same read, is still answered
+        sock.sendall(codec.heartbeat(9) + b"\x00garbage, not a frame" * 4)
+        (beat,) = codec.decoder().feed(_read_until_closed(sock))
         assert beat.heartbeat and not beat.is_request and beat.request_id == 9
-        sock.sendall(b"\x00garbage, not a frame" * 4)
-        assert _read_until_closed(sock) == b""  # no request id to answer: just closed
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         started = time.monotonic()
         sock.sendall(HUGE[name])

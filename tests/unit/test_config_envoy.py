@@ -953,8 +953,8 @@ ERRORS = {
     ),
     "listener filters": (
         with_listener(listener_filters=[{"name": "tls_inspector"}]),
-        f"{LISTENER}.listener_filters",
-        "not supported",
+        f"{LISTENER}.listener_filters[0]",
+        "only the protocol inspector",
     ),
     "UDP listener": (
         with_listener(
@@ -1080,8 +1080,8 @@ ERRORS = {
     # listener shape and addresses
     "two filter chains": (
         second_filter_chain(),
-        f"{LISTENER}.filter_chains",
-        "exactly one filter chain",
+        f"{LISTENER}.filter_chains[1]",
+        "two filter chains without application_protocols",
     ),
     "filter chain match": (
         with_listener(
@@ -1092,8 +1092,8 @@ ERRORS = {
                 }
             ]
         ),
-        f"{LISTENER}.filter_chains[0].filter_chain_match",
-        "filter chain match not supported yet",
+        f"{LISTENER}.filter_chains[0].filter_chain_match.destination_port",
+        "field not supported by shoal",
     ),
     "two network filters": (
         second_network_filter(),

@@ -155,6 +155,11 @@ def build_listener(proto: Message, ctx: Ctx) -> Listener:
 def _listener_filters(filters: Any, ctx: Ctx) -> bool:
     """Whether a protocol inspector is configured (the only listener filters Shoal has)."""
     for index, item in enumerate(filters):
+        if not item.HasField("typed_config"):
+            raise ctx.at(index).error(
+                f"only the protocol inspector ({INSPECTOR} or"
+                " envoy.filters.listener.http_inspector) is supported"
+            )
         typed_config(
             item, ctx.at(index), http_inspector_pb2.HttpInspector, typed_struct_pb2.TypedStruct
         )

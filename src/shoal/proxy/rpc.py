@@ -227,7 +227,10 @@ class RpcSession(asyncio.Protocol):
         try:
             frames = self.decoder.feed(data)
         except RpcProtocolError as exc:
-            self.protocol_error(data, str(exc))
+            for frame in exc.frames:  # what came before the bad frame is served
+                if frame.is_request:
+                    self.request(frame)
+            self.protocol_error(exc.at, str(exc))
             return
         for frame in frames:
             if frame.is_request:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from shoal.codec.detect import detect
@@ -45,6 +45,7 @@ from shoal.proxy.rpc import (
     RpcSession,
     RpcStats,
 )
+from shoal.proxy.tap import TapHub, TapTarget
 from shoal.proxy.tcp import TCP_COUNTERS, TcpSession, TcpStats
 from shoal.upstream.backup import ROUTE_BACKUPS
 from shoal.upstream.breaker import ROUTE_BREAKERS
@@ -149,6 +150,7 @@ class ProxyRuntime:
         self.downstream_rq_time: dict[str, Histogram] = {}
         self.filters: dict[str, HttpFilter] = {}  # by stat prefix
         self.assignments: dict[str, tuple[Endpoint, ...]] = {}  # EDS, by service name
+        self.taps = TapHub(self._tap_targets)
 
     # applying config ---------------------------------------------------------------------------
 
@@ -191,6 +193,8 @@ class ProxyRuntime:
             self.listeners[listener.name] = slot
         for slot in old_slots.values():
             slot.close()
+        # before the first await: no request on the new contexts escapes an open tap
+        self.taps.attach(self._tap_targets())
         for slot in fresh.values():
             assert slot.server is not None
             await slot.server.start_serving()
@@ -206,6 +210,11 @@ class ProxyRuntime:
             len(self.listeners),
             len(self.clusters),
         )
+
+    def _tap_targets(self) -> Iterator[TapTarget]:
+        for name, slot in self.listeners.items():
+            for context in _contexts(slot.context):
+                yield name, context.config.stat_prefix, context.access_logs
 
     async def _build_clusters(self, configs: tuple[Cluster, ...]) -> dict[str, ClusterRuntime]:
         clusters: dict[str, ClusterRuntime] = {}

@@ -81,8 +81,12 @@ class RpcUpstreamConnection(asyncio.Protocol):
         try:
             frames = self.decoder.feed(data)
         except RpcProtocolError as exc:
+            self.deliver(exc.frames)
             self.fail(f"upstream protocol error: {exc}")
             return
+        self.deliver(frames)
+
+    def deliver(self, frames: list[RpcFrame]) -> None:
         for frame in frames:
             if frame.is_request:
                 if frame.heartbeat and self.transport is not None:

@@ -21,6 +21,7 @@ from typing import ClassVar
 from shoal.errors import RemoteProtocolError
 
 DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024  # Dubbo's default payload limit
+ERROR_CONTEXT = 64  # bytes of a bad frame kept for error_reply (headers are shorter)
 
 
 class Match(Enum):
@@ -45,10 +46,21 @@ class RpcErrorKind(Enum):
 
 class RpcProtocolError(RemoteProtocolError):
     """The peer sent bytes that are not a valid frame of the protocol; the connection
-    cannot continue (a reply is sent first when the protocol has one, see ``error_reply``)."""
+    cannot continue (a reply is sent first when the protocol has one, see ``error_reply``).
+
+    A decoder sets ``frames`` to the good frames it decoded before the bad one in the same
+    ``feed``, and ``at`` to the first bytes of the bad one (at most ``ERROR_CONTEXT``), so
+    that nothing before the error is lost and ``error_reply`` can read its request id."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, status=400)
+        self.frames: list[RpcFrame] = []
+        self.at = b""
+
+    def located(self, frames: list[RpcFrame], at: bytes | bytearray) -> RpcProtocolError:
+        self.frames = frames
+        self.at = bytes(at[:ERROR_CONTEXT])
+        return self
 
 
 class RpcFrame:
@@ -123,7 +135,9 @@ class FrameDecoder:
     """Per-connection, stateful: ``feed`` bytes, get the complete frames so far.
 
     Implementations must never allocate from a length field before checking it against
-    ``max_frame_bytes``, and must raise only :class:`RpcProtocolError` on bad input.
+    ``max_frame_bytes`` (which counts the whole frame, header included), and must raise
+    only :class:`RpcProtocolError` on bad input, :meth:`~RpcProtocolError.located` at the
+    bad frame. A decoder that raised is not fed again: the connection closes.
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
@@ -177,5 +191,6 @@ class RpcCodec:
 
     def error_reply(self, data: bytes, message: str) -> bytes | None:
         """What to send before closing a connection whose bytes could not be decoded
-        (``data`` is what was buffered), or None when the protocol has nothing to say."""
+        (``data``: the first bytes of the bad frame), or None when the protocol has nothing
+        to say (no request id to answer)."""
         return None

@@ -465,6 +465,8 @@ class BoltDecoder(FrameDecoder):
                     break
                 frame, pos = parsed
                 frames.append(frame)
+        except RpcProtocolError as exc:
+            raise exc.located(frames, buf[pos:]) from None
         finally:
             # On an error the buffer starts at the bad frame, for error_reply.
             del buf[:pos]

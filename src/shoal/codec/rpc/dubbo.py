@@ -241,7 +241,7 @@ def _decode_request(raw: bytes, request_id: int, oneway: bool) -> RpcFrame:
     for _ in range(params):
         reader.skip()
     numbers: dict[str, int] = {}
-    # Lenient like Java's decoder: a body that ends after the arguments has no attachments.
+    # A body that ends right after the arguments has no attachments: nothing to route on.
     headers = reader.read_string_map(numbers) if reader.pos < len(raw) else {}
     return RpcFrame(
         is_request=True,
@@ -275,29 +275,34 @@ class DubboDecoder(FrameDecoder):
         size = len(view)
         pos = 0
         frames: list[RpcFrame] = []
-        while size - pos >= HEADER_BYTES:
-            if view[pos] != 0xDA or view[pos + 1] != 0xBB:
+        try:
+            while size - pos >= HEADER_BYTES:
+                if view[pos] != 0xDA or view[pos + 1] != 0xBB:
+                    raise RpcProtocolError("dubbo: bad magic, not at a frame boundary")
+                end = pos + HEADER_BYTES + int.from_bytes(view[pos + 12 : pos + 16], "big")
+                if end - pos > self.max_frame_bytes:
+                    raise RpcProtocolError(
+                        f"dubbo: frame of {end - pos} bytes exceeds {self.max_frame_bytes}"
+                    )
+                if end > size:
+                    break
+                # bytes(bytes) is no copy: a feed of exactly one frame is not copied at all
+                frames.append(_decode(bytes(view if end - pos == size else view[pos:end])))
+                pos = end
+            if pos < size and (view[pos] != 0xDA or (size - pos > 1 and view[pos + 1] != 0xBB)):
                 raise RpcProtocolError("dubbo: bad magic, not at a frame boundary")
-            end = pos + HEADER_BYTES + int.from_bytes(view[pos + 12 : pos + 16], "big")
-            if end - pos > self.max_frame_bytes:
-                raise RpcProtocolError(
-                    f"dubbo: frame of {end - pos} bytes exceeds {self.max_frame_bytes}"
-                )
-            if end > size:
-                break
-            # bytes(bytes) is no copy: a feed of exactly one frame is not copied at all
-            frames.append(_decode(bytes(view if end - pos == size else view[pos:end])))
-            pos = end
-        if pos < size and (view[pos] != 0xDA or (size - pos > 1 and view[pos + 1] != 0xBB)):
-            raise RpcProtocolError("dubbo: bad magic, not at a frame boundary")
+        except RpcProtocolError as exc:
+            raise exc.located(frames, view[pos:]) from None
         if buf:
             del buf[:pos]
         elif pos < size:
-            buf += memoryview(data)[pos + 1:]
+            buf += memoryview(data)[pos:]
         return frames
 
 
 class DubboCodec(RpcCodec):
+    """Dubbo 2 with hessian2 bodies (see the module docstring)."""
+
     name: ClassVar[str] = "dubbo"
     multiplexed: ClassVar[bool] = True
     magic: ClassVar[bytes] = MAGIC
@@ -308,8 +313,9 @@ class DubboCodec(RpcCodec):
     def encode(self, frame: RpcFrame) -> bytes:
         """Requests: ``payload`` is the hessian2-encoded arguments (attachments come from
         ``headers``, plus ``group`` and ``timeout``), and the parameter-types descriptor
-        travels in ``headers[PARAM_TYPES_HEADER]``. Responses: ``payload`` is the whole
-        body, as :func:`_decode` gives it; ``status`` 0 means OK."""
+        travels in ``headers[PARAM_TYPES_HEADER]``; unlike a decoded request's payload,
+        which ends with the attachments (forward its ``raw`` instead). Responses:
+        ``payload`` is the whole body, as decoded; ``status`` 0 means OK."""
         if frame.is_request:
             if frame.heartbeat:
                 return self.heartbeat(frame.request_id)

@@ -53,7 +53,8 @@ _KIND = _table(
     (0xD8, 0xFF, _INT), (0x38, 0x3F, _INT), (0x59, 0x59, _INT), (0x4C, 0x4C, _INT),
 )  # fmt: skip
 
-_ASTRAL = re.compile(r"[\U00010000-\U0010ffff]")  # raw: mypyc refuses surrogate literals
+# Raw patterns, the escapes left to re: mypyc refuses surrogates in string literals.
+_ASTRAL = re.compile(r"[\U00010000-\U0010ffff]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 

@@ -233,28 +233,33 @@ class Motan2Decoder(FrameDecoder):
         limit = self.max_frame_bytes
         frames: list[RpcFrame] = []
         pos = 0
-        while end - pos >= 2:
-            if buf[pos : pos + 2] != MAGIC:
-                raise RpcProtocolError(f"motan2: bad magic {bytes(buf[pos : pos + 2]).hex()}")
-            if end - pos < _PREFIX.size:
-                break
-            _, msg_type, version_status, _, request_id, meta_size = _PREFIX.unpack_from(buf, pos)
-            if version_status >> 3 != VERSION:
-                raise RpcProtocolError(f"motan2: unsupported version {version_status >> 3}")
-            if _FIXED_LEN + meta_size > limit:
-                raise RpcProtocolError(f"motan2: metadata of {meta_size} bytes exceeds {limit}")
-            body_size_at = pos + _PREFIX.size + meta_size
-            if end < body_size_at + 4:
-                break
-            (body_size,) = _U32.unpack_from(buf, body_size_at)
-            size = _FIXED_LEN + meta_size + body_size
-            if size > limit:
-                raise RpcProtocolError(f"motan2: frame of {size} bytes exceeds {limit}")
-            if end - pos < size:
-                break
-            raw = bytes(buf[pos : pos + size])
-            frames.append(_frame(raw, msg_type, version_status, request_id, meta_size))
-            pos += size
+        try:
+            while end - pos >= 2:
+                if buf[pos : pos + 2] != MAGIC:
+                    raise RpcProtocolError(f"motan2: bad magic {bytes(buf[pos : pos + 2]).hex()}")
+                if end - pos < _PREFIX.size:
+                    break
+                _, msg_type, version_status, _, request_id, meta_size = _PREFIX.unpack_from(
+                    buf, pos
+                )
+                if version_status >> 3 != VERSION:
+                    raise RpcProtocolError(f"motan2: unsupported version {version_status >> 3}")
+                if _FIXED_LEN + meta_size > limit:
+                    raise RpcProtocolError(f"motan2: metadata of {meta_size} bytes exceeds {limit}")
+                body_size_at = pos + _PREFIX.size + meta_size
+                if end < body_size_at + 4:
+                    break
+                (body_size,) = _U32.unpack_from(buf, body_size_at)
+                size = _FIXED_LEN + meta_size + body_size
+                if size > limit:
+                    raise RpcProtocolError(f"motan2: frame of {size} bytes exceeds {limit}")
+                if end - pos < size:
+                    break
+                raw = bytes(buf[pos : pos + size])
+                frames.append(_frame(raw, msg_type, version_status, request_id, meta_size))
+                pos += size
+        except RpcProtocolError as exc:
+            raise exc.located(frames, buf[pos:]) from None
         del buf[:pos]
         return frames
 
