@@ -16,6 +16,7 @@ from shoal.config.envoy import bootstrap_from_dict
 def test_bootstrap_runs_on_shoal_and_validates_on_envoy(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "shoal", "bootstrap", "--service", "api:80", "--delta"]
     command += ["--app-address", "127.0.0.1:8080", "--label", "version=v1"]
+    command += ["--rpc-outbound-address", "127.0.0.1:15002"]
     result = subprocess.run(
         command,
         capture_output=True,
@@ -27,6 +28,7 @@ def test_bootstrap_runs_on_shoal_and_validates_on_envoy(tmp_path: Path) -> None:
     assert metadata["SERVICE"] == "api:80"
     assert metadata["LABELS"] == {"version": "v1"}
     assert metadata["APP_ADDRESS"] == "127.0.0.1:8080"
+    assert metadata["RPC_OUTBOUND_ADDRESS"] == "127.0.0.1:15002"
     bootstrap = bootstrap_from_dict(config, source="stdout")
     assert bootstrap.ads is not None
     assert bootstrap.ads.delta

@@ -1083,7 +1083,7 @@ def test_rejected(document: dict[str, Any], field: str, reason: str) -> None:
         (
             {"apiVersion": "shoal.io/v1", "kind": "RateLimit", "metadata": {"name": "r"}},
             f"{SOURCE}: RateLimit default/r: kind: unknown kind 'RateLimit' "
-            "(Shoal's own: CircuitBreakerPolicy, RateLimitPolicy, BackupRequestPolicy)",
+            "(Shoal's own: CircuitBreakerPolicy, RateLimitPolicy, BackupRequestPolicy, RpcRoute)",
         ),
         (
             {"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": {"name": "g"}},

@@ -197,7 +197,7 @@ def test_kinds_shoal_does_not_read_are_errors_not_crashes(rules: Path) -> None:
         "rules/all.yaml#0: Deployment default/web: unsupported kind Deployment (apps/v1); "
         "Shoal reads networking.istio.io and shoal.io/v1 resources",
         "rules/all.yaml#1: RetryBudget shop/web: kind: unknown kind 'RetryBudget' "
-        "(Shoal's own: CircuitBreakerPolicy, RateLimitPolicy, BackupRequestPolicy)",
+        "(Shoal's own: CircuitBreakerPolicy, RateLimitPolicy, BackupRequestPolicy, RpcRoute)",
         "rules/all.yaml#2: Gateway default/ingress: Gateway is not supported by Shoal",
         "rules/all.yaml#3: a resource must be a mapping, not a list",
     )

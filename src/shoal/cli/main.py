@@ -69,6 +69,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
         app_address=args.app_address,
         inbound_address=args.inbound_address,
         outbound_address=args.outbound_address,
+        rpc_outbound_address=args.rpc_outbound_address,
         admin=args.admin_address or None,
         delta=args.delta,
     )
@@ -129,6 +130,11 @@ def _add_pilot(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     bootstrap.add_argument("--inbound-address", default="127.0.0.1:15006")
     bootstrap.add_argument("--outbound-address", default="127.0.0.1:15001")
+    bootstrap.add_argument(
+        "--rpc-outbound-address",
+        default="",
+        help="HOST:PORT where the app's Dubbo/Bolt/Motan2 clients connect (shoal proxy only)",
+    )
     bootstrap.add_argument(
         "--admin-address",
         default=("127.0.0.1", 15000),

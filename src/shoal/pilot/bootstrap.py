@@ -23,6 +23,7 @@ def sidecar_bootstrap(
     app_address: str = "",
     inbound_address: str = "127.0.0.1:15006",
     outbound_address: str = "127.0.0.1:15001",
+    rpc_outbound_address: str = "",
     admin: tuple[str, int] | None = ("127.0.0.1", 15000),
     delta: bool = False,
 ) -> dict[str, Any]:
@@ -36,6 +37,8 @@ def sidecar_bootstrap(
         metadata["LABELS"] = dict(labels)
     if app_address:
         metadata["APP_ADDRESS"] = app_address
+    if rpc_outbound_address:  # Shoal proxies only: Envoy has no Bolt or Motan2 codec
+        metadata["RPC_OUTBOUND_ADDRESS"] = rpc_outbound_address
     ads = {"ads": {}, "resource_api_version": "V3"}
     config: dict[str, Any] = {
         "node": {"id": node_id, "cluster": service or node_id, "metadata": metadata},

@@ -27,6 +27,7 @@ from shoal.pilot.api.model import (
     CircuitBreakerPolicy,
     DestinationRule,
     RateLimitPolicy,
+    RpcRoute,
     RuleSet,
     ServiceEntry,
     VirtualService,
@@ -40,7 +41,7 @@ from shoal.pilot.registry.embedded import EmbeddedRegistry
 from shoal.pilot.registry.files import FilesRegistry
 from shoal.pilot.registry.proxies import ConnectedProxies
 from shoal.pilot.rest import registry_routes, services_json
-from shoal.pilot.translate import Translator
+from shoal.pilot.translate import MeshSnapshot, Translator
 from shoal.pilot.xds import AggregatedDiscovery, Mesh, add_to_server
 
 log = logging.getLogger("shoal.pilot")
@@ -92,6 +93,7 @@ _KINDS = {
     "circuit_breakers": CircuitBreakerPolicy,
     "rate_limits": RateLimitPolicy,
     "backup_requests": BackupRequestPolicy,
+    "rpc_routes": RpcRoute,
 }
 
 
@@ -130,7 +132,7 @@ class Pilot:
         self.config_dir = ConfigDir(self.settings.config_dir)
         self.translator = Translator()
         self._load_rules(self.config_dir.load())
-        self.mesh = Mesh(self.translator.translate(self.merged.snapshot(), self.rules))
+        self.mesh = Mesh(self._translate(()))
         self._timer: asyncio.TimerHandle | None = None
         self._first_change = 0.0
         self.ready = False
@@ -151,7 +153,7 @@ class Pilot:
 
     def push(self) -> None:
         self._timer = None
-        snapshot = self.translator.translate(self.merged.snapshot(), self.rules)
+        snapshot = self._translate(self.mesh.snapshot.errors)
         self.mesh.publish(snapshot)
         self.pushes += 1
         log.info(
@@ -161,6 +163,14 @@ class Pilot:
             len(snapshot.clusters),
             len(self.mesh.sessions),
         )
+
+    def _translate(self, logged: tuple[str, ...]) -> MeshSnapshot:
+        """Translate the mesh; log the rules it finds invalid that are not in ``logged``
+        (an RpcRoute on a service without an RPC port: the services make it so)."""
+        snapshot = self.translator.translate(self.merged.snapshot(), self.rules)
+        for error in sorted(set(snapshot.errors) - set(logged)):
+            log.error("rules rejected: %s", error)
+        return snapshot
 
     def _load_rules(self, rules: RuleSet) -> bool:
         """Take a new rule set; returns whether it differs from the running one.
@@ -207,7 +217,7 @@ class Pilot:
                         (s.status() for s in self.mesh.sessions if s.node is not None),
                         key=lambda status: (status["node"], status["peer"]),
                     ),
-                    "rule_errors": list(self.rule_errors),
+                    "rule_errors": [*self.rule_errors, *self.mesh.snapshot.errors],
                     "services": services_json(self.merged.snapshot()),
                 },
             )

@@ -10,6 +10,10 @@ sidecar's HTTP route table ``outbound``, its listeners ``outbound`` and ``inboun
 for a gRPC client the Listener and RouteConfiguration named exactly as it dialled
 (``host`` or ``host:port``).
 
+RPC services (ports of protocol DUBBO, BOLT or MOTAN2) get the same clusters; their routes
+are Envoy's generic_proxy (see :mod:`.translate_rpc`), on a listener at the node's
+``RPC_OUTBOUND_ADDRESS`` (only Shoal proxies set it) and on the sidecar's inbound listener.
+
 Resources are built as plain dicts (the YAML shape everyone knows from Envoy's docs) and
 parsed into protos once per change; a service's resources are cached by their inputs, so
 an endpoint change re-translates one service, not the mesh.
@@ -40,6 +44,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
+from shoal.errors import ConfigError
 from shoal.pilot.api.model import (
     CircuitBreakerPolicy,
     ConnectionPool,
@@ -55,12 +60,33 @@ from shoal.pilot.api.model import (
     LocalRateLimit,
     OutlierDetection,
     RateLimitPolicy,
+    RpcRoute,
     RuleSet,
-    StringMatch,
     TrafficPolicy,
     VirtualService,
 )
-from shoal.pilot.model import Instance, RegistrySnapshot, Service, ServicePort, envoy_duration
+from shoal.pilot.api.parse import resource_id
+from shoal.pilot.api.store import routed_destinations
+from shoal.pilot.model import (
+    RPC_PROTOCOLS,
+    AppProtocol,
+    Instance,
+    RegistrySnapshot,
+    Service,
+    ServicePort,
+    envoy_duration,
+    rpc_ports,
+)
+from shoal.pilot.translate_rpc import EXTENSIONS as RPC_EXTENSIONS
+from shoal.pilot.translate_rpc import (
+    application_protocol,
+    generic_proxy,
+    listener,
+    route_action,
+    route_matcher,
+    string_matcher,
+    token_bucket,
+)
 from shoal.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 # The extensions the translation packs into Any fields (ParseDict looks them up by name).
@@ -72,6 +98,7 @@ EXTENSIONS = (
     router_pb2,
     http_connection_manager_pb2,
     http_protocol_options_pb2,
+    *RPC_EXTENSIONS,
 )
 
 HCM = (
@@ -90,6 +117,7 @@ ADAPTIVE_CONCURRENCY = (
 )
 ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 OUTBOUND_ROUTES = "outbound"
+OUTBOUND_RPC = "outbound_rpc"
 HTTP_PROTOCOLS = frozenset({"HTTP"})
 GRPC_PROTOCOLS = frozenset({"GRPC", "HTTP2"})
 ISTIO_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
@@ -129,6 +157,7 @@ class NodeInfo:
     app_address: tuple[str, int] | None = None
     inbound_address: tuple[str, int] = ("127.0.0.1", 15006)
     outbound_address: tuple[str, int] = ("127.0.0.1", 15001)
+    rpc_outbound_address: tuple[str, int] | None = None  # Shoal proxies only
 
     @property
     def has_inbound(self) -> bool:
@@ -158,6 +187,9 @@ class MeshSnapshot:
     ports: dict[str, tuple[ServicePort, ...]]
     fault_used: bool
     rate_limits: dict[str, RateLimitPolicy] = field(default_factory=dict)  # by host
+    # the virtual hosts of the RPC services, per protocol (RPC_PROTOCOLS order)
+    rpc_hosts: dict[AppProtocol, list[dict[str, Any]]] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()  # rules the services make invalid (an RpcRoute on HTTP)
     _named: dict[tuple[str, str], Resource | None] = field(default_factory=dict)
     _sidecar: dict[tuple[str, NodeInfo], dict[str, Resource]] = field(default_factory=dict)
 
@@ -209,8 +241,8 @@ class MeshSnapshot:
         manager = _http_connection_manager(
             name, {"rds": {"config_source": ADS, "route_config_name": name}}, self.fault_used
         )
-        listener = {"name": name, "api_listener": {"api_listener": manager}}
-        return pack(name, parse(listener_pb2.Listener, listener))
+        api_listener = {"name": name, "api_listener": {"api_listener": manager}}
+        return pack(name, parse(listener_pb2.Listener, api_listener))
 
     def sidecar_listeners(self, node: NodeInfo) -> dict[str, Resource]:
         """The listeners of a sidecar, shared by every sidecar with the same metadata."""
@@ -235,11 +267,38 @@ class MeshSnapshot:
             {"rds": {"config_source": ADS, "route_config_name": OUTBOUND_ROUTES}},
             self.fault_used,
         )
-        listeners = {"outbound": pack("outbound", parse(listener_pb2.Listener, outbound))}
+        built = {"outbound": outbound}
+        if node.rpc_outbound_address is not None and self.rpc_hosts:
+            filters = [
+                (
+                    application_protocol(protocol),
+                    generic_proxy(
+                        protocol,
+                        f"outbound_{application_protocol(protocol)}",
+                        {"virtual_hosts": vhosts},
+                    ),
+                )
+                for protocol, vhosts in self.rpc_hosts.items()
+            ]
+            built[OUTBOUND_RPC] = listener(OUTBOUND_RPC, node.rpc_outbound_address, filters)
         if node.has_inbound:
-            inbound = _http_listener(
+            built["inbound"] = listener("inbound", node.inbound_address, self._inbound(node))
+        return {
+            name: pack(name, parse(listener_pb2.Listener, data)) for name, data in built.items()
+        }
+
+    def _inbound(self, node: NodeInfo) -> list[tuple[str, dict[str, Any]]]:
+        """The inbound listener's filters: HTTP, the protocol of each RPC port of the
+        sidecar's service (its ``SERVICE`` port, or all of them), or both, to the app."""
+        service = self.services.get(node.service)
+        ports = [
+            p for p in (service.ports if service else ()) if node.service_port in (None, p.number)
+        ]
+        cluster = inbound_cluster_name(node)
+        filters = []
+        if not ports or any(p.protocol not in RPC_PROTOCOLS for p in ports):
+            http = _http_connection_manager(
                 "inbound",
-                node.inbound_address,
                 {
                     "route_config": {
                         "name": "inbound",
@@ -250,10 +309,7 @@ class MeshSnapshot:
                                 "routes": [
                                     {
                                         "match": {"prefix": "/"},
-                                        "route": {
-                                            "cluster": inbound_cluster_name(node),
-                                            "timeout": "0s",
-                                        },
+                                        "route": {"cluster": cluster, "timeout": "0s"},
                                     }
                                 ],
                             }
@@ -263,8 +319,14 @@ class MeshSnapshot:
                 False,
                 _inbound_filters(self.rate_limits.get(node.service)),
             )
-            listeners["inbound"] = pack("inbound", parse(listener_pb2.Listener, inbound))
-        return listeners
+            filters.append(("", _network_filter(http)))
+        for protocol in rpc_ports(ports):
+            name = f"inbound_{application_protocol(protocol)}"
+            routes = route_matcher([], route_action("inbound", {"cluster": cluster}))
+            filters.append(
+                (application_protocol(protocol), generic_proxy(protocol, name, {"routes": routes}))
+            )
+        return filters
 
     def _sidecar_clusters(self, node: NodeInfo) -> dict[str, Resource]:
         assert node.app_address is not None
@@ -294,27 +356,15 @@ def _http_connection_manager(
     return {"@type": HCM, "stat_prefix": stat_prefix, **routes, "http_filters": filters}
 
 
+def _network_filter(manager: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+
+
 def _http_listener(
-    name: str,
-    address: tuple[str, int],
-    routes: dict[str, Any],
-    fault: bool,
-    first: Iterable[dict[str, Any]] = (),
+    name: str, address: tuple[str, int], routes: dict[str, Any], fault: bool
 ) -> dict[str, Any]:
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": address[0], "port_value": address[1]}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": _http_connection_manager(name, routes, fault, first),
-                    }
-                ]
-            }
-        ],
-    }
+    manager = _http_connection_manager(name, routes, fault)
+    return listener(name, address, [("", _network_filter(manager))])
 
 
 def _inbound_filters(policy: RateLimitPolicy | None) -> list[dict[str, Any]]:
@@ -342,11 +392,7 @@ def _local_rate_limit(local: LocalRateLimit, status: int) -> dict[str, Any]:
         "typed_config": {
             "@type": LOCAL_RATELIMIT,
             "stat_prefix": "inbound_rate_limit",
-            "token_bucket": {
-                "max_tokens": local.max_tokens,
-                "tokens_per_fill": local.tokens_per_fill,
-                "fill_interval": envoy_duration(local.fill_interval),
-            },
+            "token_bucket": token_bucket(local),
             "filter_enabled": everyone,
             "filter_enforced": everyone,
             "status": {"code": status},
@@ -417,7 +463,7 @@ class Translator:
         routes_key = (tuple(services[h] for h in sorted(services)), rules)
         if self._routes is None or self._routes[0] != routes_key:
             self._routes = (routes_key, _route_tables(services, rules_for))
-        virtual_hosts, outbound_routes, fault_used = self._routes[1]
+        virtual_hosts, outbound_routes, fault_used, rpc_hosts = self._routes[1]
         return MeshSnapshot(
             services=services,
             clusters=clusters,
@@ -427,6 +473,8 @@ class Translator:
             ports={host: s.ports for host, s in services.items()},
             fault_used=fault_used,
             rate_limits=rules_for.rate_limits,
+            rpc_hosts=rpc_hosts,
+            errors=tuple(rules_for.errors),
         )
 
 
@@ -451,12 +499,15 @@ def _service_resources(
     return clusters, endpoints
 
 
-RoutesBuilt = tuple[dict[str, list[dict[str, Any]]], Resource, bool]
+RoutesBuilt = tuple[
+    dict[str, list[dict[str, Any]]], Resource, bool, dict[AppProtocol, list[dict[str, Any]]]
+]
 
 
 def _route_tables(services: Mapping[str, Service], rules: _RulesIndex) -> RoutesBuilt:
-    """The virtual hosts of every service port, and the sidecars' ``outbound`` table. They
-    depend on services and rules only, so endpoint changes reuse them."""
+    """The virtual hosts of every service port, the sidecars' ``outbound`` table, and the
+    RPC virtual hosts per protocol. They depend on services and rules only, so endpoint
+    changes reuse them."""
     virtual_hosts: dict[str, list[dict[str, Any]]] = {}
     fault_used = False
     for host in sorted(services):
@@ -478,7 +529,33 @@ def _route_tables(services: Mapping[str, Service], rules: _RulesIndex) -> Routes
         ],
     }
     table = pack(OUTBOUND_ROUTES, parse(route_pb2.RouteConfiguration, outbound))
-    return virtual_hosts, table, fault_used
+    rpc_hosts: dict[AppProtocol, list[dict[str, Any]]] = defaultdict(list)
+    for host in sorted(services):
+        for port in rpc_ports(services[host].ports).values():
+            rpc_hosts[port.protocol].append(_rpc_virtual_host(services[host], port, rules))
+    ordered = {protocol: rpc_hosts[protocol] for protocol in RPC_PROTOCOLS if protocol in rpc_hosts}
+    return virtual_hosts, table, fault_used, ordered
+
+
+def _rpc_virtual_host(service: Service, port: ServicePort, rules: _RulesIndex) -> dict[str, Any]:
+    """The RPC service's routes, from its RpcRoutes in order, then its default cluster.
+    A route is named ``<RpcRoute>-<route name or index>`` (its stats, its breaker)."""
+    routes = []
+    for rpc in rules.rpc.get(service.host, ()):
+        for index, rule in enumerate(rpc.routes):
+            destinations = [(d.destination, d.weight) for d in rule.route]
+            breaker = None
+            if rule.circuit_breaker is not None:
+                fallback = rules.fallback(rule.circuit_breaker.fallback)
+                breaker = _breaker_settings(rule.circuit_breaker.settings, fallback, port)
+            name = f"{rpc.meta.name}-{rule.name or index}"
+            action = route_action(name, _clusters_of(destinations, port, rules), rule, breaker)
+            routes.append((rule.match, action))
+    default = cluster_name(service.host, port.number)
+    matcher = route_matcher(
+        routes, route_action(f"{service.host}:{port.number}", {"cluster": default})
+    )
+    return {"name": service.host, "hosts": [service.host], "routes": matcher}
 
 
 def _routable(port: ServicePort) -> bool:
@@ -486,8 +563,9 @@ def _routable(port: ServicePort) -> bool:
 
 
 Built = tuple[dict[str, Resource], dict[str, Resource]]  # a service's clusters, endpoints
-# A breaker policy and where its fallback goes: (host, subset, port, the host's ports).
-Breaker = tuple[CircuitBreakerPolicy, tuple[str, str, int | None, tuple[int, ...]] | None]
+# Where a breaker's fallback goes: the destination, and the service it names if known.
+Fallback = tuple[Destination, Service | None]
+Breaker = tuple[CircuitBreakerPolicy, Fallback | None]  # a breaker policy and its fallback
 
 
 class _RulesIndex:
@@ -495,20 +573,25 @@ class _RulesIndex:
 
     def __init__(self, rules: RuleSet, services: Mapping[str, Service]) -> None:
         self.services = services
+        # Rules name hosts in lower case; an RPC service's host keeps its case.
+        self.hosts = [(host.lower(), host) for host in sorted(services)]
+        self._lower: dict[str, Service] = {}
+        for lower, host in self.hosts:
+            self._lower.setdefault(lower, services[host])
         self.rules: dict[str, DestinationRule] = {}
         for rule in rules.destination_rules:
-            for host in _hosts_matching(rule.host, services):
+            for host in self.matching(rule.host):
                 self.rules.setdefault(host, rule)
         self.virtual: dict[str, list[VirtualService]] = defaultdict(list)
         for vs in rules.virtual_services:
             for pattern in vs.hosts:
-                for host in _hosts_matching(pattern, services):
+                for host in self.matching(pattern):
                     if vs not in self.virtual[host]:
                         self.virtual[host].append(vs)
 
         self.backups: dict[str, dict[str, Any]] = {}
         for backup in rules.backup_requests:
-            for host in _hosts_matching(backup.host, services):
+            for host in self.matching(backup.host):
                 self.backups.setdefault(host, json.loads(backup.settings))
         self.rate_limits: dict[str, RateLimitPolicy] = {}
         for written in rules.rate_limits:
@@ -518,21 +601,57 @@ class _RulesIndex:
                 if target is not None:
                     resolved = replace(written.global_limit, host=target.host)
                     limit = replace(written, global_limit=resolved)
-            for host in _hosts_matching(limit.host, services):
+            for host in self.matching(limit.host):
                 self.rate_limits.setdefault(host, limit)
         self._breakers: dict[str, list[Breaker]] = defaultdict(list)
         for breaker in rules.circuit_breakers:
-            fallback = None
-            if breaker.fallback is not None:
-                target = self.resolve(breaker.fallback)
-                fallback = (
-                    target.host if target else breaker.fallback.host,
-                    breaker.fallback.subset,
-                    breaker.fallback.port,
-                    tuple(p.number for p in target.ports) if target else (),
-                )
-            for host in _hosts_matching(breaker.host, services):
+            fallback = self.fallback(breaker.fallback)
+            for host in self.matching(breaker.host):
                 self._breakers[host].append((breaker, fallback))
+        self.rpc: dict[str, list[RpcRoute]] = defaultdict(list)  # by service host
+        self.errors: list[str] = []
+        for rpc in rules.rpc_routes:
+            problem = self._rpc_problem(rpc)
+            if problem:
+                self.errors.append(problem)
+                continue
+            for host in rpc.hosts:
+                if host in self._lower:
+                    self.rpc[self._lower[host].host].append(rpc)
+
+    def _rpc_problem(self, rpc: RpcRoute) -> str:
+        """Why the services make ``rpc`` invalid, or "": it names a service with no RPC
+        port, or sends its calls to a port of another protocol (the RpcRoute is then
+        left out whole). Services not in the mesh (yet) are no problem."""
+        where = f"{rpc.meta.source}: {resource_id(rpc)}"
+        for index, host in enumerate(rpc.hosts):
+            service = self._lower.get(host)
+            if service is None:
+                continue
+            protocols = rpc_ports(service.ports)
+            if not protocols:
+                listed = ", ".join(f"{p.number}/{p.protocol}" for p in service.ports)
+                reason = f"{service.host} has no DUBBO, BOLT or MOTAN2 port (it has {listed})"
+                return str(ConfigError(reason, field=f"spec.hosts[{index}]", source=where))
+            for port in protocols.values():
+                for path, destination in routed_destinations(rpc):
+                    target = self.resolve(destination)
+                    if target is None:
+                        continue
+                    number = _destination_port(destination, target, port)
+                    found = next((p.protocol for p in target.ports if p.number == number), None)
+                    if found != port.protocol:
+                        speaks = f"is {found}" if found else "is not a port of it"
+                        reason = (
+                            f"{target.host} port {number} {speaks}, not {port.protocol} "
+                            f"as {service.host}"
+                        )
+                        return str(ConfigError(reason, field=path, source=where))
+        return ""
+
+    def fallback(self, destination: Destination | None) -> Fallback | None:
+        """Where a breaker's fallback ``destination`` goes, its host resolved."""
+        return None if destination is None else (destination, self.resolve(destination))
 
     def destination_rule(self, host: str) -> DestinationRule | None:
         return self.rules.get(host)
@@ -541,20 +660,21 @@ class _RulesIndex:
         return tuple(self._breakers.get(host, ()))
 
     def resolve(self, destination: Destination) -> Service | None:
-        exact = self.services.get(destination.host)
+        exact = self.services.get(destination.host) or self._lower.get(destination.host)
         if exact is not None:
             return exact
-        found = _hosts_matching(destination.host, self.services)
+        found = self.matching(destination.host)
         return self.services[found[0]] if found else None
 
-
-def _hosts_matching(pattern: str, services: Iterable[str]) -> list[str]:
-    """Istio's host matching: exact, a short name of ``name.namespace...``, or ``*.suffix``."""
-    if pattern == "*":
-        return sorted(services)
-    if pattern.startswith("*."):
-        return sorted(h for h in services if h.endswith(pattern[1:]))
-    return sorted(h for h in services if h == pattern or h.startswith(pattern + "."))
+    def matching(self, pattern: str) -> list[str]:
+        """The service hosts ``pattern`` covers, as Istio matches hosts: exact, a short
+        name of ``name.namespace...``, or ``*.suffix``; without regard to case, as DNS."""
+        if pattern == "*":
+            return [host for _, host in self.hosts]
+        if pattern.startswith("*."):
+            return [host for lower, host in self.hosts if lower.endswith(pattern[1:])]
+        prefix = pattern + "."
+        return [h for lower, h in self.hosts if lower == pattern or lower.startswith(prefix)]
 
 
 def _subsets(rule: DestinationRule | None) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
@@ -598,14 +718,16 @@ def _clusters(
                 data["typed_extension_protocol_options"] = _protocol_options(
                     {"http2_protocol_options": {}}, None
                 )
-            _apply_policy(data, _merged_policy(rule, subset))
-            _apply_breaker(data, breakers, subset, port.number)
+            _apply_policy(
+                data, _merged_policy(rule, subset), http=port.protocol not in RPC_PROTOCOLS
+            )
+            _apply_breaker(data, breakers, subset, port)
             built[name] = pack(name, parse(cluster_pb2.Cluster, data))
     return built
 
 
 def _apply_breaker(
-    data: dict[str, Any], breakers: tuple[Breaker, ...], subset: str, port: int
+    data: dict[str, Any], breakers: tuple[Breaker, ...], subset: str, port: ServicePort
 ) -> None:
     """Shoal's breaker as cluster metadata (Envoy and gRPC ignore it); a policy naming this
     subset wins over one for the whole host."""
@@ -615,12 +737,19 @@ def _apply_breaker(
     if not chosen:
         return
     policy, fallback = chosen[0]
-    settings = json.loads(policy.settings)
-    if fallback is not None:
-        host, fallback_subset, fallback_port, ports = fallback
-        number = fallback_port or (ports[0] if len(ports) == 1 else port)
-        settings["fallback"] = {"cluster": cluster_name(host, number, fallback_subset)}
+    settings = _breaker_settings(policy.settings, fallback, port)
     data["metadata"] = {"filter_metadata": {"shoal.circuit_breaker": settings}}
+
+
+def _breaker_settings(
+    settings: str, fallback: Fallback | None, port: ServicePort
+) -> dict[str, Any]:
+    """A breaker's ``shoal.circuit_breaker`` metadata, its fallback a cluster name (a
+    fallback without a port, as a route's destination, from ``port``'s)."""
+    data: dict[str, Any] = json.loads(settings)
+    if fallback is not None:
+        data["fallback"] = {"cluster": _cluster_of(*fallback, port)}
+    return data
 
 
 def _protocol_options(explicit: dict[str, Any], common: dict[str, Any] | None) -> dict[str, Any]:
@@ -633,7 +762,9 @@ def _protocol_options(explicit: dict[str, Any], common: dict[str, Any] | None) -
     return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
 
 
-def _apply_policy(data: dict[str, Any], policy: TrafficPolicy | None) -> None:
+def _apply_policy(data: dict[str, Any], policy: TrafficPolicy | None, *, http: bool) -> None:
+    """A DestinationRule's policy on a cluster; ``http``: the HTTP connection pool settings
+    too (idle timeout, requests per connection), which an RPC port has not."""
     if policy is None:
         return
     balancer = policy.load_balancer
@@ -647,12 +778,12 @@ def _apply_policy(data: dict[str, Any], policy: TrafficPolicy | None) -> None:
         elif balancer.simple in ("LEAST_REQUEST", "RANDOM"):
             data["lb_policy"] = balancer.simple
     if policy.connection_pool is not None:
-        _apply_connection_pool(data, policy.connection_pool)
+        _apply_connection_pool(data, policy.connection_pool, http=http)
     if policy.outlier_detection is not None:
         data["outlier_detection"] = _outlier_detection(policy.outlier_detection)
 
 
-def _apply_connection_pool(data: dict[str, Any], pool: ConnectionPool) -> None:
+def _apply_connection_pool(data: dict[str, Any], pool: ConnectionPool, *, http: bool) -> None:
     thresholds = {
         key: value
         for key, value in (
@@ -672,7 +803,7 @@ def _apply_connection_pool(data: dict[str, Any], pool: ConnectionPool) -> None:
         common["idle_timeout"] = envoy_duration(pool.idle_timeout)
     if pool.max_requests_per_connection is not None:
         common["max_requests_per_connection"] = pool.max_requests_per_connection
-    if common:
+    if common and http:
         options = data.get("typed_extension_protocol_options")
         explicit: dict[str, Any] = (
             {"http2_protocol_options": {}} if options is not None else {"http_protocol_options": {}}
@@ -803,26 +934,13 @@ def _route_action(
     rules: _RulesIndex,
     http: HTTPRoute | None = None,
 ) -> dict[str, Any]:
-    names = []
+    action = _clusters_of(destinations, port, rules)
     hash_policy: list[dict[str, Any]] = []
-    for destination, weight in destinations:
-        target = rules.resolve(destination)
-        host = target.host if target else destination.host
-        number = destination.port
-        if number is None:
-            number = target.ports[0].number if target and len(target.ports) == 1 else port.number
-        names.append((cluster_name(host, number, destination.subset), weight))
+    for destination, _ in destinations:
         if not hash_policy:
+            target = rules.resolve(destination)
+            host = target.host if target else destination.host
             hash_policy = _hash_policy(rules.destination_rule(host), destination.subset)
-    action: dict[str, Any]
-    if len(names) == 1:
-        action = {"cluster": names[0][0]}
-    else:
-        action = {
-            "weighted_clusters": {
-                "clusters": [{"name": name, "weight": weight} for name, weight in names]
-            }
-        }
     action["timeout"] = envoy_duration(http.timeout) if http and http.timeout is not None else "0s"
     if hash_policy:
         action["hash_policy"] = hash_policy
@@ -842,6 +960,37 @@ def _route_action(
     if http is not None and http.retries is not None:
         action["retry_policy"] = _retry_policy(http.retries)
     return action
+
+
+def _clusters_of(
+    destinations: list[tuple[Destination, int]], port: ServicePort, rules: _RulesIndex
+) -> dict[str, Any]:
+    """A route's ``cluster``, or its ``weighted_clusters`` (several destinations)."""
+    names = [(_cluster_of(d, rules.resolve(d), port), weight) for d, weight in destinations]
+    if len(names) == 1:
+        return {"cluster": names[0][0]}
+    clusters = [{"name": name, "weight": weight} for name, weight in names]
+    return {"weighted_clusters": {"clusters": clusters}}
+
+
+def _cluster_of(destination: Destination, target: Service | None, port: ServicePort) -> str:
+    """The cluster a destination (from a route on ``port``) names; ``target``: its service."""
+    host = target.host if target else destination.host
+    return cluster_name(host, _destination_port(destination, target, port), destination.subset)
+
+
+def _destination_port(destination: Destination, target: Service | None, port: ServicePort) -> int:
+    """The port a destination without one means: the target's only port; for an RPC
+    route, the target's first port of the route's protocol; else the route's own port."""
+    if destination.port is not None:
+        return destination.port
+    if target is not None:
+        if len(target.ports) == 1:
+            return target.ports[0].number
+        same = rpc_ports(target.ports).get(port.protocol)
+        if same is not None:
+            return same.number
+    return port.number
 
 
 # Istio's retries when a route says nothing: two, on connection failures and 503s. Set on
@@ -885,12 +1034,6 @@ def _hash_policy(rule: DestinationRule | None, subset: str) -> list[dict[str, An
     return []
 
 
-def _string_match(match: StringMatch) -> dict[str, Any]:
-    if match.kind == "regex":
-        return {"safe_regex": {"regex": match.value}}
-    return {match.kind: match.value}
-
-
 def _match(match: HTTPMatchRequest | None) -> dict[str, Any]:
     if match is None:
         return {"prefix": "/"}
@@ -901,21 +1044,21 @@ def _match(match: HTTPMatchRequest | None) -> dict[str, Any]:
         if match.ignore_uri_case:
             data["case_sensitive"] = False
     headers: list[dict[str, Any]] = [
-        {"name": name, "string_match": _string_match(value)} for name, value in match.headers
+        {"name": name, "string_match": string_matcher(value)} for name, value in match.headers
     ]
     headers += [
-        {"name": name, "string_match": _string_match(value), "invert_match": True}
+        {"name": name, "string_match": string_matcher(value), "invert_match": True}
         for name, value in match.without_headers
     ]
     if match.method is not None:
-        headers.append({"name": ":method", "string_match": _string_match(match.method)})
+        headers.append({"name": ":method", "string_match": string_matcher(match.method)})
     if match.authority is not None:
-        headers.append({"name": ":authority", "string_match": _string_match(match.authority)})
+        headers.append({"name": ":authority", "string_match": string_matcher(match.authority)})
     if headers:
         data["headers"] = headers
     if match.query_params:
         data["query_parameters"] = [
-            {"name": name, "string_match": _string_match(value)}
+            {"name": name, "string_match": string_matcher(value)}
             for name, value in match.query_params
         ]
     return data

@@ -41,16 +41,16 @@ EXTENSIONS = (
 )
 
 
-def type_url(message: type[Message]) -> str:
+def _type_url(message: type[Message]) -> str:
     return f"type.googleapis.com/{message.DESCRIPTOR.full_name}"
 
 
-_TYPED_STRUCT = type_url(typed_struct_pb2.TypedStruct)
+_TYPED_STRUCT = _type_url(typed_struct_pb2.TypedStruct)
 _SHOAL_CODECS = {protocol: url for url, protocol in TYPED_STRUCT_CODECS.items()}
-CODECS: dict[AppProtocol, dict[str, Any]] = {
+_CODECS: dict[AppProtocol, dict[str, Any]] = {
     "DUBBO": {
         "name": "envoy.generic_proxy.codecs.dubbo",
-        "typed_config": {"@type": type_url(dubbo_pb2.DubboCodecConfig)},
+        "typed_config": {"@type": _type_url(dubbo_pb2.DubboCodecConfig)},
     },
     **{
         protocol: {
@@ -66,10 +66,10 @@ _INSPECTOR = {
 }
 _ROUTER = {
     "name": "envoy.filters.generic.router",
-    "typed_config": {"@type": type_url(router_pb2.Router)},
+    "typed_config": {"@type": _type_url(router_pb2.Router)},
 }
 # Where a route's token bucket goes (the proxy reads a LocalRateLimit under any key).
-RATE_LIMIT_KEY = "envoy.filters.generic.local_ratelimit"
+_RATE_LIMIT_KEY = "envoy.filters.generic.local_ratelimit"
 
 
 def application_protocol(protocol: AppProtocol) -> str:
@@ -107,9 +107,9 @@ def generic_proxy(
     return {
         "name": "envoy.filters.network.generic_proxy",
         "typed_config": {
-            "@type": type_url(generic_proxy_pb2.GenericProxy),
+            "@type": _type_url(generic_proxy_pb2.GenericProxy),
             "stat_prefix": stat_prefix,
-            "codec_config": CODECS[protocol],
+            "codec_config": _CODECS[protocol],
             "filters": [_ROUTER],
             "route_config": {"name": stat_prefix, **route_config},
         },
@@ -139,25 +139,32 @@ def _on_match(action: dict[str, Any]) -> dict[str, Any]:
 
 def _predicate(match: RpcMatch) -> dict[str, Any]:
     """One single predicate per field (all must hold); several make an ``and_matcher``."""
-    method = type_url(matcher_pb2.MethodMatchInput)
+    method = _type_url(matcher_pb2.MethodMatchInput)
     tests: list[tuple[str, dict[str, Any], StringMatch]] = []
     if match.method is not None:
         tests.append(("method", {"@type": method}, match.method))
     properties = [("version", match.version), ("group", match.group), *match.attributes]
     for name, value in properties:
         if value is not None:
-            config = {"@type": type_url(matcher_pb2.PropertyMatchInput), "property_name": name}
+            config = {"@type": _type_url(matcher_pb2.PropertyMatchInput), "property_name": name}
             tests.append((name, config, value))
     singles = [
         {
             "single_predicate": {
                 "input": {"name": name, "typed_config": config},
-                "value_match": string_matcher(value),
+                "value_match": _value_match(value),
             }
         }
         for name, config, value in tests
     ]
     return singles[0] if len(singles) == 1 else {"and_matcher": {"predicate": singles}}
+
+
+def _value_match(match: StringMatch) -> dict[str, Any]:
+    """xds' StringMatcher, whose RegexMatcher requires its engine named (Envoy's does not)."""
+    if match.kind == "regex":
+        return {"safe_regex": {"google_re2": {}, "regex": match.value}}
+    return string_matcher(match)
 
 
 def route_action(
@@ -168,7 +175,7 @@ def route_action(
 ) -> dict[str, Any]:
     """A RouteAction to ``clusters`` (``cluster`` or ``weighted_clusters``), with the
     rule's timeout, retries and token bucket, and the ``shoal.circuit_breaker`` metadata."""
-    action: dict[str, Any] = {"@type": type_url(action_pb2.RouteAction), "name": name, **clusters}
+    action: dict[str, Any] = {"@type": _type_url(action_pb2.RouteAction), "name": name, **clusters}
     if rule is not None:
         if rule.timeout is not None:
             action["timeout"] = envoy_duration(rule.timeout)
@@ -179,11 +186,11 @@ def route_action(
             }
         if rule.rate_limit is not None:
             limit = {
-                "@type": type_url(local_rate_limit_pb2.LocalRateLimit),
+                "@type": _type_url(local_rate_limit_pb2.LocalRateLimit),
                 "stat_prefix": name,
                 "token_bucket": token_bucket(rule.rate_limit),
             }
-            action["per_filter_config"] = {RATE_LIMIT_KEY: limit}
+            action["per_filter_config"] = {_RATE_LIMIT_KEY: limit}
     if breaker is not None:
         action["metadata"] = {"filter_metadata": {"shoal.circuit_breaker": breaker}}
     return action

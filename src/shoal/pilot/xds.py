@@ -63,6 +63,7 @@ def node_info(node: Any) -> NodeInfo:
         ("APP_ADDRESS", "app_address"),
         ("INBOUND_ADDRESS", "inbound_address"),
         ("OUTBOUND_ADDRESS", "outbound_address"),
+        ("RPC_OUTBOUND_ADDRESS", "rpc_outbound_address"),
     ):
         if key in metadata:
             info[name] = _address(metadata[key], key)
@@ -195,10 +196,14 @@ def _diff(old: Mapping[str, Resource], new: Mapping[str, Resource]) -> frozenset
 
 def _changes(old: MeshSnapshot, new: MeshSnapshot) -> dict[str, frozenset[str] | None]:
     """What one publish changed, per type. Named gRPC listeners and routes derive from the
-    virtual hosts, and sidecar listeners from filters in use: when those move, every name of
-    the type may have changed (None)."""
+    virtual hosts, and sidecar listeners from filters in use and the RPC routes they hold:
+    when those move, every name of the type may have changed (None)."""
     routes_same = old.outbound_routes.version == new.outbound_routes.version
-    filters_same = (old.fault_used, old.rate_limits) == (new.fault_used, new.rate_limits)
+    filters_same = (old.fault_used, old.rate_limits, old.rpc_hosts) == (
+        new.fault_used,
+        new.rate_limits,
+        new.rpc_hosts,
+    )
     same_shape = routes_same and old.ports == new.ports
     return {
         CLUSTER: _diff(old.clusters, new.clusters),

@@ -2,6 +2,10 @@
 
 It serves whatever ``AdminBackend`` it is given: the runtime itself in a single-process
 proxy, or the supervisor that merges its workers' answers with ``--concurrency N``.
+
+A handler answers with a whole body, or with an async generator of pieces (``/tap``),
+which goes out chunked as it is produced, at the pace the client reads; the head goes
+with the first piece, so a body can hold it back until it is ready (an empty piece).
 """
 
 from __future__ import annotations
@@ -9,12 +13,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, Protocol, cast
 
-from shoal.codec.http1 import END, RequestDecoder, RequestHead, status_line
+from shoal.codec.http1 import (
+    END,
+    LAST_CHUNK,
+    RequestDecoder,
+    RequestHead,
+    encode_chunk,
+    status_line,
+)
 from shoal.errors import RemoteProtocolError
 from shoal.observe.stats import Snapshot, render_prometheus, render_text
+from shoal.proxy.tap import Record, TapSpec
 
 log = logging.getLogger("shoal.admin")
 
@@ -28,13 +41,21 @@ class AdminBackend(Protocol):
     async def set_healthcheck_failed(self, failed: bool) -> None: ...
     async def drain_listeners(self) -> None: ...
     def quit(self) -> None: ...
+    def tap(self, spec: TapSpec) -> AsyncGenerator[Record | None, None]:
+        """None once the tap is open on every process (so the client, seeing the head,
+        knows that no request it sends from then on is missed), then the records of
+        finished requests matching ``spec`` as they come, then ``{"dropped": N}``;
+        closing the generator ends the tap."""
+        ...
 
 
-Reply = tuple[int, str, bytes]
+Body = bytes | AsyncGenerator[bytes, None]
+Reply = tuple[int, str, Body]
 Handler = Callable[[AdminBackend, str], Awaitable[Reply]]
 
 _TEXT = "text/plain; charset=UTF-8"
 _JSON = "application/json"
+_NDJSON = "application/x-ndjson"
 
 
 async def _ready(backend: AdminBackend, query: str) -> Reply:
@@ -90,6 +111,26 @@ async def _quit(backend: AdminBackend, query: str) -> Reply:
     return 200, _TEXT, b"OK\n"
 
 
+async def _tap(backend: AdminBackend, query: str) -> Reply:
+    """Live requests, one JSON object per line as each finishes (docs/architecture.md,
+    "Tap"); 400 names a bad parameter."""
+    try:
+        spec = TapSpec.from_query(query)
+    except ValueError as exc:
+        return 400, _TEXT, f"{exc}\n".encode()
+    if backend.server_state() == "PRE_INITIALIZING":
+        return 503, _TEXT, b"the proxy is not live yet: nothing to tap\n"
+    return 200, _NDJSON, _json_lines(backend.tap(spec))
+
+
+async def _json_lines(
+    records: AsyncGenerator[Record | None, None],
+) -> AsyncGenerator[bytes, None]:
+    async with aclosing(records):
+        async for record in records:
+            yield b"" if record is None else json.dumps(record).encode() + b"\n"
+
+
 # path → (handler, needs POST): state-changing endpoints require POST, as Envoy's do.
 ROUTES: dict[str, tuple[Handler, bool]] = {
     "/ready": (_ready, False),
@@ -98,6 +139,7 @@ ROUTES: dict[str, tuple[Handler, bool]] = {
     "/clusters": (_clusters, False),
     "/config_dump": (_config_dump, False),
     "/server_info": (_server_info, False),
+    "/tap": (_tap, False),
     "/healthcheck/fail": (_healthcheck_fail, True),
     "/healthcheck/ok": (_healthcheck_ok, True),
     "/drain_listeners": (_drain, True),
@@ -112,6 +154,9 @@ class AdminConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.requests: asyncio.Queue[RequestHead | None] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
+        self.writable = asyncio.Event()  # cleared while the transport's buffer is full
+        self.writable.set()
+        self.streaming = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -131,12 +176,21 @@ class AdminConnection(asyncio.Protocol):
                 self.requests.put_nowait(head)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.streaming and self.task is not None:
+            self.task.cancel()  # the client left: stop producing (a tap closes with it)
         self.requests.put_nowait(None)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
 
     async def _serve(self) -> None:
         while (head := await self.requests.get()) is not None:
             path, _, query = head.target.decode("latin-1").partition("?")
             route = ROUTES.get(path)
+            body: Body
             if route is None:
                 listing = "\n".join(sorted(ROUTES)) + "\n"
                 status, ctype, body = 404, _TEXT, f"invalid path: {path}\n{listing}".encode()
@@ -148,24 +202,64 @@ class AdminConnection(asyncio.Protocol):
                 except Exception as exc:  # an admin bug must not kill the proxy
                     log.exception("admin handler %s failed", path)
                     status, ctype, body = 500, _TEXT, f"{exc}\n".encode()
-            self._send(status, ctype, body, close=not head.keep_alive)
+            if isinstance(body, bytes):
+                self._send(status, ctype, body, close=not head.keep_alive)
+            else:
+                await self._stream(status, ctype, body, head)
 
     def _send(self, status: int, ctype: str, body: bytes, close: bool = False) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        head = (
-            status_line(status)
-            + (
-                f"content-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
-                f"cache-control: no-cache, max-age=0\r\nx-content-type-options: nosniff\r\n"
-            ).encode()
-        )
-        if close:
-            head += b"connection: close\r\n"
-        transport.write(head + b"\r\n" + body)
+        transport.write(_head(status, ctype, f"content-length: {len(body)}", close) + body)
         if close:
             transport.close()
+
+    async def _stream(
+        self, status: int, ctype: str, body: AsyncGenerator[bytes, None], request: RequestHead
+    ) -> None:
+        """Send each piece of ``body`` as it comes, chunked (to an HTTP/1.0 client: plain,
+        ended by closing), the head with the first; wait while the client reads slower
+        than ``body`` produces."""
+        transport = self.transport
+        assert transport is not None
+        chunked = request.version == b"1.1"
+        close = not (chunked and request.keep_alive)
+        head = _head(status, ctype, "transfer-encoding: chunked" if chunked else "", close)
+        self.streaming = True
+        try:
+            async with aclosing(body):
+                async for piece in body:
+                    if transport.is_closing():
+                        return
+                    # an empty piece sends no chunk: that would end the body
+                    transport.write(head + (encode_chunk(piece) if chunked and piece else piece))
+                    head = b""
+                    await self.writable.wait()
+        except Exception as exc:
+            log.exception("admin stream failed")
+            if head:  # nothing sent yet
+                self._send(500, _TEXT, f"{exc}\n".encode(), close=True)
+            else:  # the head is out: cutting the body short is all that is left
+                transport.close()
+            return
+        finally:
+            self.streaming = False
+        transport.write(head + (LAST_CHUNK if chunked else b""))
+        if close:
+            transport.close()
+
+
+def _head(status: int, ctype: str, framing: str, close: bool) -> bytes:
+    """A response head (with its blank line); ``framing`` is the body's length header."""
+    lines = [
+        f"content-type: {ctype}",
+        *([framing] if framing else []),
+        "cache-control: no-cache, max-age=0",
+        "x-content-type-options: nosniff",
+        *(["connection: close"] if close else []),
+    ]
+    return status_line(status) + "".join(f"{line}\r\n" for line in lines).encode() + b"\r\n"
 
 
 async def serve_admin(backend: AdminBackend, host: str, port: int) -> asyncio.Server:

@@ -423,6 +423,7 @@ class ProxyRuntime:
                 counters[f"tcp.{prefix_name}.{counter}"] = getattr(tcp, counter)
         gauges["server.live"] = int(not self.draining)
         gauges["server.concurrency"] = 1
+        gauges["server.taps_active"] = len(self.taps.taps)
         counters["server.config_version"] = self.config_version
         return Snapshot(counters=counters, gauges=gauges, histograms=histograms)
 

@@ -4,6 +4,12 @@ With ``--concurrency N`` (N > 1) the supervisor forks N workers that each bind e
 listener with SO_REUSEPORT (the kernel spreads connections, as Envoy's workers share
 them); the supervisor serves the admin API and answers from all workers at once, merging
 their stats. Signals: SIGHUP reloads the config file, SIGTERM/SIGINT drain and exit.
+
+The control socket between the supervisor and a worker carries one command per line and
+one JSON line back per command, ``{"reply": value}``, in order. ``/tap`` adds streams:
+``tap {"id": N, "spec": {...}}`` makes the worker open a local tap and send, as requests
+finish, ``{"tap": N, "record": {...}}`` lines between its replies, and finally
+``{"tap": N, "dropped": D}`` when its tap ends (by itself, or on ``untap N``).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import os
@@ -18,7 +25,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -30,8 +38,10 @@ from shoal.config.envoy import bootstrap_from_dict
 from shoal.config.model import Bootstrap, Cluster, Endpoint, Listener
 from shoal.errors import ConfigError
 from shoal.observe.stats import Snapshot, merge
+from shoal.observe.telemetry import TELEMETRY
 from shoal.proxy.admin import serve_admin
 from shoal.proxy.runtime import ProxyRuntime
+from shoal.proxy.tap import Record, Tap, TapSpec, stream
 
 log = logging.getLogger("shoal.proxy")
 
@@ -72,6 +82,7 @@ class ProxyProcess:
     async def start(self, bootstrap: Bootstrap, raw: dict[str, Any]) -> None:
         self._mtime = _mtime(self.path)
         self.static = bootstrap
+        TELEMETRY.configure(bootstrap.node)  # who this proxy is, before listeners are built
         await self.runtime.apply(bootstrap, raw)
         if bootstrap.ads is not None:
             await self._start_xds(bootstrap)
@@ -169,12 +180,19 @@ class ProxyProcess:
     async def _shutdown(self) -> None:
         log.info("draining (up to %.1fs) and exiting", self.drain_time)
         await self.runtime.shutdown(self.drain_time)
+        await TELEMETRY.close()  # spans still queued go out
         self.stopped.set()
 
     # AdminBackend ---------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        return self.runtime.snapshot()
+        return self.stats()
+
+    def stats(self) -> Snapshot:
+        """The runtime's stats plus Istio's series and the tracing exporters' counters."""
+        snapshot = self.runtime.snapshot()
+        TELEMETRY.contribute(snapshot)
+        return snapshot
 
     async def clusters_text(self) -> str:
         return self.runtime.clusters_text()
@@ -202,6 +220,9 @@ class ProxyProcess:
     async def drain_listeners(self) -> None:
         self.runtime.drain_listeners()
 
+    def tap(self, spec: TapSpec) -> AsyncGenerator[Record | None, None]:
+        return stream(self.runtime.taps, spec)
+
 
 # gauges that are copies in every worker, not per-worker quantities to add up
 _SHARED_GAUGES = (
@@ -211,6 +232,7 @@ _SHARED_GAUGES = (
     ".health_check.degraded",
     ".circuit_breaker.state",  # each worker has its own breaker: the highest state code
     ".backup_request.delay_ms",  # each worker learns its own delay: the longest
+    "server.taps_active",  # every worker takes part in each tap
 )
 
 
@@ -322,7 +344,8 @@ def _message(value: Any) -> bytes:
 async def _worker_main(path: str, drain_time: float, control: socket.socket) -> int:
     """A worker: bind the listeners, then report on ``control`` -- ``{"ready": pid}`` once
     every listener is bound and serving, or ``{"error": ...}`` and exit 1 -- and from then
-    on answer the supervisor's questions there, one JSON line per command."""
+    on answer the supervisor's questions there, one ``{"reply": ...}`` line per command,
+    with the records of open taps in between."""
     reader, writer = await asyncio.open_connection(sock=control)
     process = ProxyProcess(path, reuse_port=True, drain_time=drain_time, watch=False)
     try:
@@ -338,13 +361,30 @@ async def _worker_main(path: str, drain_time: float, control: socket.socket) -> 
         return 1
     writer.write(_message({"ready": os.getpid()}))
     await writer.drain()
+    taps = process.runtime.taps
+    forwarding: dict[int, Tap] = {}
+
+    async def forward(tap_id: int, tap: Tap) -> None:
+        """Send a tap's records as they come, then what it dropped. A supervisor reading
+        slower than requests finish fills the tap's buffer: records are dropped here, not
+        queued up in the worker."""
+        try:
+            with contextlib.suppress(ConnectionError):  # the supervisor is gone
+                async for record in tap.records():
+                    writer.write(_message({"tap": tap_id, "record": record}))
+                    await writer.drain()
+        finally:
+            del forwarding[tap_id]
+            taps.close(tap)
+        if not writer.is_closing():
+            writer.write(_message({"tap": tap_id, "dropped": tap.dropped}))
 
     async def answer() -> None:
         while line := await reader.readline():
-            command = line.decode().strip()
+            command, _, argument = line.decode().strip().partition(" ")
             reply: Any = None
             if command == "stats":
-                reply = process.runtime.snapshot().to_json()
+                reply = process.stats().to_json()
             elif command == "clusters":
                 reply = process.runtime.clusters_text()
             elif command == "reload":
@@ -353,7 +393,15 @@ async def _worker_main(path: str, drain_time: float, control: socket.socket) -> 
                 process.runtime.set_healthcheck_failed(command == "hc_fail")
             elif command == "drain":
                 process.runtime.drain_listeners()
-            writer.write(_message(reply))
+            elif command == "tap":
+                request = json.loads(argument)
+                # opened before the reply: the supervisor misses nothing after it
+                tap = forwarding[request["id"]] = taps.open(TapSpec(**request["spec"]))
+                _spawn(forward(request["id"], tap))
+                reply = True
+            elif command == "untap" and (ending := forwarding.get(int(argument))) is not None:
+                ending.close()  # forward() ends and reports what the tap dropped
+            writer.write(_message({"reply": reply}))
             await writer.drain()
         # The supervisor is gone (its end closed): do not serve on without it.
         process.quit()
@@ -361,6 +409,97 @@ async def _worker_main(path: str, drain_time: float, control: socket.socket) -> 
     _spawn(answer())
     await process.stopped.wait()
     return 0
+
+
+# Control lines can be long: a stats snapshot of many clusters, a record with a long path.
+CONTROL_LINE_LIMIT = 16 * 1024 * 1024
+# How long past its duration a tap waits for the workers' last records and drop counts
+# (a worker that died sends none).
+TAP_END_WAIT = 2.0
+
+
+class WorkerChannel:
+    """The supervisor's end of one worker's control socket.
+
+    Answers come back in command order, but tap records arrive between them at any time;
+    so once the workers are up, :meth:`read` runs for the channel's life and routes every
+    line: a reply to the oldest waiting :meth:`ask`, a tap event to ``on_tap``.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_tap: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.on_tap = on_tap
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.closed = False
+
+    async def ask(self, command: str) -> Any:
+        """The worker's answer to ``command``; None once the worker is gone."""
+        if self.closed:
+            return None
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting.append(answer)
+        self.writer.write(command.encode() + b"\n")
+        await self.writer.drain()
+        return await answer
+
+    async def read(self) -> None:
+        try:
+            while line := await self.reader.readline():
+                message = json.loads(line)
+                if "tap" in message:
+                    self.on_tap(message)
+                elif self.waiting:
+                    answer = self.waiting.popleft()
+                    if not answer.done():  # its asker may have been cancelled
+                        answer.set_result(message["reply"])
+        finally:
+            self.closed = True
+            for answer in self.waiting:
+                if not answer.done():
+                    answer.set_result(None)
+            self.waiting.clear()
+
+
+class MergedTap:
+    """One ``/tap`` across the workers: their records merge into ``tap``, bounded like
+    any tap, and each worker reports what it dropped when its part ends.
+
+    The workers' parts time the tap: each ends ``duration`` after it opened, and every
+    record it sent comes before its end on the control socket, so the merged tap finishes
+    when the last worker's part has ended and loses nothing in flight. Its own deadline,
+    ``TAP_END_WAIT`` later, only covers a worker that never reports.
+    """
+
+    def __init__(self, spec: TapSpec) -> None:
+        self.tap = Tap(replace(spec, duration=spec.duration + TAP_END_WAIT))
+        self.workers: int | None = None  # how many workers tap; None until they said so
+        self.ended = 0
+        self.worker_dropped = 0
+        self.all_ended = asyncio.Event()
+
+    def expect(self, workers: int) -> None:
+        self.workers = workers
+        self._check()
+
+    def worker_ended(self, dropped: int) -> None:
+        self.ended += 1
+        self.worker_dropped += dropped
+        self._check()
+
+    def _check(self) -> None:
+        if self.workers is not None and self.ended >= self.workers:
+            self.all_ended.set()
+            self.tap.finish()
+
+    @property
+    def dropped(self) -> int:
+        return self.tap.dropped + self.worker_dropped
 
 
 class Supervisor:
@@ -377,7 +516,9 @@ class Supervisor:
         self.drain_time = drain_time
         self.watch = watch
         self.workers: list[tuple[int, socket.socket]] = []
-        self.channels: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.channels: list[WorkerChannel] = []
+        self.taps: dict[int, MergedTap] = {}
+        self._tap_ids = itertools.count(1)
         self.lock = asyncio.Lock()
         self.stopped = asyncio.Event()
         self.state = "PRE_INITIALIZING"
@@ -412,18 +553,13 @@ class Supervisor:
         async with self.lock:
             if not self.workers_ready:
                 return []
-            answers = []
-            for reader, writer in self.channels:
-                writer.write(command.encode() + b"\n")
-                await writer.drain()
-                line = await reader.readline()
-                answers.append(json.loads(line) if line else None)
-            return answers
+            return [await channel.ask(command) for channel in self.channels]
 
     async def run(self) -> int:
         bootstrap, self.raw = read_config(self.path)
         for _, sock in self.workers:
-            self.channels.append(await asyncio.open_connection(sock=sock))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=CONTROL_LINE_LIMIT)
+            self.channels.append(WorkerChannel(reader, writer, self._tap_event))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload()))
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -455,8 +591,8 @@ class Supervisor:
         first error (or early exit) without waiting for the rest."""
         async with self.lock:
             pending = {
-                asyncio.ensure_future(_startup_report(pid, reader))
-                for (pid, _), (reader, _) in zip(self.workers, self.channels, strict=True)
+                asyncio.ensure_future(_startup_report(pid, channel.reader))
+                for (pid, _), channel in zip(self.workers, self.channels, strict=True)
             }
             try:
                 while pending and self.state == "PRE_INITIALIZING":
@@ -471,6 +607,8 @@ class Supervisor:
             if self.state == "PRE_INITIALIZING":
                 self.workers_ready = True
                 self.state = "LIVE"
+                for channel in self.channels:
+                    _spawn(channel.read())
 
     def _fail(self, message: str) -> None:
         """Stop every worker and exit 1 with ``message`` (the first failure wins)."""
@@ -579,6 +717,41 @@ class Supervisor:
 
     async def drain_listeners(self) -> None:
         await self.ask("drain")
+
+    async def tap(self, spec: TapSpec) -> AsyncGenerator[Record | None, None]:
+        """Every worker taps with ``spec`` and streams its records here; the merged tap
+        enforces ``max`` and ``duration`` across all of them (each worker also stops at
+        its own, a safety net should this end of the tap go away unnoticed)."""
+        tap_id = next(self._tap_ids)
+        merged = self.taps[tap_id] = MergedTap(spec)
+        untapped = False
+        try:
+            answers = await self.ask("tap " + json.dumps({"id": tap_id, "spec": spec.to_dict()}))
+            merged.expect(sum(answer is True for answer in answers))
+            yield None  # every worker taps now
+            async for record in merged.tap.records():
+                yield record
+            if not merged.all_ended.is_set():  # max reached (or a worker is silent)
+                await self.ask(f"untap {tap_id}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TAP_END_WAIT):
+                        await merged.all_ended.wait()
+            untapped = True
+            yield {"dropped": merged.dropped}
+        finally:
+            del self.taps[tap_id]
+            merged.tap.close()
+            if not untapped:  # the client left: stop the workers' parts
+                _spawn(self.ask(f"untap {tap_id}"))
+
+    def _tap_event(self, message: dict[str, Any]) -> None:
+        merged = self.taps.get(message["tap"])
+        if merged is None:
+            return  # a record after the tap ended here
+        if "record" in message:
+            merged.tap.offer(message["record"])
+        else:
+            merged.worker_ended(message["dropped"])
 
 
 def run_proxy(

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -95,9 +95,8 @@ class TapSpec:
     def matches(self, record: Record) -> bool:
         if self.method is not None and record["method"] != self.method:
             return False
-        if self.path_prefix is not None and not (record["path"] or "").startswith(
-            self.path_prefix
-        ):
+        path = record["path"] or ""
+        if self.path_prefix is not None and not path.startswith(self.path_prefix):
             return False
         authority = (record["authority"] or "").lower()
         if self.authority is not None and authority != self.authority.lower():
@@ -186,7 +185,7 @@ class Tap:
     """One reader's tap: a bounded buffer filled by the sinks (never blocking), emptied by
     :meth:`records`."""
 
-    __slots__ = ("accepted", "buffer", "closed", "dropped", "spec", "wakeup")
+    __slots__ = ("accepted", "accepting", "buffer", "closed", "dropped", "spec", "wakeup")
 
     def __init__(self, spec: TapSpec) -> None:
         self.spec = spec
@@ -194,11 +193,12 @@ class Tap:
         self.wakeup = asyncio.Event()
         self.accepted = 0  # records buffered so far; the tap takes no more than max_records
         self.dropped = 0  # records that matched while the buffer was full
+        self.accepting = True
         self.closed = False
 
     def offer(self, record: Record) -> None:
         """Buffer a record that matched this tap, or count it as dropped."""
-        if self.closed or self.accepted >= self.spec.max_records:
+        if not self.accepting or self.accepted >= self.spec.max_records:
             return
         if len(self.buffer) >= BUFFER_RECORDS:
             self.dropped += 1
@@ -207,33 +207,42 @@ class Tap:
         self.accepted += 1
         self.wakeup.set()
 
-    def close(self) -> None:
-        """End :meth:`records` now (what is still buffered is discarded)."""
-        self.closed = True
+    def finish(self) -> None:
+        """Take no more records: :meth:`records` ends once it has given those it holds."""
+        self.accepting = False
         self.wakeup.set()
 
+    def close(self) -> None:
+        """End :meth:`records` now; what it still holds is not wanted any more."""
+        self.finish()
+        self.closed = True
+
     async def records(self) -> AsyncIterator[Record]:
-        """The records as they arrive, until ``max_records`` were given, ``duration``
-        passed or :meth:`close`; after that the tap takes nothing more."""
+        """The records as they arrive, until ``max_records`` were given, or until
+        ``duration`` passed (or :meth:`finish`) and the buffer is empty, or :meth:`close`.
+        A record taken is always given, however slowly the reader reads."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.duration
         given = 0
         try:
             while given < self.spec.max_records and not self.closed:
-                if loop.time() >= deadline:
-                    return
+                if self.accepting and loop.time() >= deadline:
+                    self.accepting = False
                 if self.buffer:
                     given += 1
                     yield self.buffer.popleft()
                     continue
+                if not self.accepting:
+                    return
                 self.wakeup.clear()
                 try:
                     async with asyncio.timeout_at(deadline):
                         await self.wakeup.wait()
                 except TimeoutError:
-                    return
+                    self.accepting = False
         finally:
-            self.closed = True
+            self.close()
+            self.buffer.clear()
 
 
 class TapHub:
@@ -297,11 +306,12 @@ class TapHub:
         return tap_sink
 
 
-async def stream(hub: TapHub, spec: TapSpec) -> AsyncIterator[Record]:
-    """A tap's records, then ``{"dropped": N}``; the tap closes however the iteration
-    stops (the end of the tap, or the reader going away)."""
+async def stream(hub: TapHub, spec: TapSpec) -> AsyncGenerator[Record | None, None]:
+    """None once the tap is open, then its records, then ``{"dropped": N}``; the tap
+    closes however the iteration stops (the end of the tap, or the reader going away)."""
     tap = hub.open(spec)
     try:
+        yield None
         async for record in tap.records():
             yield record
         yield {"dropped": tap.dropped}

@@ -142,7 +142,10 @@ def _breaker(data: dict[str, Any], at: _At, fallbacks: tuple[str, ...]) -> Break
         others = [f for f in ("localReply", "destination") if f not in fallbacks]
         chosen = _fields(data["fallback"], here, fallbacks, others)
         if len(chosen) != 1:
-            raise here.error(f"exactly one of {' or '.join(fallbacks)}")
+            wanted = " or ".join(fallbacks)
+            raise here.error(
+                f"exactly one of {wanted}" if len(fallbacks) > 1 else f"{wanted} is required"
+            )
         if "destination" in chosen:
             fallback = _destination(chosen["destination"], here.at("destination"))
             settings["fallback"] = {"cluster": _FALLBACK_CLUSTER}

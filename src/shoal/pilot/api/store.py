@@ -277,7 +277,7 @@ def qualified_host(host: str, namespace: str) -> str:
     return host if "." in host or host == "*" else f"{host}.{namespace}.svc.cluster.local"
 
 
-def _destinations(resource: VirtualService | RpcRoute) -> Iterator[tuple[str, Destination]]:
+def routed_destinations(resource: VirtualService | RpcRoute) -> Iterator[tuple[str, Destination]]:
     """Where a resource sends traffic, each with its field path."""
     if isinstance(resource, VirtualService):
         for index, http in enumerate(resource.http):
@@ -296,7 +296,7 @@ def _destinations(resource: VirtualService | RpcRoute) -> Iterator[tuple[str, De
 
 def _missing_subset(resource: VirtualService | RpcRoute, rules: list[DestinationRule]) -> str:
     """Why ``resource`` must be rejected for a subset no DestinationRule defines, or ""."""
-    for path, destination in _destinations(resource):
+    for path, destination in routed_destinations(resource):
         if not destination.subset:
             continue
         host = qualified_host(destination.host, resource.meta.namespace)
