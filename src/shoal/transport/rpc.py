@@ -10,12 +10,11 @@ nobody (a request that timed out meanwhile) are dropped.
 from __future__ import annotations
 
 import asyncio
-import socket
-from typing import Protocol, cast
+from typing import Protocol
 
 from shoal.codec.rpc.base import RpcCodec, RpcFrame, RpcProtocolError
+from shoal.transport.upstream import upstream_transport
 
-HIGH_WATERMARK = 1024 * 1024
 _MAX_ID = 2**31 - 1  # Bolt's ids are 32-bit, the others' 64-bit: stay within both
 
 
@@ -49,11 +48,7 @@ class RpcUpstreamConnection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=HIGH_WATERMARK)
+        self.transport = transport = upstream_transport(transport)
         if self.queued:
             transport.write(b"".join(self.queued))
             self.queued.clear()

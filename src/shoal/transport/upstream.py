@@ -36,6 +36,17 @@ class ConnectionOwner(Protocol):
     def connection_closed(self, conn: UpstreamConnection, exc: Exception | None) -> None: ...
 
 
+def upstream_transport(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """A new upstream connection's transport, set up the same way for every protocol:
+    no Nagle delay (requests are small and latency-bound), our write watermark."""
+    tcp = cast(asyncio.Transport, transport)
+    sock = tcp.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tcp.set_write_buffer_limits(high=HIGH_WATERMARK)
+    return tcp
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "closed",
@@ -65,11 +76,7 @@ class UpstreamConnection(asyncio.Protocol):
     # asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=HIGH_WATERMARK)
+        self.transport = upstream_transport(transport)
         self.owner.connection_ready(self)
 
     def data_received(self, data: bytes) -> None:
