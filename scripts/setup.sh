@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # redis-server, etcd-server, zookeeper: the tests start their own servers on free loopback
 # ports in temp dirs; the Debian services (systemd, default ports) are never used.
-DEBS=(nginx wrk curl redis-server etcd-server zookeeper)
+# chromium: the dashboard's browser test drives it headless through Playwright.
+DEBS=(nginx wrk curl redis-server etcd-server zookeeper prometheus chromium nghttp2-client)
 
 missing=()
 for pkg in "${DEBS[@]}"; do
@@ -43,6 +44,14 @@ if command -v npm >/dev/null; then
     fi
 else
     echo "setup: npm not found; the RPC interop tests will fail (install nodejs)" >&2
+fi
+
+# Pilot's web dashboard (src/shoal/pilot/dashboard/dist), built from the npm lockfile; a
+# no-op when its sources and lockfile are unchanged.
+if command -v npm >/dev/null; then
+    .venv/bin/python scripts/build_dashboard.py || echo "setup: WARNING: the dashboard build failed" >&2
+else
+    echo "setup: npm not found; pilot's dashboard is not built (install nodejs)" >&2
 fi
 
 # The hot-path modules compiled with mypyc (a no-op when they are up to date). Without a

@@ -66,9 +66,10 @@ def _proxy(make_proxy: Any, routes: dict[str, Any], **ports: int) -> int:
 
 
 def test_motan2_routing_ids_and_heartbeats(make_proxy: Any) -> None:
-    with CodecUpstream(CODEC, _answer("v1"), delay=0.2) as v1, CodecUpstream(
-        CODEC, _answer("v2")
-    ) as v2:
+    with (
+        CodecUpstream(CODEC, _answer("v1"), delay=0.2) as v1,
+        CodecUpstream(CODEC, _answer("v2")) as v2,
+    ):
         routes = matcher(
             [([condition("property", "canary", "route")], action("v2"))],
             default=action("v1"),

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from tests.conftest import bootstrap, free_port, http_listener, static_cluster
 from tests.integration.rpc_peers import (
-    CODE_APPLICATION,
     CODE_TIMEOUT,
     RpcServer,
     run_client,
@@ -25,7 +24,6 @@ from tests.integration.rpc_peers import (
 from tests.rpc_config import LOCAL_RATE_LIMIT, action, condition, generic_proxy, matcher
 from tests.rpc_config import rpc_listener as listener_config
 
-from shoal.codec.rpc.base import RpcFrame
 from shoal.codec.rpc.registry import CODECS
 
 GREETER = "com.example.Greeter"
@@ -117,7 +115,7 @@ def test_routes_by_method_and_attachment(
 
 
 def test_weighted_canary(make_proxy: Any, protocol: str, servers: dict[str, RpcServer]) -> None:
-    proxy, port = _proxy(
+    _, port = _proxy(
         make_proxy, protocol, servers, matcher([], default=action(weights={"v1": 80, "v2": 20}))
     )
     report = run_client(protocol, port, args=["w"], count=400, concurrency=20)

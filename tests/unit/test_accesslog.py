@@ -21,6 +21,7 @@ from shoal.observe.accesslog import (
     compile_json_format,
     compile_text_format,
 )
+from shoal.observe.tracing import trace_id_of
 
 T0 = 1704067200.123  # 2024-01-01T00:00:00.123Z
 
@@ -56,6 +57,10 @@ class Record:
     response_headers: dict[str, str] = field(
         default_factory=lambda: {"x-envoy-upstream-service-time": "11"}
     )
+
+    @property
+    def trace_id(self) -> str:  # as the proxy's exchange, with no span of its own
+        return trace_id_of(self.request_header) or ""
 
     def request_header(self, name: str) -> str | None:
         assert name == name.lower()
@@ -210,6 +215,27 @@ def test_pseudo_header_alternative_falls_back_to_header() -> None:
 )
 def test_trace_id_from_traceparent(traceparent: str, expected: str) -> None:
     assert fmt("%TRACE_ID%", Record(request_headers={"traceparent": traceparent})) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (
+            {"x-b3-traceid": "463ac35c9f6413ad", "x-b3-spanid": "a2fb4a1d1a96d312"},
+            "463ac35c9f6413ad",
+        ),
+        (
+            {"b3": "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"},
+            "80f198ee56343ba864fe8b2a57d3eff7",
+        ),
+        ({"b3": "0"}, "-"),
+        ({"x-b3-traceid": "463ac35c9f6413ad"}, "-"),  # no span id: no context
+    ],
+)
+def test_trace_id_from_b3(headers: dict[str, str], expected: str) -> None:
+    assert fmt("%TRACE_ID%", Record(request_headers=headers)) == expected
+    line = compile_json_format([("t", "%TRACE_ID%")])(Record(request_headers=headers))
+    assert json.loads(line) == {"t": None if expected == "-" else expected}
 
 
 @pytest.mark.parametrize(

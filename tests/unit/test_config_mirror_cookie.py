@@ -87,7 +87,7 @@ def test_mirror_runtime_fraction(tmp_path: Path, percent: dict[str, Any], fracti
         (
             {"cluster": "shadow", "trace_sampled": False},
             f"{MIRROR}.trace_sampled",
-            "tracing is not supported yet",
+            "trace_sampled is not supported yet",
         ),
         ({"cluster_header": "x-mirror"}, f"{MIRROR}.cluster_header", "not supported by shoal"),
         (

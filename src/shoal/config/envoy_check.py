@@ -51,7 +51,7 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         # listeners
         "envoy.config.listener.v3.Listener": (
             "name address stat_prefix filter_chains per_connection_buffer_limit_bytes"
-            " listener_filters"
+            " listener_filters traffic_direction"
         ),
         "envoy.config.listener.v3.ListenerFilter": "name typed_config",
         "envoy.config.listener.v3.FilterChain": "name filters filter_chain_match",
@@ -90,8 +90,25 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " server_name max_request_headers_kb stream_idle_timeout request_timeout"
             " request_headers_timeout drain_timeout access_log use_remote_address"
             " xff_num_trusted_hops skip_xff_append generate_request_id"
-            " strip_matching_host_port upgrade_configs"
+            " strip_matching_host_port upgrade_configs tracing"
         ),
+        # tracing (config/envoy_telemetry.py)
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+        ".Tracing": (
+            "client_sampling random_sampling overall_sampling custom_tags provider"
+            " max_path_tag_length spawn_upstream_span"
+        ),
+        "envoy.config.trace.v3.Tracing.Http": "name typed_config",
+        "envoy.config.trace.v3.ZipkinConfig": (
+            "collector_cluster collector_endpoint trace_id_128bit shared_span_context"
+            " collector_endpoint_version collector_hostname trace_context_option"
+        ),
+        "envoy.config.trace.v3.OpenTelemetryConfig": "grpc_service http_service service_name",
+        "envoy.config.core.v3.HttpService": "http_uri",
+        "envoy.config.core.v3.HttpUri": "uri cluster timeout",
+        "envoy.type.tracing.v3.CustomTag": "tag literal request_header",
+        "envoy.type.tracing.v3.CustomTag.Literal": "value",
+        "envoy.type.tracing.v3.CustomTag.Header": "name default_value",
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter": (
             "name typed_config"
         ),
@@ -321,7 +338,23 @@ _WHY_NOT: dict[tuple[str, str], str] = {
     (
         "envoy.config.route.v3.RouteAction.RequestMirrorPolicy",
         "trace_sampled",
-    ): f"tracing is {NOT_YET}",
+    ): f"trace_sampled is {NOT_YET} (mirrored requests are not traced)",
+    (
+        "envoy.type.tracing.v3.CustomTag",
+        "environment",
+    ): "only literal and request_header custom tags are supported",
+    (
+        "envoy.type.tracing.v3.CustomTag",
+        "metadata",
+    ): "only literal and request_header custom tags are supported",
+    (
+        "envoy.config.trace.v3.OpenTelemetryConfig",
+        "sampler",
+    ): "sampler extensions are not supported; use the connection manager's *_sampling",
+    (
+        "envoy.config.trace.v3.ZipkinConfig",
+        "collector_service",
+    ): "collector_service is not supported; use collector_cluster and collector_endpoint",
 }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from envoy.config.trace.v3 import opentelemetry_pb2, zipkin_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.http.adaptive_concurrency.v3 import adaptive_concurrency_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
@@ -71,6 +72,8 @@ EXTENSIONS: dict[str, type[Message]] = {
         matcher_pb2.PathMatchInput,
         matcher_pb2.MethodMatchInput,
         matcher_pb2.PropertyMatchInput,
+        zipkin_pb2.ZipkinConfig,
+        opentelemetry_pb2.OpenTelemetryConfig,
     )
 }
 
@@ -161,6 +164,16 @@ def uint(
     value = int(getattr(msg, name).value)
     if not lo <= value <= hi:
         raise ctx.at(name).error(f"{value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def percent(msg: Message, name: str, default: float, ctx: Ctx) -> float:
+    """An ``envoy.type.v3.Percent`` field (0..100), ``default`` when unset."""
+    if not msg.HasField(name):
+        return default
+    value = float(getattr(msg, name).value)
+    if not 0.0 <= value <= 100.0:
+        raise ctx.at(name, "value").error("must be in [0, 100]")
     return value
 
 

@@ -12,7 +12,15 @@ from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from google.protobuf.message import Message
 
-from shoal.config.envoy_fields import Ctx, cluster_ref, duration, required, uint, unpack
+from shoal.config.envoy_fields import (
+    Ctx,
+    cluster_ref,
+    duration,
+    percent,
+    required,
+    uint,
+    unpack,
+)
 from shoal.config.envoy_headers import header_matcher, headers_to_add
 from shoal.config.filters import (
     AdaptiveConcurrency,
@@ -176,27 +184,17 @@ def _adaptive_concurrency(config: Message, ctx: Ctx) -> AdaptiveConcurrency:
             status = 503  # Envoy: a non-error status means the default
     return AdaptiveConcurrency(
         update_interval=interval,
-        percentile=_percent(gradient, "sample_aggregate_percentile", 50.0, here) / 100.0,
+        percentile=percent(gradient, "sample_aggregate_percentile", 50.0, here) / 100.0,
         max_limit=uint(limits, "max_concurrency_limit", 1000, limits_ctx, lo=1),
         min_rtt_interval=duration(rtt, "interval", rtt_ctx) or 60.0,
         min_rtt_fixed=duration(rtt, "fixed_value", rtt_ctx),
         min_rtt_requests=uint(rtt, "request_count", 50, rtt_ctx, lo=1),
-        jitter=_percent(rtt, "jitter", 15.0, rtt_ctx) / 100.0,
+        jitter=percent(rtt, "jitter", 15.0, rtt_ctx) / 100.0,
         min_concurrency=uint(rtt, "min_concurrency", 3, rtt_ctx, lo=1),
-        buffer=_percent(rtt, "buffer", 25.0, rtt_ctx) / 100.0,
+        buffer=percent(rtt, "buffer", 25.0, rtt_ctx) / 100.0,
         enabled=bool(config.enabled.default_value.value) if config.HasField("enabled") else True,
         status=status,
     )
-
-
-def _percent(owner: Message, name: str, default: float, ctx: Ctx) -> float:
-    """An ``envoy.type.v3.Percent`` field (0..100), ``default`` when unset."""
-    if not owner.HasField(name):
-        return default
-    value = float(getattr(owner, name).value)
-    if not 0.0 <= value <= 100.0:
-        raise ctx.at(name, "value").error("must be in [0, 100]")
-    return value
 
 
 def _global_rate_limit(config: Message, ctx: Ctx) -> GlobalRateLimit:

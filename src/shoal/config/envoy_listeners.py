@@ -6,8 +6,10 @@ Internal to :mod:`shoal.config.envoy`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -37,14 +39,17 @@ from shoal.config.envoy_fields import (
 from shoal.config.envoy_filters import FILTER_TYPES, filter_config
 from shoal.config.envoy_routes import build_route_configuration
 from shoal.config.envoy_rpc import RPC_PROTOCOLS, generic_proxy
+from shoal.config.envoy_telemetry import istio_stats, tracing
 from shoal.config.filters import HttpFilter
 from shoal.config.model import (
     AccessLog,
     HttpConnectionManager,
+    IstioStats,
     Listener,
     NetworkFilter,
     ProtocolChain,
     TcpProxy,
+    TrafficDirection,
     WeightedCluster,
 )
 
@@ -53,6 +58,12 @@ INSPECTOR_TYPE_URL = "type.shoal.io/shoal.listener.v1.ProtocolInspector"
 # what the inspector can tell from a connection's first bytes (Envoy's http_inspector names)
 DETECTED_PROTOCOLS = frozenset({"http/1.0", "http/1.1", "h2c", *RPC_PROTOCOLS})
 
+_TYPED_STRUCT = typed_struct_pb2.TypedStruct.DESCRIPTOR.full_name
+_DIRECTIONS: dict[int, TrafficDirection] = {
+    base_pb2.UNSPECIFIED: "unspecified",
+    base_pb2.INBOUND: "inbound",
+    base_pb2.OUTBOUND: "outbound",
+}
 _CODEC_TYPES = {
     hcm_pb2.HttpConnectionManager.AUTO: "auto",
     hcm_pb2.HttpConnectionManager.HTTP1: "http1",
@@ -149,6 +160,7 @@ def build_listener(proto: Message, ctx: Ctx) -> Listener:
             proto, "per_connection_buffer_limit_bytes", 1024 * 1024, ctx
         ),
         protocol_chains=tuple(by_protocol),
+        traffic_direction=choice(_DIRECTIONS, proto, "traffic_direction", ctx),
     )
 
 
@@ -175,15 +187,22 @@ def _listener_filters(filters: Any, ctx: Ctx) -> bool:
 
 
 def _chain_filter(chain: Message, ctx: Ctx) -> NetworkFilter:
+    """The chain's one terminal filter, after Shoal's istio_stats network filter if any (in
+    front of tcp_proxy or generic_proxy, where Istio puts its istio.stats filter)."""
     filters = chain.filters
-    if len(filters) != 1:
+    stats: IstioStats | None = None
+    if len(filters) == 2 and filters[0].typed_config.TypeName() == _TYPED_STRUCT:
+        here = ctx.at("filters", 0)
+        struct = typed_config(filters[0], here, typed_struct_pb2.TypedStruct)
+        stats = istio_stats(struct, here.at("typed_config"))
+    elif len(filters) != 1:
         raise ctx.at("filters").error(
-            "exactly one network filter is supported"
-            " (http_connection_manager, tcp_proxy or generic_proxy)"
+            "exactly one network filter is supported (http_connection_manager, tcp_proxy or"
+            " generic_proxy), optionally after shoal.filters.network.istio_stats"
         )
-    filter_ctx = ctx.at("filters", 0)
+    filter_ctx = ctx.at("filters", len(filters) - 1)
     config = typed_config(
-        filters[0],
+        filters[-1],
         filter_ctx,
         hcm_pb2.HttpConnectionManager,
         tcp_proxy_pb2.TcpProxy,
@@ -191,11 +210,16 @@ def _chain_filter(chain: Message, ctx: Ctx) -> NetworkFilter:
     )
     config_ctx = filter_ctx.at("typed_config")
     if isinstance(config, hcm_pb2.HttpConnectionManager):
+        if stats is not None:
+            raise ctx.at("filters", 0).error(
+                "an HTTP listener reports Istio stats with the HTTP filter"
+                " shoal.filters.http.istio_stats in http_filters"
+            )
         return _http_connection_manager(config, config_ctx)
     if isinstance(config, generic_proxy_pb2.GenericProxy):
         logs = access_logs(config.access_log, config_ctx.at("access_log"))
-        return generic_proxy(config, config_ctx, logs)
-    return _tcp_proxy(config, config_ctx)
+        return replace(generic_proxy(config, config_ctx, logs), istio_stats=stats)
+    return replace(_tcp_proxy(config, config_ctx), istio_stats=stats)
 
 
 def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
@@ -204,7 +228,7 @@ def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
         raise ctx.at("route_config").error("route_config is required (rds needs xDS)")
     common = hcm.common_http_protocol_options
     common_ctx = ctx.at("common_http_protocol_options")
-    max_request_bytes, http_filters = _http_filters(hcm.http_filters, ctx.at("http_filters"))
+    max_request_bytes, http_filters, stats = _http_filters(hcm.http_filters, ctx.at("http_filters"))
     return HttpConnectionManager(
         stat_prefix=required(str(hcm.stat_prefix), ctx.at("stat_prefix"), "stat_prefix"),
         route_config=build_route_configuration(hcm.route_config, ctx.at("route_config")),
@@ -227,20 +251,37 @@ def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
             str(u.upgrade_type).lower() for u in hcm.upgrade_configs if flag(u, "enabled", True)
         ),
         drain_timeout=seconds(hcm, "drain_timeout", 5.0, ctx),
+        istio_stats=stats,
+        tracing=tracing(hcm, ctx),
     )
 
 
-def _http_filters(filters: Any, ctx: Ctx) -> tuple[int | None, tuple[HttpFilter, ...]]:
-    """Check the router is present and last; return the buffer filter's limit, if any, and
-    the other filters in order."""
+def _http_filters(
+    filters: Any, ctx: Ctx
+) -> tuple[int | None, tuple[HttpFilter, ...], IstioStats | None]:
+    """Check the router is present and last; return the buffer filter's limit, if any, the
+    other filters in order, and Shoal's Istio stats filter, if any."""
     if not filters:
         raise ctx.error("the router filter (envoy.filters.http.router) is required")
     last = len(filters) - 1
     max_request_bytes = None
+    stats: IstioStats | None = None
     chain: list[HttpFilter] = []
     for index, item in enumerate(filters):
         here = ctx.at(index)
-        config = typed_config(item, here, router_pb2.Router, buffer_pb2.Buffer, *FILTER_TYPES)
+        config = typed_config(
+            item,
+            here,
+            router_pb2.Router,
+            buffer_pb2.Buffer,
+            typed_struct_pb2.TypedStruct,
+            *FILTER_TYPES,
+        )
+        if isinstance(config, typed_struct_pb2.TypedStruct) and index != last:
+            if stats is not None:
+                raise here.error("the Istio stats filter is configured twice")
+            stats = istio_stats(config, here.at("typed_config"))
+            continue
         if isinstance(config, FILTER_TYPES):
             name = required(str(item.name), here.at("name"), "name")
             chain.append(HttpFilter(name, filter_config(config, here.at("typed_config"))))
@@ -257,7 +298,7 @@ def _http_filters(filters: Any, ctx: Ctx) -> tuple[int | None, tuple[HttpFilter,
             max_request_bytes = uint(config, "max_request_bytes", 0, config_ctx, lo=1)
             if not max_request_bytes:
                 raise config_ctx.at("max_request_bytes").error("max_request_bytes is required")
-    return max_request_bytes, tuple(chain)
+    return max_request_bytes, tuple(chain), stats
 
 
 def _tcp_proxy(proxy: Message, ctx: Ctx) -> TcpProxy:

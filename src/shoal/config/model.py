@@ -305,6 +305,66 @@ class RouteConfiguration:
     headers: HeaderMutations = HeaderMutations()
 
 
+# --- telemetry ---------------------------------------------------------------------------
+
+Reporter = Literal["source", "destination"]
+
+
+@dataclass(frozen=True, slots=True)
+class IstioStats:
+    """Shoal's ``istio_stats`` filter: Istio's standard metrics for this listener, reported
+    as the calling side (``source``, outbound) or the called side (``destination``)."""
+
+    reporter: Reporter
+
+
+@dataclass(frozen=True, slots=True)
+class CustomTag:
+    """A span tag: a literal ``value``, or the request header ``header`` (lower-cased) with
+    ``value`` as its default (no tag when both are empty)."""
+
+    tag: str
+    value: str = ""
+    header: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ZipkinTracer:
+    """``envoy.tracers.zipkin``: Zipkin v2 JSON over HTTP, B3 propagation (and W3C with
+    ``w3c``: Envoy's ``USE_B3_WITH_W3C_PROPAGATION``)."""
+
+    cluster: str
+    endpoint: str
+    hostname: str = ""  # the collector requests' Host; "" means the cluster's name
+    trace_id_128bit: bool = False
+    shared_span_context: bool = True
+    w3c: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OpenTelemetryTracer:
+    """``envoy.tracers.opentelemetry``: OTLP over gRPC (``path`` empty) or HTTP/protobuf
+    (POST to ``path``), W3C propagation."""
+
+    cluster: str
+    service_name: str = "unknown_service:envoy"
+    path: str = ""
+    authority: str = ""  # OTLP/HTTP's Host; "" means the cluster's name
+    timeout: Seconds = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Tracing:
+    """The connection manager's ``tracing``; sampling shares are 0..1."""
+
+    provider: ZipkinTracer | OpenTelemetryTracer
+    client_sampling: float = 1.0
+    random_sampling: float = 1.0
+    overall_sampling: float = 1.0
+    custom_tags: tuple[CustomTag, ...] = ()
+    max_path_tag_length: int = 256
+
+
 # --- listeners ----------------------------------------------------------------------------
 
 
@@ -339,6 +399,8 @@ class HttpConnectionManager:
     upgrade_types: frozenset[str] = frozenset()  # lower-cased, e.g. {"websocket"}
     drain_timeout: Seconds = 5.0
     http_filters: tuple[HttpFilter, ...] = ()  # before the router, in order
+    istio_stats: IstioStats | None = None
+    tracing: Tracing | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +411,7 @@ class TcpProxy:
     idle_timeout: Seconds | None = 3600.0
     access_logs: tuple[AccessLog, ...] = ()
     max_connect_attempts: int = 1
+    istio_stats: IstioStats | None = None
 
 
 RpcInput = Literal["service", "method", "property"]
@@ -409,9 +472,13 @@ class RpcProxy:
     routes: tuple[RpcRoute, ...] = ()  # for requests no virtual host names
     access_logs: tuple[AccessLog, ...] = ()
     max_frame_bytes: int = 8 * 1024 * 1024
+    istio_stats: IstioStats | None = None
 
 
 NetworkFilter = HttpConnectionManager | TcpProxy | RpcProxy
+
+
+TrafficDirection = Literal["unspecified", "inbound", "outbound"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,6 +500,9 @@ class Listener:
     filter: NetworkFilter
     per_connection_buffer_limit_bytes: int = 1024 * 1024
     protocol_chains: tuple[ProtocolChain, ...] = ()
+    # Envoy's traffic_direction: tracing names outbound spans egress (CLIENT), others
+    # ingress (SERVER)
+    traffic_direction: TrafficDirection = "unspecified"
 
 
 # --- clusters --------------------------------------------------------------------------------

@@ -88,6 +88,11 @@ class AccessLogRecord(Protocol):
     def downstream_local(self) -> str: ...
     @property
     def connection_id(self) -> int: ...
+    @property
+    def trace_id(self) -> str:
+        """The proxy's span's trace id, else the request's own (W3C or B3); ``""`` if
+        neither."""
+
     def request_header(self, name: str) -> str | None:
         """Value of a request header; ``name`` is lower-case."""
 
@@ -176,7 +181,7 @@ _PLAIN: dict[str, _Op] = {
     "REQUESTED_SERVER_NAME": _Op("const"),
     "CONNECTION_ID": _Op("int", ("r.connection_id",)),
     "HOSTNAME": _Op("const", value=_HOSTNAME),
-    "TRACE_ID": _Op("opt", ("_trace_id(rq('traceparent'))",)),
+    "TRACE_ID": _Op("attr", ("r.trace_id",)),
 }
 
 # Request pseudo-headers the record carries as attributes.
@@ -253,19 +258,6 @@ def _header_operator(command: str, params: str, max_len: int | None) -> _Op:
 
 # --- helpers the generated code calls --------------------------------------------------------
 
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-_NO_TRACE = "0" * 32
-
-
-def _trace_id(traceparent: str | None) -> str | None:
-    """Trace id of a W3C ``traceparent`` header, None if absent or invalid."""
-    if traceparent is None:
-        return None
-    match = _TRACEPARENT.match(traceparent)
-    if match is None or match[1] == _NO_TRACE:
-        return None
-    return match[1]
-
 
 def _without_port(address: str) -> str | None:
     """``10.0.0.1:80`` → ``10.0.0.1``; ``[::1]:80`` → ``::1`` (Envoy drops the brackets)."""
@@ -282,7 +274,6 @@ _WS = str.maketrans(dict.fromkeys(" \t\n\v\f\r", "_"))
 
 _HELPERS: dict[str, Any] = {
     "_enc": encode_basestring,
-    "_trace_id": _trace_id,
     "_without_port": _without_port,
     "_WS": _WS,
     "_D": "-",

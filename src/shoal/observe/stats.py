@@ -9,6 +9,9 @@ Worker processes send snapshots over a pipe (:meth:`Snapshot.to_json`) and the a
 process sums them with :func:`merge`, then renders Envoy's ``/stats`` text
 (:func:`render_text`) or ``/stats/prometheus`` (:func:`render_prometheus`, with Envoy's
 tag extraction so dashboards built for Envoy work unchanged).
+
+Labelled series (Istio's standard metrics) travel beside them, keyed by metric name and
+their rendered label text, so merging workers is a sum per key like any other stat.
 """
 
 from __future__ import annotations
@@ -125,11 +128,15 @@ def _short(value: float) -> str:
 
 @dataclass(slots=True)
 class Snapshot:
-    """All stats of one process (or the merge of several), keyed by Envoy's dotted names."""
+    """All stats of one process (or the merge of several), keyed by Envoy's dotted names;
+    labelled series by metric name, then by their Prometheus label text
+    (``reporter="source",...``)."""
 
     counters: dict[str, int] = field(default_factory=dict)
     gauges: dict[str, int] = field(default_factory=dict)
     histograms: dict[str, Histogram] = field(default_factory=dict)
+    labelled_counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    labelled_histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Compact JSON for sending a worker's snapshot over a pipe."""
@@ -137,9 +144,11 @@ class Snapshot:
             {
                 "counters": self.counters,
                 "gauges": self.gauges,
-                "histograms": {
-                    name: {"bounds": h.bounds, "counts": h.counts, "sum": h.sum}
-                    for name, h in self.histograms.items()
+                "histograms": {name: _histogram_json(h) for name, h in self.histograms.items()},
+                "labelled_counters": self.labelled_counters,
+                "labelled_histograms": {
+                    metric: {labels: _histogram_json(h) for labels, h in series.items()}
+                    for metric, series in self.labelled_histograms.items()
                 },
             },
             separators=(",", ":"),
@@ -149,20 +158,38 @@ class Snapshot:
     def from_json(cls, text: str) -> Snapshot:
         """Inverse of :meth:`to_json`; ``ValueError`` on a malformed snapshot."""
         data: dict[str, Any] = json.loads(text)
-        histograms = {}
-        for name, fields in data["histograms"].items():
-            histogram = Histogram(fields["bounds"])
-            counts = [int(n) for n in fields["counts"]]
-            if len(counts) != len(histogram.counts):
-                raise ValueError(f"histogram {name!r}: counts do not match bounds")
-            histogram.counts = counts
-            histogram.sum = float(fields["sum"])
-            histograms[name] = histogram
         return cls(
             counters={name: int(v) for name, v in data["counters"].items()},
             gauges={name: int(v) for name, v in data["gauges"].items()},
-            histograms=histograms,
+            histograms={
+                name: _histogram_from_json(name, h) for name, h in data["histograms"].items()
+            },
+            labelled_counters={
+                metric: {labels: int(v) for labels, v in series.items()}
+                for metric, series in data.get("labelled_counters", {}).items()
+            },
+            labelled_histograms={
+                metric: {
+                    labels: _histogram_from_json(f"{metric}{{{labels}}}", h)
+                    for labels, h in series.items()
+                }
+                for metric, series in data.get("labelled_histograms", {}).items()
+            },
         )
+
+
+def _histogram_json(histogram: Histogram) -> dict[str, Any]:
+    return {"bounds": histogram.bounds, "counts": histogram.counts, "sum": histogram.sum}
+
+
+def _histogram_from_json(name: str, fields: dict[str, Any]) -> Histogram:
+    histogram = Histogram(fields["bounds"])
+    counts = [int(n) for n in fields["counts"]]
+    if len(counts) != len(histogram.counts):
+        raise ValueError(f"histogram {name!r}: counts do not match bounds")
+    histogram.counts = counts
+    histogram.sum = float(fields["sum"])
+    return histogram
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
@@ -178,26 +205,39 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             out.counters[name] = out.counters.get(name, 0) + value
         for name, value in snapshot.gauges.items():
             out.gauges[name] = out.gauges.get(name, 0) + value
-        for name, histogram in snapshot.histograms.items():
-            mine = out.histograms.get(name)
-            if mine is None:
-                out.histograms[name] = histogram.copy()
-            else:
-                mine.merge(histogram)
+        _merge_histograms(out.histograms, snapshot.histograms)
+        for metric, series in snapshot.labelled_counters.items():
+            counts = out.labelled_counters.setdefault(metric, {})
+            for labels, value in series.items():
+                counts[labels] = counts.get(labels, 0) + value
+        for metric, histograms in snapshot.labelled_histograms.items():
+            _merge_histograms(out.labelled_histograms.setdefault(metric, {}), histograms)
     return out
+
+
+def _merge_histograms(into: dict[str, Histogram], histograms: dict[str, Histogram]) -> None:
+    for name, histogram in histograms.items():
+        mine = into.get(name)
+        if mine is None:
+            into[name] = histogram.copy()
+        else:
+            mine.merge(histogram)
 
 
 # --- /stats ----------------------------------------------------------------------------------
 
 
 def render_text(snapshot: Snapshot) -> str:
-    """Envoy's ``/stats``: counters and gauges sorted together, then histograms."""
+    """Envoy's ``/stats``: counters and gauges sorted together, then histograms; labelled
+    series after each as ``name{labels}``."""
     values = {**snapshot.counters, **snapshot.gauges}
+    for metric, series in snapshot.labelled_counters.items():
+        values.update((f"{metric}{{{labels}}}", value) for labels, value in series.items())
+    histograms = dict(snapshot.histograms)
+    for metric, by_labels in snapshot.labelled_histograms.items():
+        histograms.update((f"{metric}{{{labels}}}", h) for labels, h in by_labels.items())
     lines = [f"{name}: {values[name]}\n" for name in sorted(values)]
-    lines += [
-        f"{name}: {snapshot.histograms[name].quantile_summary()}\n"
-        for name in sorted(snapshot.histograms)
-    ]
+    lines += [f"{name}: {histograms[name].quantile_summary()}\n" for name in sorted(histograms)]
     return "".join(lines)
 
 
@@ -224,7 +264,7 @@ _TAG_EXTRACTORS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     )
 )
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
-_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", '"': '\\"'})
+LABEL_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", '"': '\\"'})
 
 
 @lru_cache(maxsize=65536)
@@ -239,7 +279,7 @@ def prometheus_name(stat: str) -> tuple[str, str]:
             continue
         cuts.append(match.span(1))
         value = match[2] if regex.groups >= 2 else match[1]
-        labels.append(f'{tag}="{value.translate(_LABEL_ESCAPES)}"')
+        labels.append(f'{tag}="{value.translate(LABEL_ESCAPES)}"')
     kept = []
     pos = 0
     for start, end in sorted(cuts):
@@ -274,16 +314,30 @@ def render_prometheus(snapshot: Snapshot) -> str:
     for metric, series in groups(snapshot.histograms):
         out.append(f"# TYPE {metric} histogram\n")
         for stat, labels in series:
-            histogram = snapshot.histograms[stat]
-            prefix = labels + "," if labels else ""
-            for bound, below in zip(histogram.bounds, histogram.cumulative(), strict=True):
-                out.append(f'{metric}_bucket{{{prefix}le="{bound:.32g}"}} {below}\n')
-            count = histogram.count
-            out.append(f'{metric}_bucket{{{prefix}le="+Inf"}} {count}\n')
-            out.append(f"{metric}_sum{{{labels}}} {histogram.sum:.32g}\n")
-            out.append(f"{metric}_count{{{labels}}} {count}\n")
+            _histogram_lines(out, metric, labels, snapshot.histograms[stat])
+        out.append("\n")
+
+    for metric, counts in sorted(snapshot.labelled_counters.items()):
+        out.append(f"# TYPE {metric} counter\n")
+        out.extend(f"{metric}{{{labels}}} {counts[labels]}\n" for labels in sorted(counts))
+        out.append("\n")
+    for metric, by_labels in sorted(snapshot.labelled_histograms.items()):
+        out.append(f"# TYPE {metric} histogram\n")
+        for labels in sorted(by_labels):
+            _histogram_lines(out, metric, labels, by_labels[labels])
         out.append("\n")
     return "".join(out)
+
+
+def _histogram_lines(out: list[str], metric: str, labels: str, histogram: Histogram) -> None:
+    """One series: cumulative ``_bucket`` lines (``le="+Inf"`` last), ``_sum``, ``_count``."""
+    prefix = labels + "," if labels else ""
+    for bound, below in zip(histogram.bounds, histogram.cumulative(), strict=True):
+        out.append(f'{metric}_bucket{{{prefix}le="{bound:.32g}"}} {below}\n')
+    count = histogram.count
+    out.append(f'{metric}_bucket{{{prefix}le="+Inf"}} {count}\n')
+    out.append(f"{metric}_sum{{{labels}}} {histogram.sum:.32g}\n")
+    out.append(f"{metric}_count{{{labels}}} {count}\n")
 
 
 def int_fields(cls: type) -> tuple[str, ...]:

@@ -51,6 +51,8 @@ from shoal.config.model import (
 )
 from shoal.errors import RemoteProtocolError
 from shoal.filters.base import Delay, HttpFilter, LocalReply, Wait
+from shoal.observe.istio import PEER_HEADER, PEER_HEADERS
+from shoal.observe.tracing import Span, trace_id_of
 from shoal.proxy.cookies import generated_value, set_cookie_line
 from shoal.proxy.routes import CompiledRoute, HeaderPlan, split_lines
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
@@ -424,6 +426,7 @@ class Exchange:
         "idle_timeout",
         "original_path",
         "path_bytes",
+        "peer",
         "pending",
         "request_complete",
         "request_end_at",
@@ -437,6 +440,7 @@ class Exchange:
         "response_started",
         "retries_left",
         "route_action",
+        "span",
         "start",
         "start_time",
         "status",
@@ -511,6 +515,10 @@ class Exchange:
         # tracked), and when a backup is due (0: none), checked by the deadline timer
         self._backup_from = 0.0
         self.backup_at = 0.0
+        # telemetry, only with the istio_stats filter / tracing: the peer's x-shoal-peer
+        # (the caller's on inbound, the callee's on outbound), and the request's span
+        self.peer = b""
+        self.span: Span | None = None
 
     # access-log record view ------------------------------------------------------------------
 
@@ -554,6 +562,12 @@ class Exchange:
     def connection_id(self) -> int:
         return self.connection.id
 
+    @property
+    def trace_id(self) -> str:
+        if self.span is not None:
+            return self.span.trace_id
+        return trace_id_of(self.request_header) or ""
+
     def request_header(self, name: str) -> str | None:
         if name == "x-request-id" and self.request_id:
             return self.request_id.decode("latin-1")
@@ -575,6 +589,10 @@ class Exchange:
         head = self.head
         ctx.stats.downstream_rq_total += 1
         ctx.stats.downstream_rq_active += 1
+        if ctx.istio is not None and ctx.istio.destination:
+            self.peer = head.header(PEER_HEADER) or b""
+        if ctx.tracer is not None:
+            self.span = ctx.tracer.start(head.headers)
         limit = ctx.config.max_request_bytes
         if limit is not None and self.bytes_received > limit:
             self._too_large()
@@ -908,6 +926,11 @@ class Exchange:
         remove = plan.remove
         if head.connection:
             remove = remove | connection_tokens(head.headers)
+        istio, tracer, span = ctx.istio, ctx.tracer, self.span
+        if istio is not None:
+            remove = remove | PEER_HEADERS
+        if tracer is not None:
+            remove = remove | tracer.owned
         lines = [b"%s %s HTTP/1.1\r\n" % (head.method, path)]
         append = lines.append
         original_host = host = head.host
@@ -960,6 +983,10 @@ class Exchange:
             append(b"x-envoy-original-path: %s\r\n" % self.original_path)
         if host != original_host:
             append(b"x-envoy-original-host: %s\r\n" % original_host)
+        if istio is not None and istio.request_line:
+            append(istio.request_line)
+        if tracer is not None and span is not None:
+            append(tracer.headers(span))
         append(compiled.timeout_header)
         if plan.fast:
             append(plan.add)
@@ -1482,6 +1509,11 @@ class Exchange:
         remove = plan.remove
         if head.connection and status != 101:
             remove = remove | connection_tokens(head.headers)
+        istio = ctx.istio
+        if istio is not None:
+            remove = remove | PEER_HEADERS
+            if not istio.destination:
+                self.peer = head.header(PEER_HEADER) or b""
         self.response_headers = head.headers
         lines = [status_line(status)]
         append = lines.append
@@ -1497,6 +1529,8 @@ class Exchange:
                 has_length = True
             append(b"%s: %s\r\n" % (name, value))
         append(b"x-envoy-upstream-service-time: %d\r\n" % upstream_ms)
+        if istio is not None and istio.response_line and self.peer:
+            append(istio.response_line)  # the caller is in the mesh: tell it who answered
         if self._set_cookies and b"set-cookie" not in remove:  # route edits come after it
             append(self._set_cookies)
         if plan.fast:
@@ -1654,6 +1688,9 @@ class Exchange:
             headers.append((b"content-type", content_type))
         if overloaded:
             headers.append((b"x-envoy-overloaded", b"true"))
+        istio = connection.ctx.istio
+        if istio is not None and istio.response_value and self.peer:
+            headers.append((PEER_HEADER, istio.response_value))
         if self.response_plan is not None:
             headers = self.response_plan.apply(headers)
         if not no_body_status(status):  # RFC 9110: never on 1xx and 204 (Envoy omits it)
@@ -1714,6 +1751,13 @@ class Exchange:
                     breaker.record(connection.loop.time(), ok, self.duration)
                 else:
                     breaker.release()  # the client left before an answer: no verdict
+        istio = ctx.istio
+        if istio is not None:
+            key = (self.peer, self.upstream_cluster, self.head.host, status, self.response_flags)
+            istio.record(key, self.duration, self.bytes_received, self.bytes_sent)
+        span = self.span
+        if span is not None and span.sampled and ctx.tracer is not None:
+            ctx.tracer.finish(span, self, self.head.host.decode("latin-1"))
         for access_log in ctx.access_logs:
             access_log(self)
         connection.exchange_done(self)

@@ -11,7 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shoal.config.model import AccessLog, HttpConnectionManager, Listener, TcpProxy
+from shoal.config.model import (
+    AccessLog,
+    HttpConnectionManager,
+    Listener,
+    TcpProxy,
+    Tracing,
+    ZipkinTracer,
+)
 from shoal.filters.base import HttpFilter
 from shoal.observe.accesslog import (
     DEFAULT_FORMAT,
@@ -20,7 +27,11 @@ from shoal.observe.accesslog import (
     compile_json_format,
     compile_text_format,
 )
+from shoal.observe.export import Resolve
+from shoal.observe.istio import IstioReporter
 from shoal.observe.stats import Histogram, int_fields
+from shoal.observe.telemetry import TELEMETRY
+from shoal.observe.tracing import Tracer
 from shoal.proxy.routes import RouteTable
 from shoal.proxy.tcp import TcpStats
 from shoal.upstream.cluster import ClusterRuntime
@@ -100,11 +111,13 @@ class HttpListenerContext:
         "connections",
         "draining",
         "filters",
+        "istio",
         "listener",
         "routes",
         "server_header",
         "server_name",
         "stats",
+        "tracer",
     )
 
     def __init__(
@@ -131,6 +144,39 @@ class HttpListenerContext:
         self.buffer_limit = listener.per_connection_buffer_limit_bytes
         self.connections: set[Drainable] = set()
         self.draining = False
+        stats_config = config.istio_stats
+        self.istio = (
+            IstioReporter(stats_config, TELEMETRY.workload, TELEMETRY.service)
+            if stats_config is not None
+            else None
+        )
+        self.tracer = (
+            _tracer(config.tracing, listener, clusters) if config.tracing is not None else None
+        )
+
+
+def _tracer(config: Tracing, listener: Listener, clusters: dict[str, ClusterRuntime]) -> Tracer:
+    """The listener's tracer, with the process's exporter for its collector, which from now
+    on finds the collector among these clusters."""
+    provider = config.provider
+    info = TELEMETRY.info
+    if isinstance(provider, ZipkinTracer):
+        service_name = info.cluster or "unknown"  # Zipkin's service: the node's cluster
+    else:
+        service_name = provider.service_name
+    exporter = TELEMETRY.exporters.get(
+        provider, service_name, _resolver(clusters, provider.cluster)
+    )
+    return Tracer(config, listener.traffic_direction == "outbound", info, exporter)
+
+
+def _resolver(clusters: dict[str, ClusterRuntime], name: str) -> Resolve:
+    def resolve() -> tuple[str, int] | None:
+        cluster = clusters.get(name)
+        host = cluster.lb.choose(None, None) if cluster is not None else None
+        return (host.address.host, host.address.port) if host is not None else None
+
+    return resolve
 
 
 class TcpListenerContext:
@@ -147,5 +193,9 @@ class TcpListenerContext:
         self.clusters = clusters
         self.stats = stats
         self.access_logs = [logs.sink(a) for a in config.access_logs]
+        if config.istio_stats is not None:
+            # a connection is reported as it closes, as Istio does without peer metadata
+            reporter = IstioReporter(config.istio_stats, TELEMETRY.workload, TELEMETRY.service)
+            self.access_logs.append(reporter.record_tcp)
         self.connections: set[Drainable] = set()
         self.draining = False

@@ -28,7 +28,10 @@ from shoal.codec.rpc.base import RpcCodec, RpcErrorKind, RpcFrame, RpcProtocolEr
 from shoal.config.filters import TokenBucket
 from shoal.config.model import RpcCondition, RpcProxy, RpcRoute
 from shoal.filters.local_ratelimit import TokenBucketState
+from shoal.observe.istio import IstioReporter, rpc_response_code
 from shoal.observe.stats import Histogram, int_fields
+from shoal.observe.telemetry import TELEMETRY
+from shoal.observe.tracing import trace_id_of
 from shoal.proxy.listeners import AccessLogs
 from shoal.transport.rpc import RpcHostPool, RpcUpstreamConnection
 from shoal.upstream.breaker import ErrorRateBreaker, build_breaker
@@ -179,6 +182,7 @@ class RpcListenerContext:
         "config",
         "connections",
         "draining",
+        "istio",
         "loop",
         "router",
         "stats",
@@ -201,6 +205,11 @@ class RpcListenerContext:
         self.router = RpcRouter(config, self.loop.time)
         self.connections: set[RpcSession] = set()
         self.draining = False
+        self.istio = (
+            IstioReporter(config.istio_stats, TELEMETRY.workload, TELEMETRY.service, codec.name)
+            if config.istio_stats is not None
+            else None
+        )
 
 
 class RpcSession(asyncio.Protocol):
@@ -267,6 +276,16 @@ class RpcSession(asyncio.Protocol):
         self.ctx.stats.downstream_rq_active -= 1
         if self.ctx.draining and not self.calls:
             self.close()
+
+    def pause_writing(self) -> None:
+        """The client is not reading its answers: stop reading its requests until it does
+        (what is in flight is bounded by the clusters' max_requests)."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def drain(self) -> None:
         if not self.calls:
@@ -546,7 +565,12 @@ class RpcCall:
         else:
             stats.rq_error += 1
             self.session.ctx.stats.downstream_rq_error += 1
-        for write in self.session.ctx.access_logs:
+        ctx = self.session.ctx
+        if ctx.istio is not None:  # no peer metadata in RPC frames: the peer is unknown
+            code = rpc_response_code(ok, self.response_flags)
+            key = (b"", self.cluster_name, self.frame.service.encode(), code, self.response_flags)
+            ctx.istio.record(key, self.duration, len(self.frame.raw), self.bytes_sent)
+        for write in ctx.access_logs:
             write(self)
         self.session.call_done(self)
 
@@ -595,6 +619,10 @@ class RpcCall:
     @property
     def connection_id(self) -> int:
         return self.session.id
+
+    @property
+    def trace_id(self) -> str:
+        return trace_id_of(self.request_header) or ""
 
     def request_header(self, name: str) -> str | None:
         """An attachment / header map / metadata value (``version`` and ``group`` too)."""

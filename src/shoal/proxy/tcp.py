@@ -95,7 +95,7 @@ class TcpSession(asyncio.Protocol):
     )
 
     protocol = ""
-    method = path = authority = route_name = response_code_details = ""
+    method = path = authority = route_name = response_code_details = trace_id = ""
     status = 0
 
     def __init__(self, ctx: TcpListenerContext) -> None:
