@@ -87,7 +87,7 @@ def test_local_workload_from_node_metadata() -> None:
 def test_local_workload_fallbacks_follow_istio() -> None:
     workload, service = local_workload(
         Node(
-            cluster="ratings",
+            cluster="ratings:9080",  # shoal bootstrap writes the service with its port
             metadata={
                 "SERVICE": "ratings",
                 "LABELS": {

@@ -115,10 +115,10 @@ def local_workload(node: Node) -> tuple[Workload, str]:
     metadata = node.metadata
     raw_labels = metadata.get("LABELS")
     labels = {str(k): str(v) for k, v in raw_labels.items()} if isinstance(raw_labels, dict) else {}
-    name = _text(metadata.get("WORKLOAD_NAME")) or node.cluster or UNKNOWN
+    # node.cluster is the service cluster, which shoal bootstrap writes as host[:port]
+    name = _text(metadata.get("WORKLOAD_NAME")) or _host(node.cluster) or UNKNOWN
     app = labels.get("app") or labels.get("app.kubernetes.io/name") or ""
     version = labels.get("version") or labels.get("app.kubernetes.io/version") or ""
-    service = _text(metadata.get("SERVICE")).rpartition(":")
     workload = Workload(
         name=name,
         namespace=_text(metadata.get("NAMESPACE")) or UNKNOWN,
@@ -128,7 +128,13 @@ def local_workload(node: Node) -> tuple[Workload, str]:
         canonical_revision=labels.get("service.istio.io/canonical-revision") or version or "latest",
         cluster=_text(metadata.get("CLUSTER_ID")) or UNKNOWN,
     )
-    return workload, (service[0] if service[2].isdigit() else service[2])
+    return workload, _host(_text(metadata.get("SERVICE")))
+
+
+def _host(host_port: str) -> str:
+    """``host`` of ``host:port`` (or of a bare host)."""
+    host, _, port = host_port.rpartition(":")
+    return host if port.isdigit() else host_port
 
 
 def _text(value: object) -> str:
