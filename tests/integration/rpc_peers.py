@@ -114,6 +114,7 @@ class RpcServer:
         self.ready_timeout = ready_timeout
         self._port = port
         self.proc: subprocess.Popen[bytes] | None = None
+        self.stopped = False
         self._stderr: IO[bytes] | None = None
 
     @property
@@ -155,6 +156,7 @@ class RpcServer:
         self._close_stderr()
         # A file, not a pipe: nobody drains the server's stderr while the test runs.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__/start)
+        self.stopped = False
         self.proc = subprocess.Popen(
             self.command(),
             cwd=PEERS_DIR,
@@ -207,7 +209,7 @@ class RpcServer:
 
     def died(self) -> bool:
         """Whether the server exited on its own (not by ``stop``)."""
-        return self.proc is not None and self.proc.poll() is not None
+        return self.proc is not None and not self.stopped and self.proc.poll() is not None
 
     def check_alive(self) -> None:
         if self.died():
@@ -223,7 +225,7 @@ class RpcServer:
             stop_process(self.proc, timeout=5.0)
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
-            self.proc = None  # stopped on purpose: not "died"
+            self.stopped = True  # on purpose: not "died"
 
     def _close_stderr(self) -> None:
         if self._stderr is not None:
@@ -270,11 +272,14 @@ def run_client(
     version: str = DEFAULT_VERSION,
     group: str = "",
     heartbeat: bool = False,
+    plain_header: bool = False,
 ) -> ClientReport:
     """Run ``client.js`` once against ``address`` (``"host:port"``, or a port on
     127.0.0.1): ``count`` calls of ``method(*args)`` with at most ``concurrency`` in flight,
-    over one connection. Call failures are in the report's ``errors``; a client that
-    cannot run (bad arguments, a crash, no report) raises with its stderr."""
+    over one connection. ``plain_header`` (Bolt) sends requests as an unmodified
+    sofa-rpc-node client does, the method only in the content, not in the header map.
+    Call failures are in the report's ``errors``; a client that cannot run (bad arguments,
+    a crash, no report) raises with its stderr."""
     target = f"127.0.0.1:{address}" if isinstance(address, int) else address
     options = {
         "protocol": protocol,
@@ -293,6 +298,8 @@ def run_client(
     cmd += [f"--attachment={key}={value}" for key, value in (attachments or {}).items()]
     if heartbeat:
         cmd.append("--heartbeat")
+    if plain_header:
+        cmd.append("--plain-bolt-header")
     # Generous: node's start-up, the calls one batch after another, each up to its timeout.
     batches = -(-count // max(concurrency, 1))
     deadline = 20.0 + (batches + 1) * timeout_ms / 1000

@@ -6,7 +6,7 @@
  *                  --interface com.example.Greeter [--version 1.0.0] [--group G]
  *                  --method sayHello --args '["world"]'
  *                  [--count N] [--concurrency C] [--timeout-ms T]
- *                  [--attachment k=v ...] [--heartbeat]
+ *                  [--attachment k=v ...] [--heartbeat] [--plain-bolt-header]
  *
  * It is sofa-rpc-node's RpcClient in direct mode (a fixed serverHost, no registry), over
  * Bolt (sofa-bolt-node: Bolt v1, Hessian2) or Dubbo (dubbo-remoting: Dubbo 2.x, Hessian2).
@@ -31,8 +31,12 @@
  * (next to dubbo/path/version/group); for Bolt they are SofaRequest request props, which
  * are also flattened into the Bolt header map beside service / sofa_head_method_name /
  * sofa_head_target_service, as Java SOFARPC does (sofa-bolt-node alone writes only
- * `service` there for Hessian2). --heartbeat first sends one protocol heartbeat on the
- * connection and waits up to --timeout-ms for its ack. Usage errors exit 2.
+ * `service` there for Hessian2). --plain-bolt-header leaves the header map as
+ * sofa-bolt-node writes it, so the requests are byte for byte what an unmodified
+ * sofa-rpc-node client sends (but for the uniqueId --group adds to the service name): the
+ * method and the props only in the SofaRequest content.
+ * --heartbeat first sends one protocol heartbeat on the connection and waits up to
+ * --timeout-ms for its ack. Usage errors exit 2.
  */
 'use strict';
 
@@ -49,7 +53,8 @@ const {
 const USAGE = `usage: node client.js --protocol dubbo|bolt --address 127.0.0.1:PORT
                       --interface com.example.Greeter [--version 1.0.0] [--group G]
                       --method NAME --args JSON_ARRAY [--count N] [--concurrency C]
-                      [--timeout-ms T] [--attachment k=v ...] [--heartbeat]`;
+                      [--timeout-ms T] [--attachment k=v ...] [--heartbeat]
+                      [--plain-bolt-header]`;
 
 // The Dubbo protocol version Java Dubbo 2.7/3.x clients send (dubbo-remoting's own
 // placeholder is 5.3.0); an --attachment dubbo=... overrides it.
@@ -69,6 +74,7 @@ function parseOptions() {
     'timeout-ms': { type: 'string', default: '3000' },
     attachment: { type: 'string', multiple: true, default: [] },
     heartbeat: { type: 'boolean', default: false },
+    'plain-bolt-header': { type: 'boolean', default: false },
     help: { type: 'boolean', short: 'h' },
   }, USAGE);
   for (const required of [ 'protocol', 'address', 'method' ]) {
@@ -104,6 +110,7 @@ function parseOptions() {
     timeoutMs: parseInteger('timeout-ms', values['timeout-ms'], 1),
     attachments,
     heartbeat: values.heartbeat,
+    plainBoltHeader: values['plain-bolt-header'],
   };
 }
 
@@ -184,7 +191,7 @@ async function main() {
   DynamicConfig.instance.circuitBreaker.forceClosed = true;
   DynamicConfig.instance.faultTolerance.regulationEffective = false;
 
-  if (options.protocol === 'bolt') useJavaStyleBoltHeaders();
+  if (options.protocol === 'bolt' && !options.plainBoltHeader) useJavaStyleBoltHeaders();
   // Response status by packet id, for the errors' `status`.
   const statusById = new Map();
   observeDecodedFrames(options.protocol, (packet, decoded) => {

@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 
 from shoal.codec.rpc.base import Match, RpcErrorKind, RpcFrame, RpcProtocolError
 from shoal.codec.rpc.bolt import (
+    CODEC_PROTOBUF,
     RPC_SERVER_EXCEPTION_CLASS,
+    SOFA_REQUEST_CLASS,
     BoltCodec,
     BoltStatus,
     BoltWire,
@@ -32,6 +34,7 @@ from shoal.codec.rpc.bolt import (
     encode_request,
     encode_response,
 )
+from shoal.codec.rpc.hessian2 import MAX_DEPTH, Hessian2Reader, write_int, write_string
 from shoal.errors import LocalProtocolError
 
 CODEC = BoltCodec()
@@ -39,6 +42,8 @@ SERVICE = "com.alipay.test.HelloService"
 EXC = f"{RPC_SERVER_EXCEPTION_CLASS}: "
 WIRES = ("v1", "v2", "v2crc")
 ID_AT = {"v1": 5, "v2": 6, "v2crc": 6}
+# A method in the header map: the content is then opaque (these tests send no SofaRequest).
+METHOD = {"sofa_head_method_name": "sayHello"}
 # What each wire's frames say about themselves to sofa-bolt-node.
 NODE_WIRE: dict[str, dict[str, object]] = {
     "v1": {"protocolType": "bolt"},
@@ -174,6 +179,67 @@ NODE_FRAMES: dict[str, str] = {
         "72696e676e01106a6176612e6c616e672e537472696e677a530020636f6d2e616c697061792e746573742e48"
         "656c6c6f536572766963653a312e300a73686f616c2d746573744d0773657276696365530020636f6d2e616c"
         "697061792e746573742e48656c6c6f536572766963653a312e307a05776f726c64"
+    ),
+    "v1_request_hessian4": (
+        "0101000101000000070100000bb8002c002f00000109636f6d2e616c697061792e736f66612e7270632e636f"
+        "72652e726571756573742e536f666152657175657374000000077365727669636500000020636f6d2e616c69"
+        "7061792e746573742e48656c6c6f536572766963653a312e3043302c636f6d2e616c697061792e736f66612e"
+        "7270632e636f72652e726571756573742e536f666152657175657374950a6d6574686f644e616d650d6d6574"
+        "686f64417267536967731774617267657453657276696365556e697175654e616d650d746172676574417070"
+        "4e616d650c7265717565737450726f7073600873617948656c6c6f71115b6a6176612e6c616e672e53747269"
+        "6e67106a6176612e6c616e672e537472696e673020636f6d2e616c697061792e746573742e48656c6c6f5365"
+        "72766963653a312e300a73686f616c2d746573744807736572766963653020636f6d2e616c697061792e7465"
+        "73742e48656c6c6f536572766963653a312e305a05776f726c64"
+    ),
+    "v1_request_java_hessian20": (
+        "0101000101000000080100000bb8002c002f000000ff636f6d2e616c697061792e736f66612e7270632e636f"
+        "72652e726571756573742e536f666152657175657374000000077365727669636500000020636f6d2e616c69"
+        "7061792e746573742e48656c6c6f536572766963653a312e3043302c636f6d2e616c697061792e736f66612e"
+        "7270632e636f72652e726571756573742e536f666152657175657374950d7461726765744170704e616d650a"
+        "6d6574686f644e616d651774617267657453657276696365556e697175654e616d650c726571756573745072"
+        "6f70730d6d6574686f6441726753696773600a73686f616c2d746573740873617948656c6c6f3020636f6d2e"
+        "616c697061792e746573742e48656c6c6f536572766963653a312e304807736572766963653020636f6d2e61"
+        "6c697061792e746573742e48656c6c6f536572766963653a312e305a71075b737472696e67106a6176612e6c"
+        "616e672e537472696e6705776f726c64"
+    ),
+    "v1_request_draft_all_types": (
+        "0101000101000000090100000bb8002c002f00000253636f6d2e616c697061792e736f66612e7270632e636f"
+        "72652e726571756573742e536f666152657175657374000000077365727669636500000020636f6d2e616c69"
+        "7061792e746573742e48656c6c6f536572766963653a312e304fbc636f6d2e616c697061792e736f66612e72"
+        "70632e636f72652e726571756573742e536f666152657175657374a0076e6f7468696e6703796573026e6f04"
+        "696e7473056c6f6e677307646f75626c65730464617465056279746573047465787407737472696e67730b6d"
+        "6f7265537472696e6773056974656d730570726f7073036d61700a6d6574686f644e616d6517746172676574"
+        "53657276696365556e697175654e616d656f904e5446566e079080bfc830c000d7ffff497fffffff7a566e06"
+        "e0f7f7ffff3fffff777fffffff4c00200000000000017a566e06676869646a03e86b47c35000443ff8000000"
+        "0000007a640000000000000000566e022573686f727442006407070707070707070707070707070707070707"
+        "0707070707070707070707070707070707070707070707070707070707070707070707070707070707070707"
+        "070707070707070707070707070707070707070707070707070707070707070707070707077a53003c68c3a9"
+        "6c6c6f2077c3b6726c6420eda0bdedb8802068c3a96c6c6f2077c3b6726c6420eda0bdedb8802068c3a96c6c"
+        "6f2077c3b6726c6420eda0bdedb8802068c3a96c6c6f2077c3b6726c6420eda0bdedb88020567400115b6a61"
+        "76612e6c616e672e537472696e676e02016101627a7690910163566e034fa0636f6d2e6578616d706c652e49"
+        "74656d92046e616d6504746167736f91016176909101784a086f9101627690907a4d016191016201787a4d01"
+        "6b0176016e4e7a0873617948656c6c6f19636f6d2e6578616d706c652e477265657465723a312e302e300577"
+        "6f726c64"
+    ),
+    "v1_request_rpc_client": (
+        "0101000101000000010100000bb8002c0028000000f4636f6d2e616c697061792e736f66612e7270632e636f"
+        "72652e726571756573742e536f666152657175657374000000077365727669636500000019636f6d2e657861"
+        "6d706c652e477265657465723a312e302e304fbc636f6d2e616c697061792e736f66612e7270632e636f7265"
+        "2e726571756573742e536f666152657175657374950a6d6574686f644e616d650d6d6574686f644172675369"
+        "67731774617267657453657276696365556e697175654e616d650d7461726765744170704e616d650c726571"
+        "7565737450726f70736f900873617948656c6c6f567400115b6a6176612e6c616e672e537472696e676e0110"
+        "6a6176612e6c616e672e537472696e677a19636f6d2e6578616d706c652e477265657465723a312e302e304e"
+        "4d077365727669636519636f6d2e6578616d706c652e477265657465723a312e302e307a05776f726c64"
+    ),
+    "v1_request_client_js_plain": (
+        "0101000101000000010100000bb8002c0028000000f4636f6d2e616c697061792e736f66612e7270632e636f"
+        "72652e726571756573742e536f666152657175657374000000077365727669636500000019636f6d2e657861"
+        "6d706c652e477265657465723a312e302e304fbc636f6d2e616c697061792e736f66612e7270632e636f7265"
+        "2e726571756573742e536f666152657175657374950a6d6574686f644e616d650d6d6574686f644172675369"
+        "67731774617267657453657276696365556e697175654e616d650d7461726765744170704e616d650c726571"
+        "7565737450726f70736f900873617948656c6c6f567400115b6a6176612e6c616e672e537472696e676e0110"
+        "6a6176612e6c616e672e537472696e677a19636f6d2e6578616d706c652e477265657465723a312e302e304e"
+        "4d077365727669636519636f6d2e6578616d706c652e477265657465723a312e302e307a05776f726c64"
     ),
 }
 PY_FRAMES: dict[str, str] = {
@@ -1195,11 +1261,11 @@ def test_request_from_sofa_rpc_node(wire: str) -> None:
     content_at = head + class_len + header_len
     assert fields(frame) == {
         "group": "",
-        # sofa-rpc-node's hessian2 requests name the method only inside the body
+        # sofa-rpc-node's hessian2 requests name the method only inside the content
         "headers": {"service": f"{SERVICE}:1.0"},
         "heartbeat": False,
         "is_request": True,
-        "method": "",
+        "method": "sayHello",
         "ok": True,
         "oneway": False,
         "payload": data[content_at : content_at + content_len],
@@ -1230,10 +1296,10 @@ def test_request_with_sofa_rpc_java_header_map() -> None:
 
 
 def test_target_service_wins_over_service_header() -> None:
-    headers = {"service": "a.Old:2.0", "sofa_head_target_service": "a.New:3.0:g"}
+    headers = {"service": "a.Old:2.0", "sofa_head_target_service": "a.New:3.0:g", **METHOD}
     frame = one(encode_request(1, headers=headers))
     assert (frame.service, frame.version, frame.group) == ("a.New", "3.0", "g")
-    frame = one(encode_request(1, headers={"service": "a.Only"}))
+    frame = one(encode_request(1, headers={"service": "a.Only", **METHOD}))
     assert (frame.service, frame.version, frame.group) == ("a.Only", "", "")
 
 
@@ -1241,6 +1307,184 @@ def test_oneway_and_large_ids() -> None:
     oneway = one(node_frame("v1_request_oneway"))
     assert (oneway.oneway, oneway.request_id, oneway.is_request) == (True, 4, True)
     assert one(node_frame("v1_request_big_id")).request_id == 0x7FFFFFFE
+
+
+# --- routing on the SofaRequest content (hessian2 requests without sofa_head_method_name)
+
+
+def content_of(name: str) -> bytes:
+    return one(node_frame(name)).payload
+
+
+def draft_request(*fields: tuple[str, bytes]) -> bytes:
+    """A SofaRequest in the Hessian 2 draft: an 'O' definition of these fields, then 'o'
+    and each field's value as given."""
+    name = SOFA_REQUEST_CLASS.encode()
+    out = bytearray(b"O")
+    write_int(out, len(name))
+    out += name
+    write_int(out, len(fields))
+    for field, _ in fields:
+        write_string(out, field)
+    out += b"o\x90"
+    for _, value in fields:
+        out += value
+    return bytes(out)
+
+
+def routing(frame: RpcFrame) -> tuple[str, str, str, str]:
+    return (frame.service, frame.version, frame.group, frame.method)
+
+
+def test_plain_sofa_rpc_node_request_routes_on_its_content() -> None:
+    data = node_frame("v1_request_rpc_client")
+    # what an unmodified sofa-rpc-node RpcClient sent, and client.js --plain-bolt-header too
+    assert node_frame("v1_request_client_js_plain") == data
+    frame = one(data)
+    assert frame.headers == {"service": "com.example.Greeter:1.0.0"}
+    assert routing(frame) == ("com.example.Greeter", "1.0.0", "", "sayHello")
+    assert (frame.request_id, frame.timeout, frame.payload[:1]) == (1, 3.0, b"O")
+    assert one(node_frame("v1_request_oneway")).method == "sayHello"
+
+
+@pytest.mark.parametrize("name", ["v1_request_hessian4", "v1_request_java_hessian20"])
+def test_hessian_2_0_content(name: str) -> None:
+    """sofa-bolt-node with hessianVersion 4.0, and SOFA-RPC Java's layout (Java field order)."""
+    frame = one(node_frame(name))
+    assert frame.payload[:1] == b"C" and frame.headers == {"service": f"{SERVICE}:1.0"}
+    assert routing(frame) == (SERVICE, "1.0", "", "sayHello")
+
+
+def test_every_kind_of_draft_value_before_the_method_is_stepped_over() -> None:
+    frame = one(node_frame("v1_request_draft_all_types"))
+    # the content names the target, and wins over the `service` header
+    assert frame.headers == {"service": f"{SERVICE}:1.0"}
+    assert routing(frame) == ("com.example.Greeter", "1.0.0", "", "sayHello")
+
+
+# Draft forms hessian.js 1.x reads but does not write (each checked once with its decoder,
+# but for the list without a length, which is Java Hessian 3's form).
+DRAFT_VALUES = {
+    "string chunks": b"s\x00\x02abS\x00\x01c",
+    "binary chunks": b"b\x00\x02\x01\x02B\x00\x01\x03",
+    "binary chunk, short end": b"b\x00\x01\x01\x21\x02",
+    "byte reference": b"J\x01",
+    "short reference": b"K\x00\x01",
+    "int reference": b"R\x00\x00\x00\x01",
+    "list without a length": b"V\x91\x92z",
+    "list with an int length": b"Vl\x00\x00\x00\x01\x91z",
+    "list with a type reference": b"VT\x90n\x01\x91z",
+    "list by type reference": b"Vn\x02Vt\x00\x01Ln\x00zv\x90\x91\x92z",
+    "typed map": b"Mt\x00\x01m\x01k\x01vz",
+    "map with a type reference": b"Mu\x90z",
+    "untyped map": b"H\x01k\x91z",
+    "object defined inside": b"O\x91X\x91\x01fo\x91\x92",
+}
+
+
+@pytest.mark.parametrize("value", DRAFT_VALUES.values(), ids=list(DRAFT_VALUES))
+def test_draft_forms_before_the_method(value: bytes) -> None:
+    content = draft_request(
+        ("x", value), ("methodName", b"\x01m"), ("targetServiceUniqueName", b"\x03a.B")
+    )
+    frame = one(encode_request(1, headers={"service": "a.Header:1"}, content=content))
+    assert routing(frame) == ("a.B", "", "", "m")
+
+
+def test_header_map_names_win_and_skip_the_content() -> None:
+    content = content_of("v1_request")
+    target = {"service": "a.Old:2.0", "sofa_head_target_service": "a.New:3.0:g"}
+    frame = one(encode_request(1, headers=target, content=content))
+    assert routing(frame) == ("a.New", "3.0", "g", "sayHello")
+    # with the method in the header map the content is not read at all
+    frame = one(encode_request(1, headers={**target, **METHOD}, content=b"\xffnot hessian"))
+    assert routing(frame) == ("a.New", "3.0", "g", "sayHello")
+
+
+def test_reading_stops_at_the_fields_it_needs() -> None:
+    content = content_of("v1_request")
+    after_method = content.index(b"sayHello") + len(b"sayHello")
+    after_target = content.index(b"HelloService:1.0") + len(b"HelloService:1.0")
+    garbage = b"\xff" * 1000
+    target = {"sofa_head_target_service": "a.B:1"}
+    frame = one(encode_request(1, headers=target, content=content[:after_method] + garbage))
+    assert routing(frame) == ("a.B", "1", "", "sayHello")
+    frame = one(encode_request(1, content=content[:after_target] + garbage))
+    assert routing(frame) == (SERVICE, "1.0", "", "sayHello")
+    with pytest.raises(RpcProtocolError):
+        decode(encode_request(1, content=content[:after_method] + garbage))
+    reader = Hessian2Reader(content)
+    assert reader.read_object_fields(SOFA_REQUEST_CLASS, {"methodName"}) == {
+        "methodName": "sayHello"
+    }
+    assert reader.pos == after_method
+
+
+def test_null_and_absent_fields() -> None:
+    content = draft_request(("methodName", b"N"), ("targetServiceUniqueName", b"N"))
+    frame = one(encode_request(1, headers={"service": "a.Header:1"}, content=content))
+    assert routing(frame) == ("a.Header", "1", "", "")
+    content = draft_request(("other", b"\x91"))
+    frame = one(encode_request(1, headers={"service": "a.Header:1"}, content=content))
+    assert routing(frame) == ("a.Header", "1", "", "")
+
+
+def test_only_hessian2_sofa_requests_are_read() -> None:
+    garbage = b"\xffnot hessian"
+    protobuf = BoltWire(codec=CODEC_PROTOBUF)
+    assert one(encode_request(1, content=garbage, wire=protobuf)).method == ""
+    other_class = encode_request(1, content=garbage, class_name="com.example.Request")
+    assert one(other_class).method == ""
+    heartbeat = encode_request(1, heartbeat=True)
+    assert one(heartbeat).method == ""
+
+
+def draft_nested_lists(depth: int) -> bytes:
+    return b"Vn\x01" * depth + b"N" + b"z" * depth
+
+
+BAD_CONTENT = {
+    "empty": b"",
+    "not an object": b"\x91",
+    "another class (draft)": b"O\x91X\x90o\x90",
+    "another class": b"C\x01X\x90\x60",
+    "no instance after the definition": draft_request()[:-2] + b"N",
+    "an instance of another class": draft_request()[:-2] + b"o\x91",
+    "Hessian 2.0 instance in the draft": draft_request()[:-2] + b"\x60",
+    "method is not a string": draft_request(("methodName", b"\x91")),
+    "unknown tag before the method": draft_request(("x", b"\x7f"), ("methodName", b"\x01m")),
+    "too deep before the method": draft_request(
+        ("x", draft_nested_lists(MAX_DEPTH)), ("methodName", b"\x01m")
+    ),
+    "field count past the end": draft_request()[:-3] + b"I\x7f\xff\xff\xff\x01a",
+    "fixed value past the end": draft_request(("x", b"L\x00")),
+    "string past the end": draft_request(("methodName", b"\x05ab")),
+}
+
+
+@pytest.mark.parametrize("content", BAD_CONTENT.values(), ids=list(BAD_CONTENT))
+def test_malformed_content_is_a_codec_exception(content: bytes) -> None:
+    data = encode_request(6, headers={"service": "a.B"}, content=content)
+    with pytest.raises(RpcProtocolError) as caught:
+        decode(data)
+    reply = CODEC.error_reply(caught.value.at, str(caught.value))
+    assert reply is not None
+    answer = one(reply)
+    assert (answer.request_id, answer.status) == (6, BoltStatus.CODEC_EXCEPTION)
+
+
+def test_every_cut_before_the_routing_fields_is_malformed() -> None:
+    content = content_of("v1_request")
+    end = content.index(b"HelloService:1.0") + len(b"HelloService:1.0")
+    for cut in range(end):
+        with pytest.raises(RpcProtocolError):
+            decode(encode_request(1, content=content[:cut]))
+
+
+def test_draft_nesting_limit() -> None:
+    # the SofaRequest itself is the first of the MAX_DEPTH levels
+    deep = draft_request(("x", draft_nested_lists(MAX_DEPTH - 1)), ("methodName", b"\x01m"))
+    assert one(encode_request(1, content=deep)).method == "m"
 
 
 @pytest.mark.parametrize("wire", WIRES)
@@ -1274,9 +1518,9 @@ def test_heartbeats(wire: str) -> None:
 
 
 def test_timeouts_zero_and_negative_are_none() -> None:
-    assert one(encode_request(1, timeout_ms=0)).timeout is None
-    assert one(encode_request(1, timeout_ms=-1)).timeout is None
-    assert one(encode_request(1, timeout_ms=1500)).timeout == 1.5
+    assert one(encode_request(1, headers=METHOD, timeout_ms=0)).timeout is None
+    assert one(encode_request(1, headers=METHOD, timeout_ms=-1)).timeout is None
+    assert one(encode_request(1, headers=METHOD, timeout_ms=1500)).timeout == 1.5
 
 
 def test_status_values_match_sofa_bolt() -> None:
@@ -1506,13 +1750,13 @@ def test_encode_round_trips_every_field() -> None:
 
 def test_v2_crc_written_and_checked_only_for_ver1_2() -> None:
     crc_wire = BoltWire(proto=2, ver1=2, switch=1)
-    data = encode_request(7, headers={"a": "b"}, content=b"xyz", wire=crc_wire)
+    data = encode_request(7, headers={"a": "b", **METHOD}, content=b"xyz", wire=crc_wire)
     assert struct.unpack(">I", data[-4:])[0] == zlib.crc32(data[:-4])
     assert one(data).payload == b"xyz"
     with pytest.raises(RpcProtocolError, match="CRC"):
         decode(data[:-1] + bytes([data[-1] ^ 1]))
     # Java only appends the CRC for ver1 == 2: with ver1 == 1 the switch bit means nothing
-    plain = encode_request(7, content=b"xyz", wire=BoltWire(proto=2, ver1=1, switch=1))
+    plain = encode_request(7, headers=METHOD, content=b"xyz", wire=BoltWire(2, 1, 1))
     assert plain[-3:] == b"xyz" and one(plain).payload == b"xyz"
 
 
@@ -1599,7 +1843,7 @@ def test_absurd_lengths_raise_at_once_without_allocating() -> None:
 
 
 def test_max_frame_bytes_counts_class_header_and_content() -> None:
-    data = encode_request(1, headers={"k": "v"}, content=b"x" * 100)
+    data = encode_request(1, headers=METHOD, content=b"x" * 100)
     body = len(data) - 22
     assert len(decode(data, max_frame_bytes=body)) == 1
     with pytest.raises(RpcProtocolError, match="exceeds"):
@@ -1607,7 +1851,7 @@ def test_max_frame_bytes_counts_class_header_and_content() -> None:
 
 
 def raw_request(header_map: bytes) -> bytes:
-    cls = b"com.alipay.sofa.rpc.core.request.SofaRequest"
+    cls = b"com.example.Request"  # not a SofaRequest, so "ok" is not read as one
     fixed = struct.pack(">BBHBIBiHHI", 1, 1, 1, 1, 1, 1, 0, len(cls), len(header_map), 2)
     return fixed + cls + header_map + b"ok"
 
@@ -1713,3 +1957,39 @@ def test_fuzz_mutated_golden_frames(
     whole = decode_or_error(mutated, [])
     if split is not None and whole is not None:
         assert [f.raw for f in split] == [f.raw for f in whole]
+
+
+CONTENT_FRAMES = [
+    "v1_request",
+    "v1_request_hessian4",
+    "v1_request_java_hessian20",
+    "v1_request_draft_all_types",
+]
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    name=st.sampled_from(CONTENT_FRAMES),
+    edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=6),
+    cut=st.integers(min_value=0),
+    tail=st.binary(max_size=40),
+    target_header=st.booleans(),
+)
+def test_fuzz_mutated_sofa_request_content(
+    name: str, edits: list[tuple[int, int]], cut: int, tail: bytes, target_header: bool
+) -> None:
+    """Whatever the content, the request decodes or is a protocol error, and nothing else."""
+    content = bytearray(one(node_frame(name)).payload)
+    for at, value in edits:
+        content[at % len(content)] = value
+    mutated = bytes(content[: cut % (len(content) + 1)]) + tail
+    headers = {
+        "service": "a.B:1",
+        **({"sofa_head_target_service": "a.C:2"} if target_header else {}),
+    }
+    try:
+        frame = one(encode_request(1, headers=headers, content=mutated))
+    except RpcProtocolError:
+        return
+    assert isinstance(frame.method, str) and isinstance(frame.service, str)
+    assert frame.payload == mutated

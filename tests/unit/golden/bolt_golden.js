@@ -5,18 +5,28 @@
 //   node tests/unit/golden/bolt_golden.js decode < py_frames.json > node_view.json
 //
 // encode: {name: hex} of frames written by sofa-bolt-node's own encoder (v1, v2 with and
-//   without CRC, requests as sofa-rpc-node builds them and with a SOFA-RPC Java header map).
+//   without CRC, requests as sofa-rpc-node builds them and with a SOFA-RPC Java header map,
+//   with Hessian 2.0 content as sofa-bolt-node's hessianVersion 4.0 and SOFA-RPC Java write
+//   it, with a SofaRequest whose fields before the method hold every kind of value the
+//   default (Hessian 3.x draft) encoder writes), and the first request that a real
+//   sofa-rpc-node RpcClient and client.js --plain-bolt-header send to a server (their
+//   packet id set to 1).
 // decode: for each {name: hex} on stdin, what sofa-bolt-node's stream decoder emits; for
 //   names starting "reply_", also the error sofa-rpc-node's RpcClient throws when a server
 //   answers its call with that frame (the id patched to the call's, CRC recomputed).
 // bolt_golden.py drives both and prints the constants the tests paste.
 'use strict';
 
+const { execFile } = require('child_process');
 const net = require('net');
 const path = require('path');
 const { createRequire } = require('module');
 
-const peers = createRequire(path.resolve(__dirname, '../../rpc_peers/package.json'));
+const PEERS = path.resolve(__dirname, '../../rpc_peers');
+const peers = createRequire(path.join(PEERS, 'package.json'));
+const hessian = peers('hessian.js');
+const hessianDraft = peers('sofa-hessian-node').v3; // hessian.js 1.x, sofa-bolt-node's default
+const java = peers('js-to-java');
 const bolt = peers('sofa-bolt-node');
 const protocol = peers('sofa-bolt-node/lib/protocol');
 const boltUtils = peers('sofa-bolt-node/lib/utils');
@@ -25,6 +35,8 @@ const RpcRequest = peers('sofa-rpc-node/lib/client/request');
 const { RpcClient } = peers('sofa-rpc-node').client;
 
 const SERVICE = 'com.alipay.test.HelloService';
+const SOFA_REQUEST = 'com.alipay.sofa.rpc.core.request.SofaRequest';
+const quiet = { info() {}, warn() {}, error() {}, debug() {} };
 
 const wires = {
   v1: { protocolType: 'bolt', codecType: 'hessian2', boltVersion: 1, crcEnable: false },
@@ -73,6 +85,133 @@ class JavaStyleRequest extends bolt.BaseRpcCmd {
   }
 }
 
+// sayHello("world") in Hessian 2.0 as SOFA-RPC Java writes it (SofaRequestHessianSerializer:
+// writeObject(request), then the arguments). Hessian's JavaSerializer puts java.lang fields
+// first, then the others, each group a class's own before its superclass's: targetAppName
+// (SofaRequest), methodName, targetServiceUniqueName (RequestBase), requestProps,
+// methodArgSigs; a HashMap is an untyped map, String[] the list type "[string". The content
+// is byte for byte what Caucho Hessian 4.0.38's Hessian2Output writes for classes declared
+// as sofa-rpc's RequestBase and SofaRequest (checked once with Java, outside this script).
+// The header map has only `service`, as sofa-rpc-node sends, so the method must come from
+// the content.
+class JavaHessian20Request extends bolt.BaseRpcCmd {
+  get className() {
+    return SOFA_REQUEST;
+  }
+
+  serializeHeader(byteBuffer) {
+    byteBuffer.put(SimpleMapSerializer.encode({ service: SERVICE + ':1.0' }));
+  }
+
+  serializeContent(byteBuffer) {
+    const encoder = new hessian.EncoderV2();
+    encoder.write({
+      $class: SOFA_REQUEST,
+      $: {
+        targetAppName: 'shoal-test',
+        methodName: 'sayHello',
+        targetServiceUniqueName: SERVICE + ':1.0',
+        requestProps: { service: SERVICE + ':1.0' },
+        methodArgSigs: { $class: '[string', $: [ 'java.lang.String' ] },
+      },
+    });
+    encoder.write('world');
+    byteBuffer.put(encoder.get());
+  }
+}
+
+// A SofaRequest in the Hessian 2 draft (what sofa-bolt-node writes by default) with fields
+// of every kind before methodName and targetServiceUniqueName, so that a decoder has to
+// step over all of them: null, booleans, ints and longs and doubles in each compact form,
+// a date, binary, a string with a surrogate pair, untyped and typed lists (and one by type
+// reference), objects (a definition, instances, a back reference) and maps.
+class DraftAllTypesRequest extends bolt.BaseRpcCmd {
+  get className() {
+    return SOFA_REQUEST;
+  }
+
+  serializeHeader(byteBuffer) {
+    byteBuffer.put(SimpleMapSerializer.encode({ service: SERVICE + ':1.0' }));
+  }
+
+  serializeContent(byteBuffer) {
+    const item = { $class: 'com.example.Item', $: { name: 'a', tags: java.array.String([ 'x' ]) } };
+    const encoder = new hessianDraft.Encoder();
+    encoder.write({
+      $class: SOFA_REQUEST,
+      $: {
+        nothing: null,
+        yes: true,
+        no: false,
+        ints: [ 0, -16, 47, 48, -2048, 262143, 2147483647 ],
+        longs: [ 0, -9, 2047, 262143, 2147483647, '9007199254740993' ].map(java.long),
+        doubles: [ 0, 1, 100, 1000, 100000, 1.5 ].map(java.double),
+        date: new Date(0),
+        bytes: [ Buffer.from('short'), Buffer.alloc(100, 7) ],
+        text: 'héllo wörld 😀 '.repeat(4),
+        strings: java.array.String([ 'a', 'b' ]),
+        moreStrings: java.array.String([ 'c' ]),
+        items: [ item, item, { $class: 'com.example.Item', $: { name: 'b', tags: java.array.String([]) } } ],
+        props: { a: 1, b: 'x' },
+        map: { k: 'v', n: null },
+        methodName: 'sayHello',
+        targetServiceUniqueName: 'com.example.Greeter:1.0.0',
+      },
+    });
+    encoder.write('world');
+    byteBuffer.put(encoder.get());
+  }
+}
+
+// The first request frame `send(address)` makes a client send to a server that answers it
+// with an OK response, its packet id set to 1 (the frame is v1, without CRC).
+async function captureRequest(send) {
+  let request = null;
+  const server = net.createServer(socket => {
+    let received = Buffer.alloc(0);
+    const decoder = bolt.decoder({});
+    socket.on('data', chunk => { received = Buffer.concat([ received, chunk ]); });
+    decoder.on('request', req => {
+      const length = 22 + received.readUInt16BE(14) + received.readUInt16BE(16) + received.readUInt32BE(18);
+      request = request || Buffer.from(received.subarray(0, length));
+      socket.write(protocol.responseEncode(req.packetId, { isError: false, appResponse: 'hello world' }, wires.v1));
+    });
+    socket.pipe(decoder);
+  });
+  await new Promise(resolve => server.listen(0, '127.0.0.1', resolve));
+  try {
+    await send('127.0.0.1:' + server.address().port);
+  } finally {
+    server.close();
+  }
+  request.writeInt32BE(1, 5);
+  return request.toString('hex');
+}
+
+// sayHello("world") through an unmodified sofa-rpc-node RpcClient, as client.js's defaults.
+async function rpcClientCall(address) {
+  const client = new RpcClient({ logger: quiet });
+  const consumer = client.createConsumer({
+    interfaceName: 'com.example.Greeter',
+    version: '1.0.0',
+    serverHost: address,
+  });
+  await consumer.ready();
+  await consumer.invoke('sayHello', [ 'world' ], { responseTimeout: 3000 });
+  await client.close();
+}
+
+function clientJsCall(address) {
+  const args = [ '--protocol=bolt', '--plain-bolt-header', '--address=' + address, '--method=sayHello', '--args=["world"]' ];
+  return new Promise((resolve, reject) => {
+    execFile(process.execPath, [ path.join(PEERS, 'client.js'), ...args ], { cwd: PEERS }, (err, stdout) => {
+      if (err) reject(err);
+      else if (JSON.parse(stdout).ok !== 1) reject(new Error('client.js failed: ' + stdout));
+      else resolve();
+    });
+  });
+}
+
 // An Error whose stack has no frames, so the RpcServerException content is deterministic.
 function bareError(message) {
   const err = new Error(message);
@@ -80,7 +219,7 @@ function bareError(message) {
   return err;
 }
 
-function encodeAll() {
+async function encodeAll() {
   const hex = buf => Buffer.from(buf).toString('hex');
   const out = {};
   for (const [ w, opts ] of Object.entries(wires)) {
@@ -94,6 +233,13 @@ function encodeAll() {
   out.v1_request_java_headers = hex(protocol.requestEncode(5, new JavaStyleRequest(nodeRequest()), wires.v1));
   out.v1_response_busy = hex(protocol.responseEncode(6, { status: 4, appResponse: bareError('busy') }, wires.v1));
   out.v1_request_big_id = hex(protocol.requestEncode(0x7ffffffe, nodeRequest(), wires.v1));
+  bolt.setHessianVersion('4.0');
+  out.v1_request_hessian4 = hex(protocol.requestEncode(7, nodeRequest(), wires.v1));
+  bolt.setHessianVersion('3.0');
+  out.v1_request_java_hessian20 = hex(protocol.requestEncode(8, new JavaHessian20Request(nodeRequest()), wires.v1));
+  out.v1_request_draft_all_types = hex(protocol.requestEncode(9, new DraftAllTypesRequest(nodeRequest()), wires.v1));
+  out.v1_request_rpc_client = await captureRequest(rpcClientCall);
+  out.v1_request_client_js_plain = await captureRequest(clientJsCall);
   return out;
 }
 
@@ -142,7 +288,6 @@ async function clientSees(reply) {
     socket.pipe(decoder);
   });
   await new Promise(resolve => server.listen(0, '127.0.0.1', resolve));
-  const quiet = { info() {}, warn() {}, error() {}, debug() {} };
   const client = new RpcClient({ logger: quiet });
   const consumer = client.createConsumer({
     interfaceName: SERVICE,
@@ -176,7 +321,7 @@ async function decodeAll() {
 async function main() {
   const mode = process.argv[2];
   if (mode === 'encode') {
-    process.stdout.write(JSON.stringify(encodeAll(), null, 1) + '\n');
+    process.stdout.write(JSON.stringify(await encodeAll(), null, 1) + '\n');
   } else if (mode === 'decode') {
     process.stdout.write(JSON.stringify(await decodeAll(), null, 1) + '\n');
   } else {

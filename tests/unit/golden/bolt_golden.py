@@ -2,7 +2,8 @@
 
     .venv/bin/python tests/unit/golden/bolt_golden.py > /tmp/bolt_constants.py
 
-1. ``bolt_golden.js encode``: frames written by sofa-bolt-node (NODE_FRAMES).
+1. ``bolt_golden.js encode``: frames written by sofa-bolt-node (NODE_FRAMES), among them
+   the requests a real sofa-rpc-node RpcClient and ``client.js --plain-bolt-header`` send.
 2. Frames BoltCodec writes from those (local replies, heartbeats, encode, id rewrites):
    PY_FRAMES, as hex, or as a SHA-256 when longer than 1 KiB.
 3. ``bolt_golden.js decode``: what sofa-bolt-node's decoder (and, for ``reply_*``,

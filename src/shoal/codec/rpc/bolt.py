@@ -2,7 +2,8 @@
 
 Every frame is a fixed big-endian header that carries all lengths, then the class name,
 a header map and the content (hessian2 or protobuf). Framing never looks inside the
-content, and routing only reads the header map.
+content; routing reads the header map, and the head of a hessian2 SofaRequest content
+only when the header map does not name the method (see below).
 
 Bolt v1 (protocol code 0x01), request: 22-byte fixed header::
 
@@ -53,6 +54,29 @@ and the flattened request props; sofa-rpc-node's hessian2 requests carry only
 ``interface`` as the service, ``version`` as the version and ``uniqueId`` (SOFA's
 service group) as the group, from ``sofa_head_target_service`` or else ``service``.
 
+A request (two-way or oneway) with codec hessian2 and class SofaRequest whose header map
+has no ``sofa_head_method_name`` takes its method from the ``methodName`` field of the
+SofaRequest object its content starts with, and, if ``sofa_head_target_service`` is
+missing too, its target from ``targetServiceUniqueName`` (``service`` remains the
+fallback for a null one). ``Hessian2Reader.read_object_fields`` reads both dialects
+that clients write: the Hessian 2 draft of sofa-hessian-node's default encoder (``O``
+class definition, ``o`` instance, as below) and Hessian 2.0 (``C``, then ``O`` or
+``0x60``: sofa-bolt-node with ``hessianVersion`` 4.0, SOFA-RPC Java). It stops after the
+last field it needs: the arguments, which follow the object, are never read. A content
+that is not such an object is an ``RpcProtocolError`` (CODEC_EXCEPTION). What
+sofa-rpc-node 2.10 writes for ``sayHello("world")`` on ``com.example.Greeter:1.0.0``::
+
+    4f bc "com.alipay.sofa.rpc.core.request.SofaRequest"          'O', name length 44
+    95 0a "methodName" 0d "methodArgSigs" 17 "targetServiceUniqueName"   5 fields
+       0d "targetAppName" 0c "requestProps"
+    6f 90                                                          'o', class 0
+    08 "sayHello"                                                  methodName
+    56 74 0011 "[java.lang.String" 6e 01 10 "java.lang.String" 7a  methodArgSigs
+    19 "com.example.Greeter:1.0.0"                                 targetServiceUniqueName
+    4e                                                             targetAppName: null
+    4d 07 "service" 19 "com.example.Greeter:1.0.0" 7a              requestProps
+    05 "world"                                                     the argument
+
 Local replies (``local_reply``) and their status, chosen by what the clients surface:
 
 =========================================  ========================  ==================
@@ -96,6 +120,7 @@ from shoal.codec.rpc.base import (
     RpcFrame,
     RpcProtocolError,
 )
+from shoal.codec.rpc.hessian2 import Hessian2Reader
 from shoal.errors import LocalProtocolError
 
 PROTO_V1: Final = 0x01
@@ -120,6 +145,13 @@ HEAD_RESPONSE_ERROR: Final = "sofa_head_response_error"
 SOFA_REQUEST_CLASS: Final = "com.alipay.sofa.rpc.core.request.SofaRequest"
 SOFA_RESPONSE_CLASS: Final = "com.alipay.sofa.rpc.core.response.SofaResponse"
 RPC_SERVER_EXCEPTION_CLASS: Final = "com.alipay.remoting.rpc.exception.RpcServerException"
+
+# SofaRequest fields routing reads from a hessian2 content without a method header.
+FIELD_METHOD_NAME: Final = "methodName"
+FIELD_TARGET_SERVICE: Final = "targetServiceUniqueName"
+_METHOD_FIELD: Final = frozenset({FIELD_METHOD_NAME})
+_ROUTING_FIELDS: Final = frozenset({FIELD_METHOD_NAME, FIELD_TARGET_SERVICE})
+_SOFA_REQUEST_NAME: Final = SOFA_REQUEST_CLASS.encode()
 
 
 class BoltStatus(IntEnum):
@@ -369,6 +401,14 @@ def decode_header_map(raw: bytes, start: int, stop: int) -> dict[str, str]:
     return headers
 
 
+def _content_routing(content: bytes, target: str | None) -> tuple[str, str | None]:
+    """The method, and the target service unless the header map named it, from the
+    SofaRequest object a hessian2 content starts with (the arguments after it are not read)."""
+    wanted = _METHOD_FIELD if target else _ROUTING_FIELDS
+    fields = Hessian2Reader(content).read_object_fields(SOFA_REQUEST_CLASS, wanted)
+    return fields.get(FIELD_METHOD_NAME, ""), target or fields.get(FIELD_TARGET_SERVICE)
+
+
 def _parse(buf: bytearray, pos: int, limit: int) -> tuple[RpcFrame, int] | None:
     """The frame at ``buf[pos:]`` and where the next one starts, or None if incomplete."""
     avail = len(buf) - pos
@@ -426,7 +466,16 @@ def _parse(buf: bytearray, pos: int, limit: int) -> tuple[RpcFrame, int] | None:
             payload=payload,
         )
     else:
-        target = headers.get(HEAD_TARGET_SERVICE) or headers.get(HEAD_SERVICE, "")
+        method = headers.get(HEAD_METHOD_NAME)
+        target = headers.get(HEAD_TARGET_SERVICE)
+        if (
+            method is None
+            and cmd == CMD_REQUEST
+            and buf[type_at + 8] == CODEC_HESSIAN2
+            and raw[fixed:header_at] == _SOFA_REQUEST_NAME
+        ):
+            method, target = _content_routing(payload, target)
+        target = target or headers.get(HEAD_SERVICE, "")
         service, _, rest = target.partition(":")
         version, _, group = rest.partition(":")
         frame = RpcFrame(
@@ -436,7 +485,7 @@ def _parse(buf: bytearray, pos: int, limit: int) -> tuple[RpcFrame, int] | None:
             heartbeat=cmd == CMD_HEARTBEAT,
             oneway=kind == TYPE_ONEWAY,
             service=service,
-            method=headers.get(HEAD_METHOD_NAME, ""),
+            method=method or "",
             version=version,
             group=group,
             headers=headers,

@@ -5,6 +5,16 @@ A proxy never needs the arguments of a call, only where they end, so :meth:`skip
 value (objects, lists, maps, binary, ...) by its tags and lengths alone. Grammar:
 http://hessian.caucho.com/doc/hessian-serialization.html (section "Bytecode map").
 
+:meth:`Hessian2Reader.read_object_fields` reads the routing fields of a SOFA-RPC request
+object (Bolt), which comes in two dialects: Hessian 2.0 as above, and the Hessian 2 draft
+that Hessian 3.x and hessian.js 1.x write (sofa-hessian-node's default, so sofa-rpc-node's).
+The draft defines a class with ``O`` (name length, name, field count, field names) and
+writes an instance as ``o`` and a class number; strings are ``0x00-0x1f``, ``S`` and ``s``
+chunks; lists are ``V`` (type, ``n``/``l`` length, values, ``z``) or ``v`` (type number,
+length, values); maps ``M`` (type) or ``H`` up to ``z``; ``J``/``K``/``R`` are references;
+``0x77`` is a 32-bit long, ``0x67-0x6b`` compact doubles and ``d`` a date (see hessian.js
+1.x's ``lib/v2``).
+
 Strings count UTF-16 units and are written the way Java writes them: UTF-8 per unit, so a
 character outside the BMP is two 3-byte surrogates (CESU-8). Reading turns such pairs back
 into one character; a lone surrogate is kept as is, since Java allows it.
@@ -17,7 +27,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 
 from shoal.codec.rpc.base import RpcProtocolError
 
@@ -43,6 +53,17 @@ _FIXED = _table(
     (0xD8, 0xEF, 1), (0xF0, 0xFF, 2), (0x38, 0x3F, 3), (0x59, 0x59, 5), (0x4C, 0x4C, 9),  # long
     (0x5B, 0x5C, 1), (0x5D, 0x5D, 2), (0x5E, 0x5E, 3), (0x5F, 0x5F, 5), (0x44, 0x44, 9),  # double
     (0x4A, 0x4A, 9), (0x4B, 0x4B, 5),  # date: millis, minutes
+    *[(tag, tag, 1 + tag - 0x20) for tag in range(0x20, 0x30)],  # binary of 0-15 bytes
+)  # fmt: skip
+
+# The same for the Hessian 2 draft.
+_DRAFT_FIXED = _table(
+    (0x4E, 0x4E, 1), (0x54, 0x54, 1), (0x46, 0x46, 1),  # null, true, false
+    (0x80, 0xBF, 1), (0xC0, 0xCF, 2), (0xD0, 0xD7, 3), (0x49, 0x49, 5),  # int
+    (0xD8, 0xEF, 1), (0xF0, 0xFF, 2), (0x38, 0x3F, 3), (0x77, 0x77, 5), (0x4C, 0x4C, 9),  # long
+    (0x67, 0x68, 1), (0x69, 0x69, 2), (0x6A, 0x6A, 3), (0x6B, 0x6B, 5), (0x44, 0x44, 9),  # double
+    (0x64, 0x64, 9),  # date
+    (0x4A, 0x4A, 2), (0x4B, 0x4B, 3), (0x52, 0x52, 5),  # reference to an earlier value
     *[(tag, tag, 1 + tag - 0x20) for tag in range(0x20, 0x30)],  # binary of 0-15 bytes
 )  # fmt: skip
 
@@ -126,6 +147,24 @@ class Hessian2Reader:
             raise _truncated() from None
         if self.pos > len(self.buf):
             raise _truncated()
+
+    def read_object_fields(self, class_name: str, wanted: Set[str]) -> dict[str, str]:
+        """The string fields named in ``wanted`` of the object at ``pos``, which must be a
+        ``class_name`` that starts with its class definition (as the first object of a
+        stream does), in Hessian 2.0 (``C`` definition, ``O`` or ``0x60-0x6f`` instance)
+        or in the Hessian 2 draft (``O`` definition, ``o`` instance).
+
+        The fields are read in order and reading stops once every wanted one is read: the
+        fields before are skipped without being built, and nothing after is looked at. A
+        null field reads as ""; a wanted field the class does not have is left out.
+        """
+        try:
+            fields = self._object_fields(class_name, wanted)
+        except (IndexError, struct.error):
+            raise _truncated() from None
+        if self.pos > len(self.buf):
+            raise _truncated()
+        return fields
 
     # -- internals ----------------------------------------------------------------------
 
@@ -348,6 +387,145 @@ class Hessian2Reader:
             while buf[self.pos] != 0x5A:
                 self._skip(depth)
                 self._skip(depth)
+            self.pos += 1
+        else:
+            raise RpcProtocolError(f"hessian2: unknown tag 0x{tag:02x}")
+
+    def _object_fields(self, class_name: str, wanted: Set[str]) -> dict[str, str]:
+        buf = self.buf
+        tag = buf[self.pos]
+        self.pos += 1
+        draft = tag == 0x4F
+        if tag == 0x43:  # 'C' name field-count field-names
+            name = self._string()
+        elif draft:  # 'O' name-length name field-count field-names
+            length = self._count()
+            name = self._chars(self.pos, length)
+        else:
+            raise RpcProtocolError(f"hessian2: expected a {class_name}, got tag 0x{tag:02x}")
+        if name != class_name:
+            raise RpcProtocolError(f"hessian2: expected a {class_name}, got a {name}")
+        count = self._count()
+        wanted_at: dict[int, str] = {}  # field number -> name, for the wanted fields only
+        for index in range(count):
+            field = self._draft_string() if draft else self._string()
+            if field in wanted:
+                wanted_at[index] = field
+        self._classes.append(count)
+        tag = buf[self.pos]
+        self.pos += 1
+        if tag == (0x6F if draft else 0x4F):  # an instance: 'o' or 'O', then the class
+            ref = self._count()
+        elif not draft and 0x60 <= tag < 0x70:  # Hessian 2.0's compact instance
+            ref = tag - 0x60
+        else:
+            ref = -1
+        if ref != len(self._classes) - 1:
+            raise RpcProtocolError(f"hessian2: no {class_name} instance after its definition")
+        found: dict[str, str] = {}
+        for index in range(count):
+            wanted_name = wanted_at.get(index)
+            if wanted_name is not None:
+                found[wanted_name] = self._draft_string() if draft else self._string()
+                if len(found) == len(wanted):
+                    break
+            elif draft:
+                self._skip_draft(1)
+            else:
+                self._skip(1)
+        return found
+
+    def _draft_string(self) -> str:
+        """A draft string: ``s`` chunks, then ``S`` or a short string; null reads as ""."""
+        buf = self.buf
+        tag = buf[self.pos]
+        if tag < 0x20:
+            return self._chars(self.pos + 1, tag)
+        if tag == 0x53:
+            return self._chars(self.pos + 3, _U16.unpack_from(buf, self.pos + 1)[0])
+        if tag == 0x4E:
+            self.pos += 1
+            return ""
+        if tag != 0x73:
+            raise RpcProtocolError(f"hessian2: expected a string, got tag 0x{tag:02x}")
+        parts = []
+        while buf[self.pos] == 0x73:
+            parts.append(self._chars(self.pos + 3, _U16.unpack_from(buf, self.pos + 1)[0]))
+        if buf[self.pos] >= 0x20 and buf[self.pos] != 0x53:  # the final chunk: 'S' or short
+            raise RpcProtocolError("hessian2: string chunk not followed by a string")
+        parts.append(self._draft_string())
+        return _pair_surrogates("".join(parts))
+
+    def _skip_draft_type(self) -> None:
+        """The optional type of a draft list or map: ``t`` and a name, or ``T``/``u`` and
+        the number of an earlier one (hessian.js 1.x reads both)."""
+        buf = self.buf
+        tag = buf[self.pos]
+        if tag == 0x74:
+            self._skip_chars(self.pos + 3, _U16.unpack_from(buf, self.pos + 1)[0])
+        elif tag in {0x54, 0x75}:
+            self.pos += 1
+            self._count()
+
+    def _skip_draft(self, depth: int) -> None:
+        """Step over one value of the Hessian 2 draft."""
+        buf = self.buf
+        tag = buf[self.pos]
+        size = _DRAFT_FIXED[tag]
+        if size:
+            self.pos += size
+            return
+        if tag < 0x20 or tag in {0x53, 0x73}:
+            self._draft_string()
+            return
+        if tag in {0x42, 0x62}:  # binary: 'b' chunks, then 'B' or a short one
+            while buf[self.pos] == 0x62:
+                self.pos += 3 + _U16.unpack_from(buf, self.pos + 1)[0]
+            tag = buf[self.pos]
+            if tag == 0x42:
+                self.pos += 3 + _U16.unpack_from(buf, self.pos + 1)[0]
+            elif 0x20 <= tag < 0x30:
+                self.pos += 1 + tag - 0x20
+            else:
+                raise RpcProtocolError(f"hessian2: binary chunk followed by tag 0x{tag:02x}")
+            return
+        if depth >= MAX_DEPTH:
+            raise RpcProtocolError(f"hessian2: values nested deeper than {MAX_DEPTH}")
+        depth += 1
+        self.pos += 1
+        if tag == 0x4F:  # class definition, then the value it precedes
+            length = self._count()
+            self._skip_chars(self.pos, length)
+            fields = self._count()
+            for _ in range(fields):
+                self._draft_string()
+            self._classes.append(fields)
+            self._skip_draft(depth)
+        elif tag == 0x6F:  # object instance: one value per field
+            ref = self._count()
+            if ref >= len(self._classes):
+                raise RpcProtocolError(f"hessian2: object of undefined class #{ref}")
+            for _ in range(self._classes[ref]):
+                self._skip_draft(depth)
+        elif tag == 0x56:  # list: type, length (not checked), values up to 'z'
+            self._skip_draft_type()
+            if buf[self.pos] == 0x6E:
+                self.pos += 2
+            elif buf[self.pos] == 0x6C:
+                self.pos += 5
+            while buf[self.pos] != 0x7A:
+                self._skip_draft(depth)
+            self.pos += 1
+        elif tag == 0x76:  # list of an earlier type: type number, length, values
+            self._count()
+            for _ in range(self._count()):
+                self._skip_draft(depth)
+        elif tag in {0x48, 0x4D}:  # map up to 'z', untyped or typed
+            if tag == 0x4D:
+                self._skip_draft_type()
+            while buf[self.pos] != 0x7A:
+                self._skip_draft(depth)
+                self._skip_draft(depth)
             self.pos += 1
         else:
             raise RpcProtocolError(f"hessian2: unknown tag 0x{tag:02x}")
