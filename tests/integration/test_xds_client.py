@@ -9,6 +9,7 @@ import http.client
 import queue
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -171,6 +172,8 @@ def test_warming_nack_and_ack(server: tuple[ScriptedServer, int], tmp_path: Path
     config = sidecar_bootstrap(
         "node-1", pilot=("127.0.0.1", port), admin=("127.0.0.1", free_port())
     )
+    for source in ("lds_config", "cds_config"):
+        config["dynamic_resources"][source]["initial_fetch_timeout"] = "3s"
     workdir = tmp_path / "proxy"
     workdir.mkdir()
     proxy = NotWaitingProxy(config, workdir)
@@ -198,6 +201,8 @@ def test_warming_nack_and_ack(server: tuple[ScriptedServer, int], tmp_path: Path
         eventually(lambda: listening(listener_port))
         assert served(listener_port) == (200, "app")
         eventually(lambda: proxy.admin("/ready")[0] == 200)
+        time.sleep(3.5)  # past the fetch timeout: warm in time, so no late warning
+        assert "still without endpoints" not in proxy.output()
 
         # a cluster shoal cannot honour: NACK naming the field; the old config keeps serving
         bad = eds_cluster("app", transport_socket={"name": "tls"})

@@ -382,6 +382,9 @@ class AdsClient:
         if any(now - since < timeout for since in warming.values()):
             self._arm_warm_timer(min(warming.values()) + timeout - now)
             return
+        if self._warm_timer is not None:  # everything warmed before the timeout
+            self._warm_timer.cancel()
+            self._warm_timer = None
         listeners = {}
         for name, message in self.listener_protos.items():
             listener = self._listener(name, message)
