@@ -370,6 +370,29 @@ def test_reload_adds_and_removes_listeners(start: Callable[..., Proxy]) -> None:
     wait_for(lambda: refuses(third), what="listener removed")
 
 
+def test_unchanged_listener_keeps_its_connections_across_a_reload(
+    start: Callable[..., Proxy],
+) -> None:
+    """A reload that leaves a listener's config as it was does not drain that listener's
+    keep-alive connections (Envoy's behaviour); a changed listener's are drained."""
+    proxy = start()
+    request = b"GET /version HTTP/1.1\r\nhost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(request)
+        assert sock.recv(65536).endswith(b"v1")
+        added = free_port()
+        proxy.reconfigure(proxy.make_config("v1", ports=[proxy.port, added]))
+        wait_for(lambda: get(added, "/version").body == b"v1", what="the added listener")
+        time.sleep(0.5)  # a drain would have closed the idle connection by now
+        sock.sendall(request)
+        assert sock.recv(65536).endswith(b"v1")
+        proxy.reconfigure(proxy.make_config("v2", ports=[proxy.port, added]))
+        wait_for(lambda: get(added, "/version").body == b"v2", what="the new version")
+        time.sleep(0.5)
+        sock.sendall(request)
+        assert sock.recv(65536) == b""  # changed: drained, closed after its last response
+
+
 def test_unchanged_listener_accepts_throughout_a_burst_of_reloads(
     start: Callable[..., Proxy],
 ) -> None:

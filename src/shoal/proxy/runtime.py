@@ -157,8 +157,17 @@ class ProxyRuntime:
     async def apply(self, bootstrap: Bootstrap, raw: dict[str, Any] | None = None) -> None:
         """Install ``bootstrap``; on any error nothing changes and the error propagates."""
         clusters = await self._build_clusters(bootstrap.clusters)
+        # a listener whose config did not change keeps its context and its connections (as
+        # in Envoy); it only sees the new clusters
+        unchanged = {
+            listener.name
+            for listener in bootstrap.listeners
+            if (slot := self.listeners.get(listener.name)) is not None and slot.config == listener
+        }
         contexts = {
-            listener.name: self._context(listener, clusters) for listener in bootstrap.listeners
+            listener.name: self._context(listener, clusters)
+            for listener in bootstrap.listeners
+            if listener.name not in unchanged
         }
         fresh: dict[str, ListenerSlot] = {}
         try:
@@ -185,7 +194,9 @@ class ProxyRuntime:
             previous = old_slots.pop(listener.name, None)
             slot = fresh.get(listener.name) or previous
             assert slot is not None
-            if slot is previous:
+            if listener.name in unchanged:
+                _use_clusters(slot.context, clusters)
+            elif slot is previous:
                 _drain_context(slot.context)
                 slot.config, slot.context = listener, contexts[listener.name]
             elif previous is not None:
@@ -473,6 +484,14 @@ def _protocol_factory(slot: ListenerSlot) -> Callable[[], Any]:
 
 def _contexts(context: Context) -> list[ChainContext]:
     return context.contexts() if isinstance(context, DetectingContext) else [context]
+
+
+def _use_clusters(context: Context, clusters: dict[str, ClusterRuntime]) -> None:
+    """New requests on an unchanged listener go to the current clusters."""
+    for each in _contexts(context):
+        each.clusters = clusters
+        if isinstance(each, HttpListenerContext):
+            each.breakers = any(c.breaker is not None for c in clusters.values())
 
 
 def _drain_context(context: Context) -> None:
