@@ -18,7 +18,8 @@ test: lint
 unit: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
-demo: setup
+demo:
+	@bash scripts/setup.sh --demo
 	$(PY) -m shoal.demo
 
 bench: setup

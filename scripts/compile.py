@@ -5,7 +5,8 @@ strictly typed classes into native structs and direct calls, cutting the proxy's
 request by about a third (bench/RESULTS.md). The modules stay plain Python: without this
 step Shoal runs the same code interpreted.
 
-Run by `make setup` when any listed module changed; `--clean` removes the built files.
+Run by `make setup` when any listed module changed; `--clean` removes the built files;
+`--drop-stale` (for `make demo`, which runs interpreted) removes them only if out of date.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from mypyc.build import mypycify
-from setuptools import setup
-
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 HOT_MODULES = [
     "shoal/codec/http1.py",
+    "shoal/codec/http2.py",
+    "shoal/codec/h2/hpack.py",
+    "shoal/codec/h2/tables.py",
     "shoal/proxy/routes.py",
     "shoal/proxy/http.py",
     "shoal/proxy/listeners.py",
@@ -58,6 +59,9 @@ def clean() -> None:
 
 
 def compile_modules() -> None:
+    from mypyc.build import mypycify  # noqa: PLC0415 (a dev tool: not needed to --drop-stale)
+    from setuptools import setup  # noqa: PLC0415
+
     # Hash what is about to be compiled: a source edited during the build then leaves the
     # stamp stale, and the next run builds again instead of trusting an old module.
     built_from = source_hash()
@@ -75,9 +79,13 @@ def main() -> int:
     # one build at a time: parallel test sessions may all find the modules stale
     with open(ROOT / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        fresh = STAMP.exists() and STAMP.read_text() == source_hash() and built_files()
         if "--clean" in sys.argv:
             clean()
-        elif not (STAMP.exists() and STAMP.read_text() == source_hash() and built_files()):
+        elif "--drop-stale" in sys.argv:
+            if not fresh:
+                clean()  # run interpreted rather than on modules older than their source
+        elif not fresh:
             compile_modules()
     return 0
 
