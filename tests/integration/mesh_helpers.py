@@ -22,8 +22,16 @@ from shoal.pilot.bootstrap import sidecar_bootstrap
 
 
 class PilotProcess:
-    def __init__(self, workdir: Path, *registries: str, xds_port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *registries: str,
+        xds_port: int | None = None,
+        options: tuple[str, ...] = (),
+    ) -> None:
+        """``options``: more of ``shoal pilot``'s, e.g. ``("--scrape-interval", "1s")``."""
         self.workdir = workdir
+        self.options = options
         self.config_dir = workdir / "rules"
         self.config_dir.mkdir(exist_ok=True)
         self.xds_port = xds_port or free_port()
@@ -42,6 +50,7 @@ class PilotProcess:
         ]  # fmt: skip
         for spec in self.registries:
             args += ["--registry", spec]
+        args += self.options
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -10,7 +10,12 @@ from shoal import __version__
 from shoal.cli.analyze import add_parser as add_analyze_parser
 from shoal.cli.check import add_parser as add_check_parser
 from shoal.cli.proxy_config import add_parser as add_proxy_config_parser
+from shoal.cli.registry import DEFAULT_PILOT
 from shoal.cli.registry import add_parsers as add_registry_parsers
+from shoal.cli.stat import add_parser as add_stat_parser
+from shoal.cli.stat import duration
+from shoal.cli.tap import add_parser as add_tap_parser
+from shoal.cli.top import add_parser as add_top_parser
 
 # Each command imports its own code when it runs: a sidecar must not carry the rate limit
 # service's gRPC and Redis clients (~18 MB of RSS) just because they share a CLI.
@@ -51,6 +56,9 @@ def _pilot(args: argparse.Namespace) -> int:
             xds_address=args.xds_address,
             http_address=args.http_address,
             registries=tuple(args.registry or ["embedded"]),
+            scrape_interval=args.scrape_interval,
+            metrics_retention=args.metrics_retention,
+            prometheus=args.prometheus or "",
         )
     )
 
@@ -100,12 +108,16 @@ def _add_pilot(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Run the control plane: read services from the registries and Istio "
         "rules (VirtualService, DestinationRule, ServiceEntry, WorkloadEntry) from the "
         "watched config dir, and serve them over xDS (ADS, state of the world and delta). "
+        "It also gathers the sidecars' Istio metrics (for `shoal stat`, `shoal top` and "
+        "the dashboard on --http-address) and merges their taps (`shoal tap`). "
         "See docs/pilot.md. SIGTERM stops.",
     )
     pilot.add_argument("--config-dir", required=True, help="directory of Istio YAML (watched)")
     pilot.add_argument("--xds-address", default="127.0.0.1:15010", help="xDS gRPC HOST:PORT")
     pilot.add_argument(
-        "--http-address", default="127.0.0.1:15014", help="REST API and /ready HOST:PORT"
+        "--http-address",
+        default="127.0.0.1:15014",
+        help="HOST:PORT of the REST and metrics APIs, the dashboard and /ready",
     )
     pilot.add_argument(
         "--registry",
@@ -113,6 +125,26 @@ def _add_pilot(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SPEC",
         help="embedded[:PATH] (default), etcd://HOST:PORT[/PREFIX], "
         "zookeeper://HOST:PORT[/ROOT]; repeatable",
+    )
+    pilot.add_argument(
+        "--scrape-interval",
+        type=duration,
+        default=5.0,
+        metavar="DURATION",
+        help="how often to read every sidecar's metrics (default 5s)",
+    )
+    pilot.add_argument(
+        "--metrics-retention",
+        type=duration,
+        default=900.0,
+        metavar="DURATION",
+        help="how much metrics history to keep in memory (default 15m)",
+    )
+    pilot.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="answer the metrics API from this Prometheus (which scrapes the sidecars) "
+        "instead of scraping them itself",
     )
     pilot.set_defaults(func=_pilot)
 
@@ -150,7 +182,12 @@ def _add_pilot(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="shoal", description="Shoal service mesh: sidecar proxy, control plane and tools."
+        prog="shoal",
+        description="Shoal service mesh: sidecar proxy, control plane and tools.",
+        epilog="Commands that talk to pilot find it with --pilot URL, else $SHOAL_PILOT, else "
+        f"{DEFAULT_PILOT}. `shoal COMMAND -h` tells more. Exit status: 0 fine, 1 what was "
+        "asked for is unhealthy or absent, 2 usage error, 3 pilot unreachable (stat, top, "
+        "tap).",
     )
     parser.add_argument("--version", action="version", version=f"shoal {__version__}")
     parser.add_argument(
@@ -235,8 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pilot(commands)
     add_analyze_parser(commands)
     add_registry_parsers(commands)
-    add_proxy_config_parser(commands)
     add_check_parser(commands)
+    add_stat_parser(commands)
+    add_top_parser(commands)
+    add_tap_parser(commands)
+    add_proxy_config_parser(commands)
     return parser
 
 

@@ -14,6 +14,12 @@ def _socket(address: tuple[str, int]) -> dict[str, Any]:
     return {"socket_address": {"address": address[0], "port_value": address[1]}}
 
 
+def _host(service: str) -> str:
+    """``reviews:9080`` → ``reviews``."""
+    host, sep, port = service.rpartition(":")
+    return host if sep and port.isdigit() else service
+
+
 def sidecar_bootstrap(
     node_id: str,
     *,
@@ -39,9 +45,14 @@ def sidecar_bootstrap(
         metadata["APP_ADDRESS"] = app_address
     if rpc_outbound_address:  # Shoal proxies only: Envoy has no Bolt or Motan2 codec
         metadata["RPC_OUTBOUND_ADDRESS"] = rpc_outbound_address
+    if admin is not None:  # pilot scrapes the proxy's metrics and taps it there
+        host, port = admin
+        metadata["ADMIN_ADDRESS"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     ads = {"ads": {}, "resource_api_version": "V3"}
     config: dict[str, Any] = {
-        "node": {"id": node_id, "cluster": service or node_id, "metadata": metadata},
+        # the service cluster is the host: it names the workload in Istio's metrics
+        # (source_workload), where pilot's graph joins it to the service it serves
+        "node": {"id": node_id, "cluster": _host(service) or node_id, "metadata": metadata},
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "DELTA_GRPC" if delta else "GRPC",

@@ -5,6 +5,9 @@ changed"; pilot waits for a quiet ``debounce`` (at most ``max_delay`` after the 
 change), translates once and publishes the snapshot; the ADS sessions then send each client
 only what changed for it. An invalid rule set is logged with its file, resource and field,
 and the last valid one stays in force, so a typo never reaches a proxy.
+
+The same HTTP address serves what the proxies report (:mod:`.telemetry`: metrics, the
+merged tap) and the dashboard's files.
 """
 
 from __future__ import annotations
@@ -35,18 +38,20 @@ from shoal.pilot.api.model import (
 )
 from shoal.pilot.api.parse import resource_id
 from shoal.pilot.api.store import ConfigDir, source_file
-from shoal.pilot.http import Handler, Reply, Routes, json_reply, serve_http
+from shoal.pilot.http import Handler, Reply, Routes, json_reply, serve_http, static_routes
 from shoal.pilot.model import MergedRegistries, Registry
 from shoal.pilot.registry.embedded import EmbeddedRegistry
 from shoal.pilot.registry.files import FilesRegistry
 from shoal.pilot.registry.proxies import ConnectedProxies
 from shoal.pilot.rest import registry_routes, services_json
+from shoal.pilot.telemetry import ProxyInfo, Telemetry, telemetry_routes
 from shoal.pilot.translate import MeshSnapshot, Translator
 from shoal.pilot.xds import AggregatedDiscovery, Mesh, add_to_server
 
 log = logging.getLogger("shoal.pilot")
 
 DEFAULT_REGISTRY_PATH = "~/.local/state/shoal/registry.db"
+DASHBOARD = Path(__file__).parent / "dashboard" / "dist"
 
 
 class StartError(ShoalError):
@@ -63,6 +68,9 @@ class Settings:
     max_delay: float = 1.0
     watch_interval: float = 0.5
     grace: float = 1.0
+    scrape_interval: float = 5.0
+    metrics_retention: float = 900.0
+    prometheus: str = ""  # answer the metrics API from this Prometheus, not the store
 
 
 def _keep_last_valid(running: RuleSet, loaded: RuleSet) -> RuleSet:
@@ -136,6 +144,30 @@ class Pilot:
         self._timer: asyncio.TimerHandle | None = None
         self._first_change = 0.0
         self.ready = False
+        try:
+            self.telemetry = Telemetry(
+                self.connected_proxies,
+                interval=settings.scrape_interval,
+                retention=settings.metrics_retention,
+                prometheus=settings.prometheus or None,
+            )
+        except ValueError as exc:
+            raise StartError(f"--prometheus: {exc}") from None
+
+    def connected_proxies(self) -> list[ProxyInfo]:
+        """Every client with an xDS stream, once (a proxy's workers each hold a stream)."""
+        found: dict[tuple[str, tuple[str, int] | None], ProxyInfo] = {}
+        for session in self.mesh.sessions:
+            node = session.node
+            if node is not None and (node.id, session.admin) not in found:
+                found[node.id, session.admin] = ProxyInfo(
+                    node=node.id,
+                    service=node.service,
+                    labels=node.labels,
+                    admin=session.admin,
+                    user_agent=node.user_agent,
+                )
+        return sorted(found.values(), key=lambda p: (p.node, p.admin_text or ""))
 
     # change handling ------------------------------------------------------------------------
 
@@ -229,6 +261,8 @@ class Pilot:
         embedded = next((r for r in self.registries if isinstance(r, EmbeddedRegistry)), None)
         if embedded is not None:
             routes.update(registry_routes(embedded, self.merged.snapshot))
+        routes.update(telemetry_routes(self.telemetry))
+        routes.update(static_routes(DASHBOARD, "dashboard not built: run make setup"))
         return routes
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -269,6 +303,8 @@ class Pilot:
                 self.config_dir.watch(self._rules_changed, self.settings.watch_interval)
             )
         )
+        if self.telemetry.scraper is not None:
+            tasks.append(asyncio.create_task(self.telemetry.scraper.run()))
         self.ready = True
         log.info(
             "shoal pilot ready: xDS on %s:%d, HTTP on %s (pid %d)",

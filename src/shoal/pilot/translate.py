@@ -43,6 +43,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
+from xds.type.v3 import typed_struct_pb2
 
 from shoal.errors import ConfigError
 from shoal.pilot.api.model import (
@@ -98,6 +99,7 @@ EXTENSIONS = (
     router_pb2,
     http_connection_manager_pb2,
     http_protocol_options_pb2,
+    typed_struct_pb2,
     *RPC_EXTENSIONS,
 )
 
@@ -116,6 +118,10 @@ ADAPTIVE_CONCURRENCY = (
     "type.googleapis.com/envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency"
 )
 ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+# Shoal's Istio metrics filter; only shoal proxies have it (Envoy would refuse the listener)
+SHOAL_USER_AGENT = "shoal"
+TYPED_STRUCT = "type.googleapis.com/xds.type.v3.TypedStruct"
+ISTIO_STATS = "type.shoal.io/shoal.filters.v1.IstioStats"
 OUTBOUND_ROUTES = "outbound"
 OUTBOUND_RPC = "outbound_rpc"
 HTTP_PROTOCOLS = frozenset({"HTTP"})
@@ -158,10 +164,19 @@ class NodeInfo:
     inbound_address: tuple[str, int] = ("127.0.0.1", 15006)
     outbound_address: tuple[str, int] = ("127.0.0.1", 15001)
     rpc_outbound_address: tuple[str, int] | None = None  # Shoal proxies only
+    user_agent: str = ""  # node.user_agent_name: "shoal", "envoy", gRPC's
 
     @property
     def has_inbound(self) -> bool:
         return bool(self.service) and self.app_address is not None
+
+    def istio_stats(self, reporter: str) -> list[dict[str, Any]]:
+        """Shoal's istio_stats HTTP filter for a sidecar listener, when the client is a
+        shoal proxy: Istio's standard metrics, which pilot's metrics store scrapes."""
+        if self.user_agent != SHOAL_USER_AGENT:
+            return []
+        config = {"@type": TYPED_STRUCT, "type_url": ISTIO_STATS, "value": {"reporter": reporter}}
+        return [{"name": "shoal.filters.http.istio_stats", "typed_config": config}]
 
 
 def cluster_name(host: str, port: int, subset: str = "") -> str:
@@ -266,6 +281,7 @@ class MeshSnapshot:
             node.outbound_address,
             {"rds": {"config_source": ADS, "route_config_name": OUTBOUND_ROUTES}},
             self.fault_used,
+            node.istio_stats("source"),
         )
         built = {"outbound": outbound}
         if node.rpc_outbound_address is not None and self.rpc_hosts:
@@ -317,7 +333,10 @@ class MeshSnapshot:
                     }
                 },
                 False,
-                _inbound_filters(self.rate_limits.get(node.service)),
+                [
+                    *node.istio_stats("destination"),
+                    *_inbound_filters(self.rate_limits.get(node.service)),
+                ],
             )
             filters.append(("", _network_filter(http)))
         for protocol in rpc_ports(ports):
@@ -361,9 +380,13 @@ def _network_filter(manager: dict[str, Any]) -> dict[str, Any]:
 
 
 def _http_listener(
-    name: str, address: tuple[str, int], routes: dict[str, Any], fault: bool
+    name: str,
+    address: tuple[str, int],
+    routes: dict[str, Any],
+    fault: bool,
+    first: Iterable[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    manager = _http_connection_manager(name, routes, fault)
+    manager = _http_connection_manager(name, routes, fault, first)
     return listener(name, address, [("", _network_filter(manager))])
 
 

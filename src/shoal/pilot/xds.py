@@ -48,9 +48,13 @@ def _address(value: object, field_name: str) -> tuple[str, int]:
         raise ConfigError(str(exc), field=f"node.metadata.{field_name}") from None
 
 
+def _metadata(node: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
+
+
 def node_info(node: Any) -> NodeInfo:
     """Read the Shoal metadata of a Node; a client without any (gRPC) gets the defaults."""
-    metadata = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
+    metadata = _metadata(node)
     service, service_port = str(metadata.get("SERVICE", "")), None
     if ":" in service:
         host, port = _address(service, "SERVICE")
@@ -72,8 +76,17 @@ def node_info(node: Any) -> NodeInfo:
         service=service,
         service_port=service_port,
         labels=labels_of(labels),
+        user_agent=str(node.user_agent_name),
         **info,
     )
+
+
+def admin_address(node: Any) -> tuple[str, int] | None:
+    """``ADMIN_ADDRESS``: where the proxy's admin API listens, so pilot can scrape its
+    metrics and tap it. Kept on the session, not in :class:`NodeInfo`: translation does not
+    depend on it, and sidecars that differ only by it still share their listeners."""
+    value = _metadata(node).get("ADMIN_ADDRESS")
+    return None if value is None else _address(value, "ADMIN_ADDRESS")
 
 
 class Mesh:
@@ -235,6 +248,7 @@ class Session:
         self.delta = delta
         self.peer = peer
         self.node: NodeInfo | None = None
+        self.admin: tuple[str, int] | None = None  # the node's ADMIN_ADDRESS
         self.types: dict[str, TypeState] = {}
         self.nonce = 0
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -574,6 +588,7 @@ class AggregatedDiscovery:
                         item, region = split
                 if session.node is None:
                     session.node = node_info(item.node)
+                    session.admin = admin_address(item.node)
                     log.info("stream from %s (%s)", session.label(), _variant(session))
                     self.connected(session.node)
                 responses = (
@@ -628,4 +643,4 @@ def _variant(session: Session) -> str:
     return "delta" if session.delta else "state of the world"
 
 
-__all__ = ["AggregatedDiscovery", "Mesh", "Session", "add_to_server", "node_info"]
+__all__ = ["AggregatedDiscovery", "Mesh", "Session", "add_to_server", "admin_address", "node_info"]
