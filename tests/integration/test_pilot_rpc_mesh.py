@@ -159,7 +159,7 @@ def test_a_call_through_the_client_proxy_and_the_server_sidecar(
     }
     pilot.write_rules("greeter.yaml", entry)
     with RpcServer("dubbo", "app") as app:
-        make_proxy(
+        server = make_proxy(
             sidecar_config(
                 pilot,
                 "server",
@@ -168,9 +168,22 @@ def test_a_call_through_the_client_proxy_and_the_server_sidecar(
                 labels={"version": "v1"},
             )
         )
-        port = client_proxy(pilot, make_proxy)
+        port = free_port()
+        client = make_proxy(
+            sidecar_config(pilot, "client", rpc_outbound_address=f"127.0.0.1:{port}")
+        )
         eventually(lambda: answers("dubbo", port) == {"app": 1}, timeout=20)
         assert answers("dubbo", port, count=5) == {"app": 5}
+    # both sidecars report Istio's metrics for the calls, as pilot's metrics store reads them
+    for proxy, reporter in ((client, "source"), (server, "destination")):
+        metrics = proxy.admin("/stats/prometheus")[1]
+        series = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("istio_requests_total{") and f'reporter="{reporter}"' in line
+        ]
+        assert any('request_protocol="dubbo"' in line for line in series), series
+        assert any(f'destination_service="{GREETER}"' in line for line in series), series
 
 
 def test_an_rpc_route_on_an_http_service_is_a_rule_error(pilot: PilotProcess) -> None:

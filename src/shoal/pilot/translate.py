@@ -170,13 +170,14 @@ class NodeInfo:
     def has_inbound(self) -> bool:
         return bool(self.service) and self.app_address is not None
 
-    def istio_stats(self, reporter: str) -> list[dict[str, Any]]:
-        """Shoal's istio_stats HTTP filter for a sidecar listener, when the client is a
-        shoal proxy: Istio's standard metrics, which pilot's metrics store scrapes."""
+    def istio_stats(self, reporter: str, level: str = "http") -> list[dict[str, Any]]:
+        """Shoal's istio_stats filter for a sidecar listener, when the client is a shoal
+        proxy: Istio's standard metrics, which pilot's metrics store scrapes. ``level``:
+        ``http`` (an HTTP filter) or ``network`` (before a generic_proxy)."""
         if self.user_agent != SHOAL_USER_AGENT:
             return []
         config = {"@type": TYPED_STRUCT, "type_url": ISTIO_STATS, "value": {"reporter": reporter}}
-        return [{"name": "shoal.filters.http.istio_stats", "typed_config": config}]
+        return [{"name": f"shoal.filters.{level}.istio_stats", "typed_config": config}]
 
 
 def cluster_name(host: str, port: int, subset: str = "") -> str:
@@ -288,11 +289,14 @@ class MeshSnapshot:
             filters = [
                 (
                     application_protocol(protocol),
-                    generic_proxy(
-                        protocol,
-                        f"outbound_{application_protocol(protocol)}",
-                        {"virtual_hosts": vhosts},
-                    ),
+                    [
+                        *node.istio_stats("source", "network"),
+                        generic_proxy(
+                            protocol,
+                            f"outbound_{application_protocol(protocol)}",
+                            {"virtual_hosts": vhosts},
+                        ),
+                    ],
                 )
                 for protocol, vhosts in self.rpc_hosts.items()
             ]
@@ -303,7 +307,7 @@ class MeshSnapshot:
             name: pack(name, parse(listener_pb2.Listener, data)) for name, data in built.items()
         }
 
-    def _inbound(self, node: NodeInfo) -> list[tuple[str, dict[str, Any]]]:
+    def _inbound(self, node: NodeInfo) -> list[tuple[str, list[dict[str, Any]]]]:
         """The inbound listener's filters: HTTP, the protocol of each RPC port of the
         sidecar's service (its ``SERVICE`` port, or all of them), or both, to the app."""
         service = self.services.get(node.service)
@@ -338,12 +342,13 @@ class MeshSnapshot:
                     *_inbound_filters(self.rate_limits.get(node.service)),
                 ],
             )
-            filters.append(("", _network_filter(http)))
+            filters.append(("", [_network_filter(http)]))
         for protocol in rpc_ports(ports):
             name = f"inbound_{application_protocol(protocol)}"
             routes = route_matcher([], route_action("inbound", {"cluster": cluster}))
+            rpc = generic_proxy(protocol, name, {"routes": routes})
             filters.append(
-                (application_protocol(protocol), generic_proxy(protocol, name, {"routes": routes}))
+                (application_protocol(protocol), [*node.istio_stats("destination", "network"), rpc])
             )
         return filters
 
@@ -387,7 +392,7 @@ def _http_listener(
     first: Iterable[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     manager = _http_connection_manager(name, routes, fault, first)
-    return listener(name, address, [("", _network_filter(manager))])
+    return listener(name, address, [("", [_network_filter(manager)])])
 
 
 def _inbound_filters(policy: RateLimitPolicy | None) -> list[dict[str, Any]]:

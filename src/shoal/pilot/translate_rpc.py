@@ -78,14 +78,14 @@ def application_protocol(protocol: AppProtocol) -> str:
 
 
 def listener(
-    name: str, address: tuple[str, int], filters: Sequence[tuple[str, dict[str, Any]]]
+    name: str, address: tuple[str, int], filters: Sequence[tuple[str, list[dict[str, Any]]]]
 ) -> dict[str, Any]:
-    """A listener with one filter chain per network filter. Each filter comes with the
-    application protocol that picks its chain ("" for the default chain); with several
-    chains, Shoal's protocol inspector tells them apart. One filter: one plain chain."""
+    """A listener with one filter chain per entry of ``filters``: the application protocol
+    that picks the chain ("" for the default chain) and the chain's network filters. With
+    several chains, Shoal's protocol inspector tells them apart; one is a plain chain."""
     chains = []
-    for protocol, network_filter in filters:
-        chain: dict[str, Any] = {"filters": [network_filter]}
+    for protocol, network_filters in filters:
+        chain: dict[str, Any] = {"filters": network_filters}
         if protocol and len(filters) > 1:
             chain["filter_chain_match"] = {"application_protocols": [protocol]}
         chains.append(chain)
