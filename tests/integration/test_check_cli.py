@@ -69,6 +69,6 @@ def test_check_reports_health_and_each_problem_with_a_fix(tmp_path: Path, make_p
         echo.stop()
 
     down = check(url)
-    assert down.returncode == 1
+    assert down.returncode == 3  # unreachable, as for every command that asks pilot
     assert "✘ pilot is reachable" in down.stdout
     assert "fix: start it" in down.stdout

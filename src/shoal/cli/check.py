@@ -10,7 +10,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from shoal.cli.registry import DEFAULT_PILOT, pilot_url
+from shoal.cli.registry import ABSENT, DEFAULT_PILOT, OK, UNREACHABLE, pilot_url
+
+REACHABLE = "pilot is reachable"
 
 
 def _fetch(url: str) -> tuple[int, str]:
@@ -29,7 +31,7 @@ def checks(pilot: str) -> list[dict[str, Any]]:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return [
             {
-                "name": "pilot is reachable",
+                "name": REACHABLE,
                 "ok": False,
                 "problem": f"{pilot}: {getattr(exc, 'reason', exc)}",
                 "fix": "start it (`shoal pilot --config-dir DIR`) or pass --pilot URL",
@@ -120,6 +122,10 @@ def _run(args: argparse.Namespace) -> int:
     results = checks(pilot_url(args.pilot))
     if args.output == "json":
         print(json.dumps(results, indent=2))
+    elif args.output == "yaml":
+        import yaml  # noqa: PLC0415 (per-command import)
+
+        print(yaml.safe_dump(results, sort_keys=False), end="")
     else:
         for result in results:
             print(f"{'✔' if result['ok'] else '✘'} {result['name']}")
@@ -130,7 +136,9 @@ def _run(args: argparse.Namespace) -> int:
     failed = [r for r in results if not r["ok"]]
     if failed and args.output != "json":
         print(f"{len(failed)} problem(s) found", file=sys.stderr)
-    return 1 if failed else 0
+    if failed and failed[0]["name"] == REACHABLE:
+        return UNREACHABLE
+    return ABSENT if failed else OK
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -144,5 +152,5 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--pilot", help=f"pilot's HTTP address (default $SHOAL_PILOT, else {DEFAULT_PILOT})"
     )
-    parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    parser.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     parser.set_defaults(func=_run)

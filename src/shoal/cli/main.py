@@ -186,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Shoal service mesh: sidecar proxy, control plane and tools.",
         epilog="Commands that talk to pilot find it with --pilot URL, else $SHOAL_PILOT, else "
         f"{DEFAULT_PILOT}. `shoal COMMAND -h` tells more. Exit status: 0 fine, 1 what was "
-        "asked for is unhealthy or absent, 2 usage error, 3 pilot unreachable (stat, top, "
-        "tap).",
+        "asked for is unhealthy or absent, 2 usage error, 3 pilot unreachable.",
     )
     parser.add_argument("--version", action="version", version=f"shoal {__version__}")
     parser.add_argument(

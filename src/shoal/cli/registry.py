@@ -19,8 +19,16 @@ PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP", "DUBBO", "BOLT", "MOTAN2")
 TIMEOUT = 10.0
 
 
-class _PilotError(Exception):
-    """Pilot could not be reached or refused the call; the message is the one line to show."""
+# the exit statuses of every command that talks to pilot (docs/cli.md)
+OK, ABSENT, USAGE, UNREACHABLE = 0, 1, 2, 3
+
+
+class PilotError(Exception):
+    """Pilot could not answer; ``status`` is the exit status, the message the line to show."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _endpoint(value: str) -> tuple[str, int]:
@@ -48,7 +56,7 @@ def pilot_url(given: str | None) -> str:
 
 
 def _call(pilot: str, method: str, path: str, body: object = None) -> Any:
-    """One REST call; the decoded JSON answer, or :class:`_PilotError` with pilot's reason."""
+    """One REST call; the decoded JSON answer, or :class:`PilotError` with pilot's reason."""
     import json  # noqa: PLC0415 (per-command import)
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
@@ -66,13 +74,13 @@ def _call(pilot: str, method: str, path: str, body: object = None) -> Any:
             reason = json.loads(exc.read())["error"]
         except (ValueError, KeyError, TypeError):
             reason = f"HTTP {exc.code} {exc.reason}"
-        raise _PilotError(f"pilot refused: {reason}") from exc
+        raise PilotError(ABSENT, f"pilot refused: {reason}") from exc
     except urllib.error.URLError as exc:
-        raise _PilotError(f"cannot reach pilot at {base}: {exc.reason}") from exc
+        raise PilotError(UNREACHABLE, f"cannot reach pilot at {base}: {exc.reason}") from exc
     except OSError as exc:
-        raise _PilotError(f"cannot reach pilot at {base}: {exc}") from exc
+        raise PilotError(UNREACHABLE, f"cannot reach pilot at {base}: {exc}") from exc
     except ValueError as exc:
-        raise _PilotError(f"{base} answered, but not with JSON: is it pilot?") from exc
+        raise PilotError(ABSENT, f"{base} answered, but not with JSON: is it pilot?") from exc
 
 
 def _quote(part: str) -> str:
@@ -84,14 +92,15 @@ def _quote(part: str) -> str:
 def _reporting(
     command: str, action: Callable[[argparse.Namespace], None]
 ) -> Callable[[argparse.Namespace], int]:
-    """The command as ``shoal`` runs it: exit 0, or 1 with pilot's error as one line."""
+    """The command as ``shoal`` runs it: exit 0, or pilot's error as one line and its
+    status (1: pilot refused, 3: unreachable)."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             action(args)
-        except _PilotError as exc:
+        except PilotError as exc:
             print(f"shoal {command}: {exc}", file=sys.stderr)
-            return 1
+            return exc.status
         return 0
 
     return run
@@ -128,10 +137,14 @@ def _deregister(args: argparse.Namespace) -> None:
 
 def _services(args: argparse.Namespace) -> None:
     services = _call(args.pilot, "GET", "/v1/services")
-    if args.json:
+    if args.output == "json":
         import json  # noqa: PLC0415 (per-command import)
 
         print(json.dumps(services, indent=2))
+    elif args.output == "yaml":
+        import yaml  # noqa: PLC0415
+
+        print(yaml.safe_dump(services, sort_keys=False), end="")
     else:
         print(format_services(services))
 
@@ -251,7 +264,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="List the services and instances pilot serves to the mesh, from every "
         "registry, with the labels, weights and TTLs of the instances.",
     )
-    services.add_argument("--json", action="store_true", help="print pilot's JSON answer")
+    services.add_argument(
+        "-o", "--output", choices=("table", "json", "yaml"), default="table", help="format"
+    )
     pilot_option(services)
     services.set_defaults(func=_reporting("services", _services))
 

@@ -15,18 +15,17 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
-from shoal.cli.registry import DEFAULT_PILOT, pilot_url
+from shoal.cli.registry import (
+    ABSENT,
+    DEFAULT_PILOT,
+    OK,
+    UNREACHABLE,
+    USAGE,
+    PilotError,
+    pilot_url,
+)
 
-OK, ABSENT, USAGE, UNREACHABLE = 0, 1, 2, 3  # exit statuses of stat, top and tap
 TIMEOUT = 10.0
-
-
-class PilotError(Exception):
-    """Pilot could not answer; ``status`` is the exit status, the message the line to show."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def duration(text: str) -> float:

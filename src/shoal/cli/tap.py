@@ -9,10 +9,8 @@ import os
 import sys
 from typing import Any
 
+from shoal.cli.registry import ABSENT, OK, PilotError
 from shoal.cli.stat import (
-    ABSENT,
-    OK,
-    PilotError,
     add_pilot_option,
     duration,
     ms,

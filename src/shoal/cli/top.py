@@ -7,10 +7,8 @@ import argparse
 import time
 from typing import Any
 
-from shoal.cli.registry import pilot_url
+from shoal.cli.registry import OK, PilotError, pilot_url
 from shoal.cli.stat import (
-    OK,
-    PilotError,
     add_pilot_option,
     duration,
     get_json,
