@@ -979,15 +979,15 @@ ERRORS = {
         "not supported",
     ),
     "rds": (rds(), f"{FILTER}.rds", "rds is supported in listeners from LDS only"),
-    "HTTP/2 codec": (
-        with_hcm(codec_type="HTTP2"),
+    "HTTP/3 codec": (
+        with_hcm(codec_type="HTTP3"),
         f"{FILTER}.codec_type",
-        "HTTP2 is not supported yet",
+        "HTTP3 is not supported yet",
     ),
-    "route to an HTTP/2 upstream": (
-        with_options(explicit_http_config={"http2_protocol_options": {}}),
+    "HTTP/2 codec to an HTTP/1.1 upstream": (
+        with_hcm(codec_type="HTTP2"),
         LISTENER,
-        "proxying to HTTP/2 upstreams is not supported yet",
+        "does not translate between HTTP/1.1 and HTTP/2",
     ),
     "file data source": (
         with_log(log_format={"text_format_source": {"filename": "/etc/format"}}),

@@ -254,29 +254,39 @@ def _ads_source(proto: Message, clusters: tuple[Cluster, ...], ctx: Ctx) -> AdsS
 def _check_http2_targets(
     listeners: tuple[Listener, ...], clusters: tuple[Cluster, ...], ctx: Ctx
 ) -> None:
-    """Routes proxy over HTTP/1.1 only, so a route to an HTTP/2 cluster is an error (the
-    rate limit filter's gRPC cluster is fine)."""
+    """Shoal does not translate between HTTP versions: an HTTP/2 stream goes to an HTTP/2
+    cluster (``http2_protocol_options``) and an HTTP/1.1 request to an HTTP/1.1 one. So a
+    ``codec_type: HTTP1`` connection manager may not route to an HTTP/2 cluster and an
+    ``HTTP2`` one may not route to an HTTP/1.1 cluster; ``AUTO`` may route to both (each
+    connection's requests go where their protocol fits; a mismatch is answered 503 at run
+    time). The rate limit filter's gRPC cluster is not a route target and is fine."""
     http2 = {c.name for c in clusters if c.http2}
-    if not http2:
-        return
     for index, listener in enumerate(listeners):
-        manager = listener.filter
-        if not isinstance(manager, HttpConnectionManager):
-            continue
-        for vhost in manager.route_config.virtual_hosts:
-            for route in vhost.routes:
-                action = route.action
-                names = (
-                    {action.cluster, *(w.name for w in action.weighted_clusters)}
-                    if action
-                    else set()
-                )
-                for name in sorted(names & http2):
-                    raise ctx.at(index).error(
-                        f"route {route.name or route.match.value!r} in virtual host "
-                        f"{vhost.name!r} targets cluster {name!r}, which has "
-                        "http2_protocol_options: proxying to HTTP/2 upstreams is not supported yet"
+        managers = [listener.filter, *(chain.filter for chain in listener.protocol_chains)]
+        for manager in managers:
+            if not isinstance(manager, HttpConnectionManager) or manager.codec_type == "auto":
+                continue
+            wants_http2 = manager.codec_type == "http2"
+            for vhost in manager.route_config.virtual_hosts:
+                for route in vhost.routes:
+                    action = route.action
+                    names = (
+                        {action.cluster, *(w.name for w in action.weighted_clusters)} - {""}
+                        if action
+                        else set()
                     )
+                    for name in sorted(names):
+                        if (name in http2) == wants_http2:
+                            continue
+                        kind = "has" if name in http2 else "lacks"
+                        raise ctx.at(index).error(
+                            f"route {route.name or route.match.value!r} in virtual host "
+                            f"{vhost.name!r} targets cluster {name!r}, which {kind} "
+                            f"http2_protocol_options, from a codec_type "
+                            f"{manager.codec_type.upper()} connection manager: shoal does "
+                            "not translate between HTTP/1.1 and HTTP/2 (use codec_type AUTO "
+                            "or a cluster of the same protocol)"
+                        )
 
 
 def _admin(admin: Message, ctx: Ctx) -> Admin | None:

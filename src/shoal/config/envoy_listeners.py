@@ -43,6 +43,7 @@ from shoal.config.envoy_telemetry import istio_stats, tracing
 from shoal.config.filters import HttpFilter
 from shoal.config.model import (
     AccessLog,
+    CodecType,
     HttpConnectionManager,
     IstioStats,
     Listener,
@@ -64,9 +65,10 @@ _DIRECTIONS: dict[int, TrafficDirection] = {
     base_pb2.INBOUND: "inbound",
     base_pb2.OUTBOUND: "outbound",
 }
-_CODEC_TYPES = {
+_CODEC_TYPES: dict[int, CodecType] = {
     hcm_pb2.HttpConnectionManager.AUTO: "auto",
     hcm_pb2.HttpConnectionManager.HTTP1: "http1",
+    hcm_pb2.HttpConnectionManager.HTTP2: "http2",
 }
 
 
@@ -223,7 +225,7 @@ def _chain_filter(chain: Message, ctx: Ctx) -> NetworkFilter:
 
 
 def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
-    choice(_CODEC_TYPES, hcm, "codec_type", ctx)
+    codec_type = choice(_CODEC_TYPES, hcm, "codec_type", ctx)
     if not hcm.HasField("route_config"):
         raise ctx.at("route_config").error("route_config is required (rds needs xDS)")
     common = hcm.common_http_protocol_options
@@ -253,6 +255,7 @@ def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
         drain_timeout=seconds(hcm, "drain_timeout", 5.0, ctx),
         istio_stats=stats,
         tracing=tracing(hcm, ctx),
+        codec_type=codec_type,
     )
 
 

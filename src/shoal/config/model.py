@@ -92,6 +92,7 @@ class QueryParameterMatcher:
 
 
 PathMatchKind = Literal["prefix", "path", "regex"]
+CodecType = Literal["auto", "http1", "http2"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +402,8 @@ class HttpConnectionManager:
     http_filters: tuple[HttpFilter, ...] = ()  # before the router, in order
     istio_stats: IstioStats | None = None
     tracing: Tracing | None = None
+    # "auto": HTTP/2 for a connection that opens with the h2 preface, else HTTP/1.1
+    codec_type: CodecType = "auto"
 
 
 @dataclass(frozen=True, slots=True)

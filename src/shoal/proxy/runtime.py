@@ -28,6 +28,7 @@ from shoal.config.model import (
 from shoal.filters.base import HttpFilter
 from shoal.filters.chain import build_filters
 from shoal.observe.stats import Histogram, Snapshot
+from shoal.proxy.h2 import H2Session, HttpSniffer
 from shoal.proxy.http import HttpConnection
 from shoal.proxy.listeners import (
     HTTP_COUNTERS,
@@ -464,7 +465,10 @@ class ProxyRuntime:
 
 def _session(context: ChainContext) -> asyncio.Protocol:
     if isinstance(context, HttpListenerContext):
-        return HttpConnection(context)
+        codec = context.config.codec_type
+        if codec == "http1":
+            return HttpConnection(context)
+        return H2Session(context) if codec == "http2" else HttpSniffer(context)
     if isinstance(context, RpcListenerContext):
         return RpcSession(context)
     return TcpSession(context)

@@ -1,0 +1,909 @@
+"""The HTTP/2 stream driver: h2c downstream connections, routed stream by stream to HTTP/2
+clusters (gRPC and plain h2c), with flow control end to end.
+
+A downstream connection (:class:`H2Session`) drives a server-side
+:class:`~shoal.codec.http2.H2Connection`; each request becomes an :class:`H2Stream`, which
+is routed with the listener's :class:`~shoal.proxy.routes.RouteTable`, answered locally
+(no route, direct response, redirect, overflow, no healthy host, timeouts) or sent on a
+multiplexed upstream connection (:mod:`shoal.transport.h2`).
+
+**Flow control.** Body bytes move only as far as the receiving peer's window allows; the
+rest waits on the stream (``to_up`` / ``to_down``) and moves on ``WindowUpdated``. Credit
+goes back to the sender (``acknowledge_received_data``) only for bytes handed to the other
+side's codec, so what waits here per stream is bounded by the window we advertised.
+
+**gRPC.** ``grpc-timeout`` is the stream's deadline (capped by the route timeout). The
+proxy's own answers to gRPC requests are trailers-only responses (``:status 200``,
+``grpc-status``, ``grpc-message``): no route → UNIMPLEMENTED, no host / connect failure /
+reset / overflow → UNAVAILABLE, timeouts → DEADLINE_EXCEEDED. For outlier detection a
+gRPC answer counts by its ``grpc-status`` as Envoy maps it (UNKNOWN and INTERNAL → 500,
+UNAVAILABLE → 503, DEADLINE_EXCEEDED → 504, anything else → 200).
+
+**Not here yet:** HTTP filters, retries (only a stream refused by GOAWAY is sent again,
+once, on a new connection), mirrors, hash policies, Istio stats and tracing; an HTTP/2
+stream routed to an HTTP/1.1 cluster is answered 503 (the config check forbids it for
+``codec_type: HTTP2``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+import uuid
+from typing import cast
+
+from shoal.codec.http1 import HOP_BY_HOP, header_value
+from shoal.codec.http2 import (
+    CANCEL,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    PREFACE,
+    ConnectionTerminated,
+    DataReceived,
+    H2Connection,
+    Headers,
+    RequestReceived,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from shoal.config.model import Redirect, RouteAction
+from shoal.errors import LocalProtocolError
+from shoal.observe.tracing import trace_id_of
+from shoal.proxy.http import HttpConnection
+from shoal.proxy.listeners import HttpListenerContext
+from shoal.proxy.routes import CompiledRoute, HeaderPlan
+from shoal.transport.h2 import H2HostPool, H2UpstreamConnection
+from shoal.upstream.cluster import ClusterRuntime
+from shoal.upstream.host import Host
+
+_connection_ids = itertools.count(3_000_000_000)
+
+# grpc-status codes the proxy uses, and Envoy's HTTP → gRPC mapping for local replies
+GRPC_UNKNOWN = 2
+GRPC_DEADLINE_EXCEEDED = 4
+GRPC_UNIMPLEMENTED = 12
+GRPC_UNAVAILABLE = 14
+_HTTP_TO_GRPC = {
+    400: 13,
+    401: 16,
+    403: 7,
+    404: GRPC_UNIMPLEMENTED,
+    408: GRPC_DEADLINE_EXCEEDED,
+    429: GRPC_UNAVAILABLE,
+    502: GRPC_UNAVAILABLE,
+    503: GRPC_UNAVAILABLE,
+    504: GRPC_DEADLINE_EXCEEDED,  # Envoy says UNAVAILABLE; a timeout reads better as this
+}
+# grpc-status → the HTTP status outlier detection sees (Envoy's grpcToHttpStatus, 5xx only)
+_GRPC_TO_HTTP = {b"2": 500, b"4": 504, b"13": 500, b"14": 503}
+_GRPC_TIMEOUT_UNITS = {
+    ord("H"): 3600.0,
+    ord("M"): 60.0,
+    ord("S"): 1.0,
+    ord("m"): 1e-3,
+    ord("u"): 1e-6,
+    ord("n"): 1e-9,
+}
+_REPLAY_LIMIT = 64 * 1024  # request bytes kept to resend a stream refused by GOAWAY
+
+
+def grpc_timeout(value: bytes) -> float | None:
+    """``grpc-timeout`` (1-8 digits and a unit) in seconds; None when malformed."""
+    if len(value) < 2 or not value[:-1].isdigit():
+        return None
+    unit = _GRPC_TIMEOUT_UNITS.get(value[-1])
+    return int(value[:-1]) * unit if unit is not None else None
+
+
+class H2Session(asyncio.Protocol):
+    """One downstream HTTP/2 (h2c, prior knowledge) connection."""
+
+    __slots__ = ("closed", "codec", "ctx", "dirty", "id", "loop", "streams", "transport")
+
+    def __init__(self, ctx: HttpListenerContext) -> None:
+        self.ctx = ctx
+        self.id = next(_connection_ids)
+        self.loop = asyncio.get_running_loop()
+        self.codec = H2Connection(
+            False, max_header_list_size=ctx.config.max_request_headers_kb * 1024
+        )
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, H2Stream] = {}
+        self.closed = False
+        self.dirty = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        ctx = self.ctx
+        ctx.connections.add(self)
+        ctx.stats.downstream_cx_total += 1
+        ctx.stats.downstream_cx_active += 1
+        if ctx.draining:
+            self.codec.close_connection()
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.ctx.stats.downstream_cx_rx_bytes_total += len(data)
+        streams = self.streams
+        codec = self.codec
+        for event in codec.receive_data(data):
+            if isinstance(event, DataReceived):
+                stream = streams.get(event.stream_id)
+                if stream is None:  # answered already: drop the rest of the upload
+                    codec.acknowledge_received_data(len(event.data), event.stream_id)
+                else:
+                    stream.request_data(event.data, event.end_stream)
+            elif isinstance(event, RequestReceived):
+                stream = H2Stream(self, event.stream_id, event.headers, event.end_stream)
+                streams[event.stream_id] = stream
+                stream.begin()
+            elif isinstance(event, TrailersReceived):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.request_trailers(event.headers)
+            elif isinstance(event, WindowUpdated):
+                if event.stream_id:
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream.pump_down()
+                else:
+                    for stream in list(streams.values()):
+                        stream.pump_down()
+            elif isinstance(event, StreamReset):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.downstream_reset(event.error_code)
+            elif isinstance(event, ConnectionTerminated):
+                if not event.remote:
+                    self.ctx.stats.downstream_cx_protocol_error += 1
+                if not event.remote or event.error_code:
+                    self.flush()
+                    self._close()
+                    return
+        self.flush()
+
+    def kick(self) -> None:
+        """Something was queued in the codec: write it once this loop iteration ends."""
+        if not self.dirty:
+            self.dirty = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.dirty = False
+        transport = self.transport
+        if transport is not None and not self.closed:
+            data = self.codec.data_to_send()
+            if data:
+                self.ctx.stats.downstream_cx_tx_bytes_total += len(data)
+                transport.write(data)
+
+    def stream_done(self, stream: H2Stream) -> None:
+        self.streams.pop(stream.stream_id, None)
+        if self.ctx.draining and not self.streams:
+            self.flush()
+            self._close()
+
+    def drain(self) -> None:
+        """Graceful GOAWAY: open streams finish, new ones are refused."""
+        self.codec.close_connection()
+        self.flush()
+        if not self.streams:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def address(self, which: str) -> str:
+        value = self.transport.get_extra_info(which) if self.transport is not None else None
+        return f"{value[0]}:{value[1]}" if value else ""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        ctx.stats.downstream_cx_active -= 1
+        for stream in list(self.streams.values()):
+            stream.downstream_reset(CANCEL)
+
+
+class H2Stream:
+    """One request and its response, both sides HTTP/2."""
+
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "cluster",
+        "cluster_name",
+        "compiled",
+        "deadline_timer",
+        "done",
+        "down_ended",
+        "duration",
+        "grpc",
+        "grpc_status",
+        "headers",
+        "host",
+        "idle_mark",
+        "idle_timeout",
+        "idle_timer",
+        "raw_authority",
+        "raw_method",
+        "raw_path",
+        "replay",
+        "request_ended",
+        "response_code_details",
+        "response_flags",
+        "response_headers",
+        "response_plan",
+        "response_started",
+        "retried",
+        "session",
+        "start",
+        "started_at",
+        "status",
+        "stream_id",
+        "to_down",
+        "to_down_end",
+        "to_down_trailers",
+        "to_up",
+        "to_up_end",
+        "to_up_trailers",
+        "up",
+        "up_ended",
+        "up_headers",
+        "up_id",
+        "upstream_host",
+    )
+
+    def __init__(
+        self, session: H2Session, stream_id: int, headers: Headers, end_stream: bool
+    ) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.headers = headers
+        method = path = authority = b""
+        for name, value in headers:
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority" or (name == b"host" and not authority):
+                authority = value
+        self.raw_method, self.raw_path, self.raw_authority = method, path, authority
+        self.grpc = (header_value(headers, b"content-type") or "").startswith("application/grpc")
+        self.request_ended = end_stream
+        self.start = session.loop.time()
+        self.started_at = time.time()
+        self.compiled: CompiledRoute | None = None
+        self.cluster: ClusterRuntime | None = None
+        self.host: Host | None = None
+        self.up: H2UpstreamConnection | None = None
+        self.up_id = 0
+        self.up_headers: Headers = []
+        self.up_ended = False
+        self.to_up: list[bytes] = []
+        self.to_up_end = end_stream
+        self.to_up_trailers: Headers | None = None
+        self.to_down: list[bytes] = []
+        self.to_down_end = False
+        self.to_down_trailers: Headers | None = None
+        self.down_ended = False
+        self.replay: list[bytes] | None = []
+        self.retried = False
+        self.response_plan: HeaderPlan | None = None
+        self.response_started = False
+        self.response_headers: Headers = []
+        self.grpc_status = b""
+        self.deadline_timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_timeout = 0.0
+        self.idle_mark = 0
+        self.done = False
+        self.status = 0
+        self.bytes_received = self.bytes_sent = 0
+        self.duration = 0.0
+        self.cluster_name = self.upstream_host = self.response_code_details = ""
+        self.response_flags = "-"
+
+    # routing --------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        ctx = self.session.ctx
+        ctx.stats.downstream_rq_total += 1
+        ctx.stats.downstream_rq_active += 1
+        compiled = ctx.routes.match(
+            self.raw_authority.decode("latin-1"), self.raw_path.decode("latin-1"), self.headers
+        )
+        if compiled is None:
+            self.local_reply(404, b"", "NR", "route_not_found")
+            return
+        self.compiled = compiled
+        self.response_plan = compiled.response_plan
+        route = compiled.route
+        if route.direct_response is not None:
+            response = route.direct_response
+            self.local_reply(response.status, response.body, "-", "direct_response")
+            return
+        if route.redirect is not None:
+            self._redirect(route.redirect, compiled)
+            return
+        action = route.action
+        assert action is not None
+        cluster_name = self.cluster_name = _pick_cluster(action)
+        cluster = ctx.clusters.get(cluster_name)
+        if cluster is None:
+            self.local_reply(503, b"", "NC", "cluster_not_found")
+            return
+        if not cluster.config.http2:
+            self.local_reply(503, b"upstream is HTTP/1.1", "-", "upstream_protocol_mismatch")
+            return
+        if cluster.rq_active >= cluster.config.circuit_breakers.max_requests:
+            cluster.stats.upstream_rq_active_overflow += 1
+            self.local_reply(503, b"upstream overflow", "UO", "overflow")
+            return
+        cluster.rq_active += 1
+        self.cluster = cluster
+        self._arm_timers(action)
+        self.up_headers = self._upstream_headers(action, compiled)
+        self._attempt()
+
+    def _arm_timers(self, action: RouteAction) -> None:
+        loop = self.session.loop
+        config = self.session.ctx.config
+        limit = action.timeout or 0.0
+        if self.grpc:
+            raw = header_value(self.headers, b"grpc-timeout")
+            deadline = grpc_timeout(raw.encode("latin-1")) if raw is not None else None
+            if deadline is not None and (not limit or deadline < limit):
+                limit = deadline
+        if limit:
+            self.deadline_timer = loop.call_later(limit, self.on_timeout)
+        idle = (
+            action.idle_timeout if action.idle_timeout is not None else config.stream_idle_timeout
+        )
+        if idle:
+            self.idle_timeout = idle
+            self.idle_timer = loop.call_later(idle, self._check_idle)
+
+    def _upstream_headers(self, action: RouteAction, compiled: CompiledRoute) -> Headers:
+        """The request as the cluster sees it: route rewrites, hop-by-hop fields removed,
+        the route's header edits, x-forwarded-proto and x-request-id."""
+        path = self.raw_path
+        if action.prefix_rewrite is not None and compiled.kind == "prefix":
+            prefix = compiled.route.match.value.encode("latin-1")
+            if path.startswith(prefix):
+                path = action.prefix_rewrite.encode("latin-1") + path[len(prefix) :]
+        elif action.regex_rewrite is not None:
+            pattern, substitution = action.regex_rewrite
+            bare, sep, query = path.decode("latin-1").partition("?")
+            path = (pattern.sub(substitution, bare) + sep + query).encode("latin-1")
+        authority = self.raw_authority
+        if action.host_rewrite_literal is not None:
+            authority = action.host_rewrite_literal.encode("latin-1")
+        plan = compiled.cluster_plans.get(self.cluster_name) if compiled.cluster_plans else None
+        request_plan, self.response_plan = plan or (compiled.request_plan, compiled.response_plan)
+        regular: Headers = []
+        remove = request_plan.remove_all
+        forwarded_proto = request_id = False
+        for name, value in self.headers:
+            if name[0] == 0x3A or name == b"host" or name in remove:  # ':'
+                continue
+            if name in HOP_BY_HOP and not (name == b"te" and value == b"trailers"):
+                continue
+            if name == b"x-forwarded-proto":
+                forwarded_proto = True
+            elif name == b"x-request-id":
+                request_id = True
+            regular.append((name, value))
+        if not forwarded_proto:
+            regular.append((b"x-forwarded-proto", b"http"))
+        if not request_id and self.session.ctx.config.generate_request_id:
+            regular.append((b"x-request-id", str(uuid.uuid4()).encode()))
+        if request_plan.levels and any(options for _, options in request_plan.levels):
+            regular = [(n.lower(), v) for n, v in request_plan.apply(regular)]
+        return [
+            (b":method", self.raw_method),
+            (b":scheme", b"http"),
+            (b":authority", authority),
+            (b":path", path),
+            *regular,
+        ]
+
+    def _attempt(self) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        host = cluster.lb.choose(None, None)
+        if host is None:
+            self.local_reply(503, b"no healthy upstream", "UH", "no_healthy_upstream")
+            return
+        self.host = host
+        self.upstream_host = host.key
+        host.active_requests += 1
+        cluster.stats.upstream_rq_total += 1
+        conn = _pool(cluster, host).connection()
+        end = self.to_up_end and not self.to_up and self.to_up_trailers is None
+        try:
+            self.up_id = conn.open_stream(self, self.up_headers, end)
+        except LocalProtocolError as exc:  # the connection died under us
+            self.upstream_failed(str(exc), connect=False)
+            return
+        self.up = conn
+        self.up_ended = end
+        self.pump_up()
+
+    # request body ---------------------------------------------------------------------------
+
+    def request_data(self, data: bytes, end_stream: bool) -> None:
+        self.bytes_received += len(data)
+        if data:
+            self.to_up.append(data)
+        if end_stream:
+            self.to_up_end = self.request_ended = True
+        self.pump_up()
+
+    def request_trailers(self, headers: Headers) -> None:
+        self.to_up_trailers = headers
+        self.to_up_end = self.request_ended = True
+        self.pump_up()
+
+    def pump_up(self) -> None:
+        """Move request bytes to the upstream stream as far as its window allows, and give
+        the client that much credit back."""
+        conn = self.up
+        if conn is None or self.up_ended:
+            return
+        to_up = self.to_up
+        up_id = self.up_id
+        session = self.session
+        moved = 0
+        while to_up:
+            window = conn.window(up_id)
+            if window <= 0:
+                break
+            chunk = to_up[0]
+            if len(chunk) > window:
+                to_up[0] = chunk[window:]
+                chunk = chunk[:window]
+            else:
+                del to_up[0]
+            last = not to_up and self.to_up_end and self.to_up_trailers is None
+            conn.send_data(up_id, chunk, last)
+            self.up_ended = last
+            moved += len(chunk)
+            replay = self.replay
+            if replay is not None:
+                replay.append(chunk)
+                if sum(map(len, replay)) > _REPLAY_LIMIT:
+                    self.replay = None
+        if moved:
+            session.codec.acknowledge_received_data(moved, self.stream_id)
+            session.kick()
+        if not to_up and self.to_up_end and not self.up_ended:
+            if self.to_up_trailers is not None:
+                conn.send_trailers(up_id, self.to_up_trailers)
+            else:
+                conn.send_data(up_id, b"", True)
+            self.up_ended = True
+
+    def upstream_window(self) -> None:
+        self.pump_up()
+
+    # response -------------------------------------------------------------------------------
+
+    def upstream_headers(self, headers: Headers, end_stream: bool) -> None:
+        if self.done:
+            return
+        cluster = self.cluster
+        assert cluster is not None
+        self.replay = None
+        status = 0
+        plan = self.response_plan
+        remove = plan.remove_all if plan is not None else frozenset()
+        out: Headers = []
+        for name, value in headers:
+            if name == b":status":
+                status = int(value)
+                continue
+            if name in HOP_BY_HOP or name in remove:
+                continue
+            if name == b"grpc-status":
+                self.grpc_status = value
+            out.append((name, value))
+        elapsed = self.session.loop.time() - self.start
+        cluster.stats.upstream_rq_time.record(elapsed * 1000.0)
+        out.append((b"x-envoy-upstream-service-time", b"%d" % int(elapsed * 1000)))
+        if plan is not None and any(options for _, options in plan.levels):
+            out = [(n.lower(), v) for n, v in plan.apply(out)]
+        self.status = status
+        self.response_started = True
+        self.response_code_details = "via_upstream"
+        self.response_headers = out
+        out.insert(0, (b":status", b"%d" % status))
+        session = self.session
+        session.codec.send_headers(self.stream_id, out, end_stream)
+        session.kick()
+        if end_stream:
+            self.down_ended = True
+            self.finish()
+
+    def upstream_data(self, data: bytes, flow_controlled_length: int, end_stream: bool) -> None:
+        if self.done:
+            return
+        if data:
+            self.to_down.append(data)
+        self.to_down_end = end_stream
+        self.pump_down()
+
+    def upstream_trailers(self, headers: Headers) -> None:
+        if self.done:
+            return
+        for name, value in headers:
+            if name == b"grpc-status":
+                self.grpc_status = value
+        self.to_down_trailers = headers
+        self.to_down_end = True
+        self.pump_down()
+
+    def pump_down(self) -> None:
+        """Move response bytes to the client as far as its window allows, and give the
+        upstream that much credit back."""
+        if self.done or not self.response_started:
+            return
+        session = self.session
+        codec = session.codec
+        stream_id = self.stream_id
+        to_down = self.to_down
+        moved = 0
+        try:
+            while to_down:
+                window = codec.local_flow_control_window(stream_id)
+                if window <= 0:
+                    break
+                chunk = to_down[0]
+                if len(chunk) > window:
+                    to_down[0] = chunk[window:]
+                    chunk = chunk[:window]
+                else:
+                    del to_down[0]
+                last = not to_down and self.to_down_end and self.to_down_trailers is None
+                codec.send_data(stream_id, chunk, last)
+                moved += len(chunk)
+            if not to_down and self.to_down_end:
+                if self.to_down_trailers is not None:
+                    codec.send_trailers(stream_id, self.to_down_trailers)
+                elif not moved:
+                    codec.send_data(stream_id, b"", True)
+                self.down_ended = True
+        except LocalProtocolError:  # the client reset the stream in this same batch
+            return
+        if moved:
+            self.bytes_sent += moved
+            if self.up is not None:
+                self.up.acknowledge(self.up_id, moved)
+        session.kick()
+        if self.down_ended:
+            self.finish()
+
+    # failures -------------------------------------------------------------------------------
+
+    def upstream_reset(self, error_code: int, refused: bool) -> None:
+        if self.done:
+            return
+        self._end_attempt()
+        cluster = self.cluster
+        assert cluster is not None
+        if refused and not self.retried and self.replay is not None:
+            # GOAWAY: the server never processed it; send it again on a new connection
+            self.retried = True
+            cluster.stats.upstream_rq_retry += 1
+            self.to_up[:0] = self.replay
+            self.replay = []
+            self._attempt()
+            return
+        cluster.stats.upstream_rq_rx_reset += 1
+        if not self.response_started:
+            self.local_reply(503, b"upstream reset", "UR", "upstream_reset_before_response_started")
+            return
+        self._reset_downstream(error_code)
+
+    def upstream_failed(self, reason: str, connect: bool) -> None:
+        if self.done:
+            return
+        cluster, host = self.cluster, self.host
+        assert cluster is not None
+        if host is not None and cluster.outlier is not None:
+            cluster.outlier.record_local_failure(host, "connect_failure" if connect else "reset")
+        self.up = None
+        self._end_attempt()
+        if not self.response_started:
+            flag = "UF" if connect else "UC"
+            self.local_reply(503, reason.encode(), flag, reason.replace(" ", "_"))
+            return
+        self._reset_downstream(INTERNAL_ERROR)
+
+    def on_timeout(self) -> None:
+        self.deadline_timer = None
+        if self.done:
+            return
+        cluster = self.cluster
+        assert cluster is not None
+        cluster.stats.upstream_rq_timeout += 1
+        if self.host is not None and cluster.outlier is not None:
+            cluster.outlier.record_local_failure(self.host, "timeout")
+        self._stream_timeout(504, b"upstream request timeout", "UT", "response_timeout")
+
+    def _check_idle(self) -> None:
+        """Envoy's stream idle timeout; a stream whose window stays closed (a zero-window
+        stall) moves nothing and ends here too."""
+        self.idle_timer = None
+        if self.done:
+            return
+        moved = self.bytes_received + self.bytes_sent
+        if moved != self.idle_mark:
+            self.idle_mark = moved
+            self.idle_timer = self.session.loop.call_later(self.idle_timeout, self._check_idle)
+            return
+        self._stream_timeout(408, b"stream timeout", "SI", "stream_idle_timeout")
+
+    def _stream_timeout(self, status: int, body: bytes, flag: str, details: str) -> None:
+        self._reset_upstream()
+        if not self.response_started:
+            self.local_reply(status, body, flag, details)
+            return
+        self.response_flags = flag
+        self.response_code_details = details
+        self._reset_downstream(CANCEL)
+
+    def downstream_reset(self, error_code: int) -> None:
+        """The client reset the stream or left: cancel upstream."""
+        if self.done:
+            return
+        if self.up is not None:
+            self.up.reset(self.up_id, error_code)  # RST_STREAM travels on, code and all
+            self.up = None
+        self._end_attempt()
+        self.response_code_details = "downstream_remote_disconnect"
+        self.finish()
+
+    def _reset_downstream(self, error_code: int) -> None:
+        self.session.codec.reset_stream(self.stream_id, error_code)
+        self.session.kick()
+        self.finish()
+
+    def _reset_upstream(self) -> None:
+        if self.up is not None:
+            self.up.reset(self.up_id)
+            self.up = None
+        self._end_attempt()
+
+    def _end_attempt(self) -> None:
+        host, self.host = self.host, None
+        if host is not None:
+            host.active_requests -= 1
+
+    # local replies --------------------------------------------------------------------------
+
+    def _redirect(self, redirect: Redirect, compiled: CompiledRoute) -> None:
+        authority = self.raw_authority.decode("latin-1")
+        host = redirect.host or authority
+        if redirect.port:
+            host = f"{host.rsplit(':', 1)[0]}:{redirect.port}"
+        bare, sep, query = self.raw_path.decode("latin-1").partition("?")
+        if redirect.path is not None:
+            bare = redirect.path
+        elif redirect.prefix_rewrite is not None:
+            bare = redirect.prefix_rewrite + bare[len(compiled.route.match.value) :]
+        location = f"{redirect.scheme or 'http'}://{host}{bare}"
+        if sep and not redirect.strip_query:
+            location += "?" + query
+        self.local_reply(
+            redirect.status, b"", "-", "direct_response", [(b"location", location.encode())]
+        )
+
+    def local_reply(
+        self, status: int, body: bytes, flags: str, details: str, extra: Headers | None = None
+    ) -> None:
+        """The proxy's own answer: trailers-only for gRPC, a plain response otherwise."""
+        if self.done:
+            return
+        self._reset_upstream()
+        self.response_flags = flags
+        self.response_code_details = details
+        if self.response_started:
+            self._reset_downstream(CANCEL)
+            return
+        self.response_started = True
+        session = self.session
+        codec = session.codec
+        stream_id = self.stream_id
+        if self.grpc:
+            code = _HTTP_TO_GRPC.get(status, GRPC_UNKNOWN)
+            self.grpc_status = b"%d" % code
+            self.status = 200
+            message = body or details.encode()
+            headers: Headers = [
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", self.grpc_status),
+                (b"grpc-message", message),
+            ]
+            codec.send_headers(stream_id, headers, True)
+        else:
+            self.status = status
+            headers = [(b":status", b"%d" % status), *(extra or ())]
+            if body:
+                headers.append((b"content-type", b"text/plain"))
+            headers.append((b"content-length", b"%d" % len(body)))
+            headers.append((b"server", session.ctx.server_name))
+            has_body = bool(body) and self.raw_method != b"HEAD"
+            codec.send_headers(stream_id, headers, not has_body)
+            if has_body:
+                # a local body is small; a client window smaller than it is not worth a wait
+                size = min(len(body), codec.local_flow_control_window(stream_id))
+                codec.send_data(stream_id, body[:size], True)
+                self.bytes_sent = size
+        self.response_headers = headers[1:]
+        self.down_ended = True
+        if not self.request_ended:  # the rest of the upload is not needed (RFC 9113 §8.1)
+            codec.reset_stream(stream_id, NO_ERROR)
+        session.kick()
+        self.finish()
+
+    # the end --------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        session = self.session
+        ctx = session.ctx
+        self.duration = session.loop.time() - self.start
+        stats = ctx.stats
+        stats.downstream_rq_active -= 1
+        status = self.status
+        stats.count_status(status)
+        stats.downstream_rq_time.record(self.duration * 1000.0)
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.rq_active -= 1
+            if status:
+                codes = cluster.stats.codes
+                codes[status] = codes.get(status, 0) + 1
+            host = self.host
+            if host is not None:  # the upstream answered
+                if cluster.outlier is not None and self.response_code_details == "via_upstream":
+                    verdict = _GRPC_TO_HTTP.get(self.grpc_status, status)
+                    cluster.outlier.record_response(host, verdict)
+                self._end_attempt()
+        if not self.up_ended and self.up is not None:
+            self._reset_upstream()  # the response ended before the upload: stop it
+        for access_log in ctx.access_logs:
+            access_log(self)
+        session.stream_done(self)
+
+    # the access log record (shoal.observe.accesslog.AccessLogRecord) --------------------
+
+    @property
+    def start_time(self) -> float:
+        return self.started_at
+
+    @property
+    def protocol(self) -> str:
+        return "HTTP/2"
+
+    @property
+    def method(self) -> str:
+        return self.raw_method.decode("latin-1")
+
+    @property
+    def path(self) -> str:
+        return self.raw_path.decode("latin-1")
+
+    @property
+    def authority(self) -> str:
+        return self.raw_authority.decode("latin-1")
+
+    @property
+    def upstream_cluster(self) -> str:
+        return self.cluster_name
+
+    @property
+    def route_name(self) -> str:
+        return self.compiled.route.name if self.compiled is not None else ""
+
+    @property
+    def downstream_remote(self) -> str:
+        return self.session.address("peername")
+
+    @property
+    def downstream_local(self) -> str:
+        return self.session.address("sockname")
+
+    @property
+    def connection_id(self) -> int:
+        return self.session.id
+
+    @property
+    def trace_id(self) -> str:
+        return trace_id_of(self.request_header) or ""
+
+    def request_header(self, name: str) -> str | None:
+        return header_value(self.headers, name.encode("latin-1"))
+
+    def response_header(self, name: str) -> str | None:
+        return header_value(self.response_headers, name.encode("latin-1"))
+
+
+def _pick_cluster(action: RouteAction) -> str:
+    if action.cluster:
+        return action.cluster
+    return random.choices(
+        [w.name for w in action.weighted_clusters], [w.weight for w in action.weighted_clusters]
+    )[0]
+
+
+def _pool(cluster: ClusterRuntime, host: Host) -> H2HostPool:
+    """The host's HTTP/2 pool, kept on the cluster so that it closes with it."""
+    key = ("h2", host.key)
+    pool = cluster.rpc_pools.get(key)
+    if pool is None:
+        address = host.address
+        pool = cluster.rpc_pools[key] = H2HostPool(
+            (address.host, address.port), cluster.config.connect_timeout, cluster.stats
+        )
+    return cast(H2HostPool, pool)
+
+
+class HttpSniffer(asyncio.Protocol):
+    """``codec_type: AUTO``: a connection that opens with the HTTP/2 preface gets an
+    :class:`H2Session`, anything else the HTTP/1.1 :class:`HttpConnection`. Only the
+    preface's length is read (usually the first segment), then the connection is handed
+    over with ``transport.set_protocol``."""
+
+    __slots__ = ("buffer", "ctx", "timer", "transport")
+
+    def __init__(self, ctx: HttpListenerContext) -> None:
+        self.ctx = ctx
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        idle = self.ctx.config.idle_timeout
+        if idle:
+            self.timer = asyncio.get_running_loop().call_later(idle, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer = self.buffer + data
+        size = min(len(buffer), len(PREFACE))
+        session: asyncio.Protocol
+        if buffer[:size] != PREFACE[:size]:
+            session = HttpConnection(self.ctx)
+        elif size == len(PREFACE):
+            session = H2Session(self.ctx)
+        else:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(session)
+        session.connection_made(transport)
+        session.data_received(buffer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
