@@ -46,7 +46,7 @@ def test_registry_and_rules_changes_reach_a_running_sidecar(
         pilot.register("reviews", versions[name].port, {"version": name}, service_port=9080)
     pilot.write_rules("reviews-dr.yaml", destination_rule("reviews", "version", "v1", "v2"))
     config = sidecar_config(pilot, "productpage-1", delta=delta)
-    make_proxy(config, kind=kind)
+    proxy = make_proxy(config, kind=kind)
     port = outbound_port(config)
 
     # no VirtualService: the service's endpoints, all of them (once pilot pushed them)
@@ -86,6 +86,16 @@ def test_registry_and_rules_changes_reach_a_running_sidecar(
     # ... and removed again
     pilot.deregister("reviews", instance)
     eventually(lambda: served_by(port, REVIEWS, 20, headers={"end-user": "jason"}) == {"v2": 20})
+
+    # a changed cluster (its endpoints unchanged) becomes active: its endpoints come with it,
+    # or Envoy would keep it warming and go on with the old one
+    rule = destination_rule("reviews", "version", "v1", "v2")
+    pool = {"http": {"http1MaxPendingRequests": 7}}
+    rule["spec"]["trafficPolicy"] = {"connectionPool": pool}
+    pilot.write_rules("reviews-dr.yaml", rule)
+    limit = "outbound|9080|v1|reviews::default_priority::max_pending_requests::7"
+    eventually(lambda: limit in proxy.admin("/clusters")[1].splitlines())
+    assert served_by(port, REVIEWS, 20) == {"v1": 20}
     assert pilot.debug()["nacks"] == 0, pilot.output()
 
 

@@ -218,9 +218,12 @@ def _changes(old: MeshSnapshot, new: MeshSnapshot) -> dict[str, frozenset[str] |
         new.rpc_hosts,
     )
     same_shape = routes_same and old.ports == new.ports
+    clusters = _diff(old.clusters, new.clusters)
     return {
-        CLUSTER: _diff(old.clusters, new.clusters),
-        ENDPOINT: _diff(old.endpoints, new.endpoints),
+        CLUSTER: clusters,
+        # a changed EDS cluster is warmed by Envoy until its endpoints come again (as Istio
+        # does, they are sent with it); an EDS cluster's resource is named like the cluster
+        ENDPOINT: _diff(old.endpoints, new.endpoints) | (clusters & new.endpoints.keys()),
         ROUTE: frozenset() if same_shape else None,
         LISTENER: frozenset() if same_shape and filters_same else None,
     }
@@ -324,6 +327,14 @@ class Session:
             )
             if changed is not None and not changed:
                 continue
+            if self.delta and type_url == ENDPOINT:
+                # endpoints that come with a changed cluster are sent even if the client
+                # has them: Envoy warms the new cluster until they arrive
+                clusters = self.mesh.changed_since(since, CLUSTER)
+                current = self.mesh.snapshot.endpoints.keys()  # removed ones stay, to be removed
+                stale = current if clusters is None else current & clusters
+                for name in stale & state.sent.keys():
+                    del state.sent[name]
             respond = self._delta_response if self.delta else self._sotw_response
             response = respond(type_url, state, set(), False, changed)
             if response is not None:
