@@ -1,6 +1,7 @@
-"""`make demo`: the shop on a local mesh (pilot, six apps behind shoal proxy sidecars, a
-Dubbo provider in Node.js, a load generator, the dashboard), the examples it tells you to
-apply, and a clean stop; and the echo app the rest of the suite proxies to."""
+"""`make demo`: the shop on a local mesh (pilot, seven apps behind shoal proxy sidecars, a
+gRPC service and a Dubbo provider in Node.js among them, a load generator, the dashboard),
+the examples it tells you to apply, and a clean stop; and the echo app the rest of the
+suite proxies to."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_INDEX = REPO / "src" / "shoal" / "pilot" / "dashboard" / "dist" / "index.html"
 SHOAL = [sys.executable, "-m", "shoal"]
 CATALOG_V2 = next(w for w in LAYOUT if w.name == "catalog-v2")
+RECOMMENDATIONS = next(w for w in LAYOUT if w.name == "recommendations")
 
 
 @dataclass
@@ -225,6 +227,29 @@ def test_the_demo_runs_the_shop_and_the_examples_apply(demo: DemoRun) -> None:
     eventually(every_sidecar_served, timeout=15)
     assert stats(CATALOG_V2.admin).get(served, 0) == 0
 
+    # the gRPC path: the frontend's grpcio client → its sidecar's outbound port (h2c) →
+    # recommendations' sidecar → the grpcio server, for every product page
+    assert all(page["recommendations"] for page in pages(5)), pages(1)
+    counts = stats(RECOMMENDATIONS.admin)
+    inbound_cluster = f"cluster.inbound|{RECOMMENDATIONS.inbound}||recommendations."
+    assert counts.get(inbound_cluster + "upstream_rq_total", 0) > 0
+    assert counts.get(inbound_cluster + "grpc.shoal.demo.Recommendations.For.success", 0) > 0
+    grpc_cluster = "cluster.outbound|50051||recommendations.upstream_rq_total"
+    assert stats(FRONTEND.admin).get(grpc_cluster, 0) > 0
+
+    def stat_lists_recommendations() -> bool:
+        stat = subprocess.run(
+            [*SHOAL, "stat", "--pilot", f"http://127.0.0.1:{PILOT_HTTP}", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        rows = {row["service"]: row for row in json.loads(stat.stdout or "[]")}
+        return rows.get("recommendations", {}).get("requests", 0) > 0
+
+    eventually(stat_lists_recommendations, timeout=15, interval=1)
+
     # the Dubbo path from the frontend: its app → its sidecar's RPC listener → payments'
     # sidecar → the Node.js provider, and back
     shop = Shop(FRONTEND.inbound)
@@ -251,6 +276,8 @@ def test_the_demo_runs_the_shop_and_the_examples_apply(demo: DemoRun) -> None:
     eventually(lambda: stats(FRONTEND.admin).get(breaker + "opened", 0) > 0, timeout=15)
     assert stats(FRONTEND.admin)[breaker + "state"] == 1  # open
     assert all(page["reviews"] is None for page in pages(5))
+    # the fault filter runs on HTTP/1.1 only: gRPC through the same sidecars still works
+    assert all(page["recommendations"] for page in pages(5))
 
     # the load's summary, every 10 s since ready
     demo.read_until(r"^load: \d+ requests in 10s \(200: \d+, .*\)  catalog v1 \d+%", 15)

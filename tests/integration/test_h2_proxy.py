@@ -350,3 +350,42 @@ def test_zero_window_stall_is_reset_by_stream_idle_timeout(
     assert reset is not None and reset.error_code == CANCEL
     assert 0.9 < time.monotonic() - started < 4
     assert proxy.stats()["http.ingress.downstream_rq_total"] == 1
+
+
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+
+
+def with_fault_filter(config: dict[str, Any]) -> dict[str, Any]:
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = manager["typed_config"]["http_filters"]
+    filters.insert(0, {"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT}})
+    return config
+
+
+def test_http_filters_are_not_skipped_on_http2(
+    make_proxy: Any, h2_upstream: H2Upstream, grpc_server: GrpcServer
+) -> None:
+    """HTTP/2 streams run no HTTP filters but istio_stats: codec_type HTTP2 with others is a
+    config error, and an AUTO listener with them asks h2c clients for HTTP/1.1 (GOAWAY
+    HTTP_1_1_REQUIRED) instead of skipping them."""
+    config = with_fault_filter(
+        proxy_config(free_port(), [h2_cluster("grpc", grpc_server.port)], [route_to("grpc")])
+    )
+    with pytest.raises(ConfigError, match=r"codec_type HTTP2 runs no HTTP filters.*fault"):
+        bootstrap_from_dict(config)
+    port = free_port()
+    config = with_fault_filter(
+        proxy_config(port, [h2_cluster("grpc", grpc_server.port)], [route_to("grpc")], "AUTO")
+    )
+    proxy = make_proxy(config)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            call(channel, "Unary")(b"x", timeout=1)
+        # grpcio reconnects (the stream was never processed) until its deadline
+        assert refused.value.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+    h2 = curl("--http2-prior-knowledge", "-o", "/dev/null", f"http://127.0.0.1:{port}/")
+    assert h2.returncode != 0  # HTTP_1_1_REQUIRED
+    assert proxy.stats()["cluster.grpc.upstream_rq_total"] == 0

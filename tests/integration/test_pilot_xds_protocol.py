@@ -540,7 +540,7 @@ def test_cluster_removal(delta: bool) -> None:
         else:
             assert names(pushed[CLUSTER]) == {REVIEWS, GREETER, INBOUND}
         routes = contents(pushed[ROUTE])["outbound"]
-        assert {v.name for v in routes.virtual_hosts} == {"reviews:9080"}
+        assert {v.name for v in routes.virtual_hosts} == {"reviews:9080", "greeter:50051"}
 
     scenario(test)
 

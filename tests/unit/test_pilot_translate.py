@@ -3,9 +3,11 @@ translation (everything pilot emits must be something the proxy accepts)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
@@ -17,7 +19,7 @@ from shoal.config.envoy import (
     translate_load_assignment,
     translate_route_configuration,
 )
-from shoal.config.model import DiscoveryType, LbPolicy
+from shoal.config.model import DiscoveryType, HttpConnectionManager, LbPolicy
 from shoal.pilot.api.model import (
     ConnectionPool,
     ConsistentHash,
@@ -139,8 +141,10 @@ def test_subset_endpoints_are_filtered_by_labels_and_grouped_by_locality() -> No
 
 def test_no_virtual_service_routes_the_host_to_the_service_with_istio_defaults() -> None:
     table = outbound_routes(translate())
-    (vhost,) = table["virtual_hosts"]  # the gRPC port is not in the HTTP table
+    vhost, grpc = table["virtual_hosts"]  # the gRPC port too: the sidecar's codec is AUTO
     assert vhost["domains"] == ["reviews:9080", "reviews"]
+    assert grpc["domains"] == ["reviews:9090"]  # what a gRPC client sends as :authority
+    assert grpc["routes"][0]["route"]["cluster"] == "outbound|9090||reviews"  # an h2 one
     (only,) = vhost["routes"]
     assert only["route"]["cluster"] == "outbound|9080||reviews"
     assert only["route"]["timeout"] == "0s"
@@ -223,6 +227,56 @@ def test_sidecar_and_grpc_listeners() -> None:
     assert list(grpc_routes.virtual_hosts[0].domains) == ["reviews:9090"]
     assert grpc_routes.virtual_hosts[0].routes[0].route.cluster == "outbound|9090||reviews"
     assert snapshot.lookup(LISTENER, "nothing:1") is None
+
+
+def test_a_shoal_sidecar_carries_grpc_both_ways() -> None:
+    """The outbound listener is AUTO (HTTP/1.1 and h2c on one port), and each port's routes
+    go to clusters of its own protocol; a sidecar fronting the gRPC port speaks HTTP/2 to
+    its app, and its inbound listener runs no filter the HTTP/2 path lacks."""
+    snapshot = translate(route(HTTPRoute(route=(to("v2"),))))
+    by_port = {v["domains"][0]: v for v in outbound_routes(snapshot)["virtual_hosts"]}
+    assert by_port["reviews:9080"]["routes"][0]["route"]["cluster"] == "outbound|9080|v2|reviews"
+    assert by_port["reviews:9090"]["routes"][0]["route"]["cluster"] == "outbound|9090|v2|reviews"
+    node = NodeInfo(
+        "n", service="reviews", service_port=9090, app_address=("127.0.0.1", 7000),
+        user_agent="shoal",
+    )  # fmt: skip
+    listeners = snapshot.sidecar_listeners(node)
+    routes = unpack(snapshot.outbound_routes, route_pb2.RouteConfiguration())
+    outbound = unpack(listeners["outbound"], listener_pb2.Listener())
+    manager = translate_listener(_with_routes(outbound, routes)).filter
+    assert isinstance(manager, HttpConnectionManager)
+    assert manager.codec_type == "auto"
+    inbound = translate_listener(unpack(listeners["inbound"], listener_pb2.Listener())).filter
+    assert isinstance(inbound, HttpConnectionManager)
+    assert inbound.codec_type == "auto"
+    assert inbound.http_filters == ()  # Istio stats only, before the router
+    assert inbound.istio_stats is not None
+    cluster = unpack(snapshot.sidecar_clusters(node)["inbound|15006||reviews"], Cluster())
+    assert translate_cluster(cluster).http2
+    http_node = replace(node, service_port=9080)
+    cluster = unpack(snapshot.sidecar_clusters(http_node)["inbound|15006||reviews"], Cluster())
+    assert not translate_cluster(cluster).http2
+
+
+def test_with_faults_a_shoal_sidecar_gives_h2c_its_own_chain() -> None:
+    """A fault filter on the outbound manager would make a shoal proxy refuse h2c, so gRPC
+    gets a chain with istio_stats and the router only; Envoy keeps one chain."""
+    fault = HTTPFaultInjection(abort=FaultAbort(503, 50.0))
+    snapshot = translate(route(HTTPRoute(route=(to("v1"),), fault=fault)))
+    routes = unpack(snapshot.outbound_routes, route_pb2.RouteConfiguration())
+    shoal = NodeInfo("n", user_agent="shoal")
+    data = unpack(snapshot.sidecar_listeners(shoal)["outbound"], listener_pb2.Listener())
+    outbound = translate_listener(_with_routes(data, routes))
+    assert isinstance(outbound.filter, HttpConnectionManager)
+    assert [f.name for f in outbound.filter.http_filters] == ["envoy.filters.http.fault"]
+    (h2c,) = outbound.protocol_chains
+    assert h2c.application_protocols == {"h2c"}
+    assert isinstance(h2c.filter, HttpConnectionManager)
+    assert h2c.filter.http_filters == ()
+    assert h2c.filter.istio_stats is not None
+    envoy = unpack(snapshot.sidecar_listeners(NodeInfo("n"))["outbound"], listener_pb2.Listener())
+    assert len(envoy.filter_chains) == 1
 
 
 def test_an_endpoint_change_changes_only_that_assignment() -> None:

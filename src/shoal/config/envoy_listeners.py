@@ -231,6 +231,15 @@ def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
     common = hcm.common_http_protocol_options
     common_ctx = ctx.at("common_http_protocol_options")
     max_request_bytes, http_filters, stats = _http_filters(hcm.http_filters, ctx.at("http_filters"))
+    if codec_type == "http2" and (http_filters or max_request_bytes is not None):
+        names = [f.name for f in http_filters]
+        if max_request_bytes is not None:
+            names.append("envoy.filters.http.buffer")
+        raise ctx.at("http_filters").error(
+            f"codec_type HTTP2 runs no HTTP filters but the router and"
+            f" shoal.filters.http.istio_stats; remove {', '.join(names)} (codec_type AUTO runs"
+            " them for HTTP/1.1 and asks HTTP/2 clients for HTTP/1.1)"
+        )
     return HttpConnectionManager(
         stat_prefix=required(str(hcm.stat_prefix), ctx.at("stat_prefix"), "stat_prefix"),
         route_config=build_route_configuration(hcm.route_config, ctx.at("route_config")),

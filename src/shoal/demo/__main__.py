@@ -1,14 +1,16 @@
 """``make demo``: a small shop on a local mesh, with a dashboard, a steady load and rules to try.
 
     shoppers ──► frontend ──► catalog v1 / v2      (HTTP; the canary: examples/canary-50.yaml)
-       (load)       │   └───► reviews ──► ratings  (HTTP; the fault: examples/ratings-fault.yaml)
+       (load)       │   ├───► reviews ──► ratings  (HTTP; the fault: examples/ratings-fault.yaml)
+                    │   └───► recommendations      (gRPC, a grpcio server)
                     └───────► payments             (Dubbo, a Node.js provider)
 
 Every workload is an app behind its own ``shoal proxy`` sidecar, and every arrow crosses
-two sidecars: the caller's outbound listener (HTTP, or its RPC listener for Dubbo), then
-the callee's inbound listener. ``shoal pilot`` configures them all over xDS, from its
-embedded registry (each sidecar registers its app) and the rules in a watched directory,
-which starts as a copy of ``examples/shop/``. Pilot also serves the dashboard.
+two sidecars: the caller's outbound listener (HTTP, and gRPC in h2c on the same port, or
+its RPC listener for Dubbo), then the callee's inbound listener. ``shoal pilot``
+configures them all over xDS, from its embedded registry (each sidecar registers its app)
+and the rules in a watched directory, which starts as a copy of ``examples/shop/``. Pilot
+also serves the dashboard.
 
 Everything listens on 127.0.0.1, on fixed ports from 15100 to 15199 (see ``LAYOUT``), so
 the printed commands always work. The demo prints the dashboard URL first, waits until
@@ -16,8 +18,6 @@ every sidecar is in sync and the first page and checkout succeed, prints ``ready
 commands to try, and then a load summary every 10 seconds. Ctrl-C, SIGTERM or SIGHUP stops
 every process it started, each in its own process group, by PID; and should the demo be
 killed outright, each of them gets SIGTERM from the kernel (PR_SET_PDEATHSIG).
-
-gRPC is not in the shop yet: the proxy does not speak HTTP/2 downstream.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any, TextIO
 import yaml
 
 from shoal.demo.load import GOOD_CARD, Load, Shop
-from shoal.demo.shop import PAYMENTS
+from shoal.demo.shop import PAYMENTS, RECOMMENDATIONS
 from shoal.pilot.bootstrap import sidecar_bootstrap
 
 REPO = Path(__file__).resolve().parents[3]
@@ -124,6 +124,9 @@ LAYOUT = [
     Workload("catalog-v2", "catalog:80", {"app": "catalog", "version": "v2"}, 15130),
     Workload("reviews", "reviews:80", {"app": "reviews", "version": "v1"}, 15140),
     Workload("ratings", "ratings:80", {"app": "ratings", "version": "v1"}, 15150),
+    Workload(
+        "recommendations", RECOMMENDATIONS, {"app": "recommendations", "version": "v1"}, 15170
+    ),
     Workload("payments", f"{PAYMENTS}:20880", {"app": "payments", "version": "v1"}, 15160),
 ]
 FRONTEND = LAYOUT[0]
@@ -339,6 +342,8 @@ class Demo:
             status, page = shop.request("GET", "/products/1")
             if status != 200 or page.get("reviews") is None:
                 return False
+            if page.get("recommendations") is None:  # the gRPC hop
+                return False
             if not self.with_payments:
                 return True
             status, _ = shop.request("POST", f"/checkout/1?card={GOOD_CARD}")
@@ -357,17 +362,17 @@ class Demo:
             else f"payments (Dubbo): not started, {payments_runnable()}"
         )
         rows = "\n".join(
-            f"  {w.name:<11} {w.app:<6} {w.inbound:<8} {w.outbound:<9} "
+            f"  {w.name:<15} {w.app:<6} {w.inbound:<8} {w.outbound:<9} "
             f"http://{HOST}:{w.admin}/stats"
             for w in self.workloads
         )
         return f"""
   frontend ──► catalog v1, v2 (HTTP)   all of it to v1: {examples}/shop/catalog-route.yaml
-     │   └───► reviews ──► ratings (HTTP)
+     │   ├───► reviews ──► ratings (HTTP)
+     ├───────► recommendations (gRPC, h2c through frontend's outbound :{FRONTEND.outbound})
      └───────► {payments}
-  gRPC is not in the shop yet: the proxy does not speak HTTP/2.
 
-  workload    app    inbound  outbound  sidecar admin
+  workload        app    inbound  outbound  sidecar admin
 {rows}
   rules (pilot watches them): {rules}    logs: {shown(self.logs)}
 

@@ -1,13 +1,15 @@
-"""The demo shop's HTTP services, one per process: ``python -m shoal.demo.shop NAME ...``.
+"""The demo shop's services, one per process: ``python -m shoal.demo.shop NAME ...``.
 
     frontend ──► catalog (v1, v2)          product pages: catalog + reviews
-        │   └──► reviews ──► ratings
+        │   ├──► reviews ──► ratings                      + recommendations
+        │   └──► recommendations (gRPC)
         └──────► payments (Dubbo)          checkout: catalog's price, then payments.charge
 
 Each app knows nothing of the mesh but two local addresses: its sidecar's outbound
-listener (HTTP, routed by the ``Host`` header) and, for the frontend, its sidecar's
-outbound RPC listener (Dubbo). Discovery, the canary split, retries, faults and breakers
-all happen in the sidecars, which is the point of the demo.
+listener (HTTP, routed by the ``Host`` header; gRPC in h2c on the same port, routed by
+``:authority``) and, for the frontend, its sidecar's outbound RPC listener (Dubbo).
+Discovery, the canary split, retries, faults and breakers all happen in the sidecars,
+which is the point of the demo.
 
 The apps misbehave a little on purpose, so that success rates are worth watching:
 ratings answers 503 to one request in twenty (reviews' sidecar retries them, as Istio's
@@ -17,7 +19,9 @@ declines cards ending in 0002 (a Dubbo error). The frontend degrades rather than
 when reviews are down: the page is served without them.
 
 They are ``http.server`` apps (a thread per connection, HTTP/1.1 keep-alive), because a
-demo app should read like an app, not like a proxy.
+demo app should read like an app, not like a proxy; recommendations is a grpcio server with
+one method, ``/shoal.demo.Recommendations/For`` (the product ID in, JSON out: raw bytes
+through generic handlers, so there is no code to generate).
 """
 
 from __future__ import annotations
@@ -27,17 +31,24 @@ import http.client
 import itertools
 import json
 import random
+import signal
 import socket
+import threading
 from collections.abc import Mapping
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import grpc
 
 from shoal.codec.rpc.base import RpcFrame
 from shoal.codec.rpc.dubbo import HEADER_BYTES, DubboCodec, Status, encode_request
 from shoal.codec.rpc.hessian2 import Hessian2Reader, write_int, write_string
 
 PAYMENTS = "com.shoal.demo.Payments"
+RECOMMENDATIONS = "recommendations:50051"  # the gRPC service's :authority
+RECOMMEND = "/shoal.demo.Recommendations/For"
 PAYMENTS_VERSION = "1.0.0"
 PRODUCTS = {  # id: (name, price in cents)
     1: ("Sea glass", 1200),
@@ -91,6 +102,20 @@ def call_http(outbound: int, host: str, path: str, headers: Mapping[str, str]) -
         raise UpstreamError(response.status, f"{host}: {response.status} {body[:200]!r}")
     result: dict[str, Any] = json.loads(body)
     return result
+
+
+def recommend(channel: grpc.Channel, product: int, trace: Mapping[str, str]) -> list[str]:
+    """``Recommendations.For(product)`` in gRPC on ``channel`` (the sidecar's outbound
+    port, h2c): product names, or UpstreamError with the gRPC status code."""
+    call = channel.unary_unary(RECOMMEND)
+    try:
+        answer = call(str(product).encode(), timeout=TIMEOUT, metadata=tuple(trace.items()))
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        raise UpstreamError(code.value[0], f"recommendations: {code.name} {details}") from exc
+    names: list[str] = json.loads(answer)
+    return names
 
 
 def charge(rpc_outbound: int, request_id: int, order: str, cents: int, card: str) -> str:
@@ -200,6 +225,11 @@ class Frontend(Service):
     def __init__(self, version: str, outbound: int, rpc_outbound: int) -> None:
         super().__init__(version, outbound, rpc_outbound)
         self.orders = itertools.count(1)  # next() is atomic: request threads share it
+        # one HTTP/2 connection to the sidecar, shared by the request threads; the authority
+        # names the service, as a Host header does for HTTP
+        self.grpc = grpc.insecure_channel(
+            f"127.0.0.1:{outbound}", options=[("grpc.default_authority", RECOMMENDATIONS)]
+        )
 
     def answer(
         self, method: str, parts: list[str], query: dict[str, str], trace: Mapping[str, str]
@@ -219,6 +249,11 @@ class Frontend(Service):
         except UpstreamError as exc:  # degrade: the page without its reviews
             page["reviews"] = None
             page["reviews_error"] = str(exc)
+        try:
+            page["recommendations"] = recommend(self.grpc, product, trace)
+        except UpstreamError as exc:  # degrade: the page without them
+            page["recommendations"] = None
+            page["recommendations_error"] = str(exc)
         return 200, page
 
     def checkout(self, product: int, card: str, trace: Mapping[str, str]) -> Reply:
@@ -279,14 +314,44 @@ def handler_for(name: str, service: Service) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def recommendations_for(product: bytes, context: grpc.ServicerContext) -> bytes:
+    """The other products, best rated first, up to three."""
+    if not product.isdigit() or int(product) not in PRODUCTS:
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no product {product[:20]!r}")
+    others = sorted((p for p in PRODUCTS if p != int(product)), key=lambda p: -STARS[p])
+    return json.dumps([PRODUCTS[p][0] for p in others[:3]]).encode()
+
+
+def serve_recommendations(port: int) -> None:
+    """The gRPC app: a grpcio server until SIGINT or SIGTERM."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    service, _, method = RECOMMEND[1:].partition("/")
+    handler = grpc.unary_unary_rpc_method_handler(recommendations_for)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service, {method: handler}),)
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    server.stop(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=sorted(SERVICES))
+    parser.add_argument("name", choices=sorted([*SERVICES, "recommendations"]))
     parser.add_argument("--port", type=int, required=True, help="where the app listens")
     parser.add_argument("--version", default="v1", help="catalog: v1, or v2 (the canary)")
     parser.add_argument("--outbound", type=int, default=0, help="the sidecar's HTTP outbound")
     parser.add_argument("--rpc-outbound", type=int, default=0, help="the sidecar's RPC outbound")
     args = parser.parse_args()
+    if args.name == "recommendations":
+        serve_recommendations(args.port)
+        return
     service = SERVICES[args.name](args.version, args.outbound, args.rpc_outbound)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler_for(args.name, service))
     server.daemon_threads = True

@@ -61,6 +61,8 @@ TCP_LABELS = tuple(n for n in HTTP_LABELS if n not in ("response_code", "grpc_re
 
 # the proxy's own answers to RPC calls, as the HTTP status Istio's dashboards read
 RequestKey = tuple[bytes, str, bytes, int, str]
+# an HTTP/2 stream's: the same, then request_protocol ("grpc" or "http") and grpc-status
+StreamKey = tuple[bytes, str, bytes, int, str, str, str]
 _RPC_CODES = {"NR": 404, "UH": 503, "UF": 503, "UT": 504, "RL": 429, "UO": 503, "DPE": 400}
 
 
@@ -215,17 +217,19 @@ def _label_text(names: tuple[str, ...], values: tuple[str, ...]) -> str:
 class IstioReporter:
     """One listener's reporting: the peer headers it adds and the series it counts into.
 
-    ``request_line`` is the header line a source proxy adds to requests; ``response_line``
-    (``response_value`` alone) what a destination proxy answers with (empty on the other
-    side)."""
+    ``request_line`` (``request_value`` alone) is the header line a source proxy adds to
+    requests; ``response_line`` (``response_value`` alone) what a destination proxy answers
+    with (empty on the other side)."""
 
     __slots__ = (
         "_cache",
+        "_stream_cache",
         "destination",
         "local",
         "metrics",
         "protocol",
         "request_line",
+        "request_value",
         "response_line",
         "response_value",
         "service",
@@ -246,9 +250,11 @@ class IstioReporter:
         self.metrics = metrics
         header = local.encode()
         self.request_line = b"" if self.destination else PEER_HEADER + b": " + header + b"\r\n"
+        self.request_value = b"" if self.destination else header
         self.response_value = header if self.destination else b""
         self.response_line = PEER_HEADER + b": " + header + b"\r\n" if self.destination else b""
         self._cache: dict[RequestKey, RequestSeries] = {}
+        self._stream_cache: dict[StreamKey, RequestSeries] = {}
 
     def record(self, key: RequestKey, duration: float, received: int, sent: int) -> None:
         """Count one finished request: ``key`` is (peer header, cluster, authority, status,
@@ -267,6 +273,28 @@ class IstioReporter:
                 self._security(),
             )
             series = self._cache[key] = _series(self.metrics.requests, labels, RequestSeries)
+        series.count += 1
+        series.duration.record(duration * 1000.0)
+        series.request_bytes.record(received)
+        series.response_bytes.record(sent)
+
+    def record_stream(self, key: StreamKey, duration: float, received: int, sent: int) -> None:
+        """Count one finished HTTP/2 stream: ``key`` is (peer header, cluster, authority,
+        :status, response flags, request_protocol, grpc-status or "")."""
+        series = self._stream_cache.get(key)
+        if series is None:
+            if len(self._stream_cache) >= MAX_SERIES:
+                self._stream_cache.clear()
+            peer, cluster, authority, status, flags, protocol, grpc_status = key
+            labels = (
+                *self._labels(peer, cluster, authority),
+                protocol,
+                str(status),
+                grpc_status,
+                flags,
+                self._security(),
+            )
+            series = self._stream_cache[key] = _series(self.metrics.requests, labels, RequestSeries)
         series.count += 1
         series.duration.record(duration * 1000.0)
         series.request_bytes.record(received)

@@ -255,6 +255,9 @@ _TAG_EXTRACTORS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("envoy_rpc_method", r"^generic_proxy\.[^.]+\.rpc\..*\.(([^.]+)\.)\w+$"),
         ("envoy_rpc_service", r"^generic_proxy\.[^.]+\.rpc\.((.*)\.)[^.]+\.\w+$"),
         ("envoy_generic_proxy_prefix", r"^generic_proxy\.(([^.]+)\.)"),
+        # HTTP/2 clusters' per-method gRPC stats (cluster.<name>.grpc.<service>.<method>.*)
+        ("envoy_grpc_bridge_method", r"^cluster\..*?\.grpc\..*\.(([^.]+)\.)\w+$"),
+        ("envoy_grpc_bridge_service", r"^cluster\..*?\.grpc\.((.*)\.)[^.]+\.\w+$"),
         ("envoy_cluster_name", r"^cluster\.(([^.]+)\.)"),
         ("envoy_http_conn_manager_prefix", r"^listener(?=\.).*?\.http\.((.*?)\.)"),
         ("envoy_http_conn_manager_prefix", r"^http\.((.*?)\.)"),

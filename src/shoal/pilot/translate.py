@@ -10,6 +10,13 @@ sidecar's HTTP route table ``outbound``, its listeners ``outbound`` and ``inboun
 for a gRPC client the Listener and RouteConfiguration named exactly as it dialled
 (``host`` or ``host:port``).
 
+gRPC services (ports of protocol GRPC or HTTP2) get clusters with HTTP/2 protocol options,
+and virtual hosts in the sidecars' ``outbound`` table next to the HTTP ones: the sidecar's
+HTTP listeners are ``codec_type: AUTO``, so an app's HTTP/1.1 requests and its gRPC
+client's h2c streams (prior knowledge, ``:authority`` = ``host:port``) share the outbound
+port, each routed to clusters of its own protocol (a port's routes go only to clusters of
+that port's protocol). A sidecar whose ``SERVICE`` port is gRPC speaks HTTP/2 to its app.
+
 RPC services (ports of protocol DUBBO, BOLT or MOTAN2) get the same clusters; their routes
 are Envoy's generic_proxy (see :mod:`.translate_rpc`), on a listener at the node's
 ``RPC_OUTBOUND_ADDRESS`` (only Shoal proxies set it) and on the sidecar's inbound listener.
@@ -277,14 +284,20 @@ class MeshSnapshot:
         return self._sidecar[key]
 
     def _sidecar_listeners(self, node: NodeInfo) -> dict[str, Resource]:
-        outbound = _http_listener(
-            "outbound",
-            node.outbound_address,
-            {"rds": {"config_source": ADS, "route_config_name": OUTBOUND_ROUTES}},
-            self.fault_used,
-            node.istio_stats("source"),
-        )
-        built = {"outbound": outbound}
+        routes = {
+            "codec_type": "AUTO",  # HTTP/1.1 apps and gRPC clients (h2c) alike
+            "rds": {"config_source": ADS, "route_config_name": OUTBOUND_ROUTES},
+        }
+        stats = node.istio_stats("source")
+        manager = _http_connection_manager("outbound", routes, self.fault_used, stats)
+        chains = [("", [_network_filter(manager)])]
+        if self.fault_used and node.user_agent == SHOAL_USER_AGENT:
+            # A shoal proxy runs no HTTP filter but istio_stats on HTTP/2 streams, and an
+            # AUTO manager with one refuses h2c: gRPC gets a chain of its own, without
+            # faults (Envoy would refuse Shoal's protocol inspector; it needs no split).
+            plain = _http_connection_manager("outbound", routes, False, stats)
+            chains.insert(0, ("h2c", [_network_filter(plain)]))
+        built = {"outbound": listener("outbound", node.outbound_address, chains)}
         if node.rpc_outbound_address is not None and self.rpc_hosts:
             filters = [
                 (
@@ -310,16 +323,18 @@ class MeshSnapshot:
     def _inbound(self, node: NodeInfo) -> list[tuple[str, list[dict[str, Any]]]]:
         """The inbound listener's filters: HTTP, the protocol of each RPC port of the
         sidecar's service (its ``SERVICE`` port, or all of them), or both, to the app."""
-        service = self.services.get(node.service)
-        ports = [
-            p for p in (service.ports if service else ()) if node.service_port in (None, p.number)
-        ]
+        ports = self._service_ports(node)
         cluster = inbound_cluster_name(node)
         filters = []
         if not ports or any(p.protocol not in RPC_PROTOCOLS for p in ports):
+            grpc = _speaks_grpc(ports)
+            # HTTP/2 streams run no HTTP filters but Istio's stats: a RateLimitPolicy
+            # applies to HTTP/1.1 apps only (docs/pilot.md)
+            limits = [] if grpc else _inbound_filters(self.rate_limits.get(node.service))
             http = _http_connection_manager(
                 "inbound",
                 {
+                    "codec_type": "AUTO",  # h2c for gRPC, and whatever an HTTP app gets
                     "route_config": {
                         "name": "inbound",
                         "virtual_hosts": [
@@ -334,13 +349,10 @@ class MeshSnapshot:
                                 ],
                             }
                         ],
-                    }
+                    },
                 },
                 False,
-                [
-                    *node.istio_stats("destination"),
-                    *_inbound_filters(self.rate_limits.get(node.service)),
-                ],
+                [*node.istio_stats("destination"), *limits],
             )
             filters.append(("", [_network_filter(http)]))
         for protocol in rpc_ports(ports):
@@ -364,7 +376,25 @@ class MeshSnapshot:
                 "endpoints": [{"lb_endpoints": [_lb_endpoint(*node.app_address)]}],
             },
         }
+        if _speaks_grpc(self._service_ports(node)):  # the app speaks gRPC: HTTP/2 to it
+            inbound["typed_extension_protocol_options"] = _protocol_options(
+                {"http2_protocol_options": {}}, None
+            )
         return {**self.clusters, name: pack(name, parse(cluster_pb2.Cluster, inbound))}
+
+    def _service_ports(self, node: NodeInfo) -> list[ServicePort]:
+        """The ports of the sidecar's service it fronts: its ``SERVICE`` port, or all."""
+        service = self.services.get(node.service)
+        return [
+            p for p in (service.ports if service else ()) if node.service_port in (None, p.number)
+        ]
+
+
+def _speaks_grpc(ports: Iterable[ServicePort]) -> bool:
+    """The app behind a sidecar speaks HTTP/2 (gRPC): every port it serves is GRPC or
+    HTTP2. One inbound cluster serves the app, so a mix of HTTP and gRPC stays HTTP/1.1."""
+    protocols = {p.protocol for p in ports}
+    return bool(protocols) and protocols <= GRPC_PROTOCOLS
 
 
 def _http_connection_manager(
@@ -382,17 +412,6 @@ def _http_connection_manager(
 
 def _network_filter(manager: dict[str, Any]) -> dict[str, Any]:
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
-
-
-def _http_listener(
-    name: str,
-    address: tuple[str, int],
-    routes: dict[str, Any],
-    fault: bool,
-    first: Iterable[dict[str, Any]] = (),
-) -> dict[str, Any]:
-    manager = _http_connection_manager(name, routes, fault, first)
-    return listener(name, address, [("", [_network_filter(manager)])])
 
 
 def _inbound_filters(policy: RateLimitPolicy | None) -> list[dict[str, Any]]:
@@ -533,8 +552,9 @@ RoutesBuilt = tuple[
 
 
 def _route_tables(services: Mapping[str, Service], rules: _RulesIndex) -> RoutesBuilt:
-    """The virtual hosts of every service port, the sidecars' ``outbound`` table, and the
-    RPC virtual hosts per protocol. They depend on services and rules only, so endpoint
+    """The virtual hosts of every service port, the sidecars' ``outbound`` table (HTTP and
+    gRPC ports: each routes to clusters of its port's protocol), and the RPC virtual hosts
+    per protocol. They depend on services and rules only, so endpoint
     changes reuse them."""
     virtual_hosts: dict[str, list[dict[str, Any]]] = {}
     fault_used = False
@@ -553,7 +573,6 @@ def _route_tables(services: Mapping[str, Service], rules: _RulesIndex) -> Routes
             {k: v for k, v in vhost.items() if not k.startswith("_")}
             for host in sorted(virtual_hosts)
             for vhost in virtual_hosts[host]
-            if vhost["_http"]
         ],
     }
     table = pack(OUTBOUND_ROUTES, parse(route_pb2.RouteConfiguration, outbound))
@@ -924,7 +943,6 @@ def _virtual_host(
         "routes": routes,
         "retry_policy": DEFAULT_RETRY_POLICY,
         "_port": port.number,
-        "_http": port.protocol in HTTP_PROTOCOLS,
         "_fault": fault,
     }
 

@@ -19,8 +19,19 @@ reset / overflow → UNAVAILABLE, timeouts → DEADLINE_EXCEEDED. For outlier de
 gRPC answer counts by its ``grpc-status`` as Envoy maps it (UNKNOWN and INTERNAL → 500,
 UNAVAILABLE → 503, DEADLINE_EXCEEDED → 504, anything else → 200).
 
-**Not here yet:** HTTP filters, retries (only a stream refused by GOAWAY is sent again,
-once, on a new connection), mirrors, hash policies, Istio stats and tracing; an HTTP/2
+**Telemetry.** With Shoal's ``istio_stats`` filter each stream is one Istio request
+(``request_protocol`` ``grpc`` or ``http``, ``grpc_response_status`` from the trailers or a
+trailers-only answer) and ``x-shoal-peer`` is exchanged as HTTP/1.1 does it. gRPC streams
+routed to a cluster count Envoy's per-method stats (:class:`GrpcStats`).
+
+**Retries.** The route's ``retry_policy``: HTTP conditions, ``reset``, ``connect-failure``,
+``refused-stream`` and the gRPC ones (a trailers-only answer's ``grpc-status``), while no
+byte of the answer was relayed and the request sent so far is kept (``_REPLAY_LIMIT``), on
+another host when there is one. A stream refused by GOAWAY is sent again once regardless.
+
+**Not here yet:** HTTP filters other than ``istio_stats`` (a ``codec_type: HTTP2`` manager
+with one is a config error; an ``AUTO`` one refuses HTTP/2 connections with
+``HTTP_1_1_REQUIRED``), per-try timeouts, mirrors, hash policies and tracing; an HTTP/2
 stream routed to an HTTP/1.1 cluster is answered 503 (the config check forbids it for
 ``codec_type: HTTP2``).
 """
@@ -29,14 +40,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import time
 import uuid
+from dataclasses import dataclass
 from typing import cast
 
 from shoal.codec.http1 import HOP_BY_HOP, header_value
 from shoal.codec.http2 import (
     CANCEL,
+    HTTP_1_1_REQUIRED,
     INTERNAL_ERROR,
     NO_ERROR,
     PREFACE,
@@ -49,8 +63,9 @@ from shoal.codec.http2 import (
     TrailersReceived,
     WindowUpdated,
 )
-from shoal.config.model import Redirect, RouteAction
+from shoal.config.model import Redirect, RetryPolicy, RouteAction
 from shoal.errors import LocalProtocolError
+from shoal.observe.istio import PEER_HEADER, PEER_HEADERS
 from shoal.observe.tracing import trace_id_of
 from shoal.proxy.http import HttpConnection
 from shoal.proxy.listeners import HttpListenerContext
@@ -59,6 +74,7 @@ from shoal.transport.h2 import H2HostPool, H2UpstreamConnection
 from shoal.upstream.cluster import ClusterRuntime
 from shoal.upstream.host import Host
 
+log = logging.getLogger(__name__)
 _connection_ids = itertools.count(3_000_000_000)
 
 # grpc-status codes the proxy uses, and Envoy's HTTP → gRPC mapping for local replies
@@ -87,7 +103,19 @@ _GRPC_TIMEOUT_UNITS = {
     ord("u"): 1e-6,
     ord("n"): 1e-9,
 }
-_REPLAY_LIMIT = 64 * 1024  # request bytes kept to resend a stream refused by GOAWAY
+_REPLAY_LIMIT = 64 * 1024  # request bytes kept to send again (GOAWAY, retries)
+# grpc-status values of trailers-only answers that retry_on may name (x-envoy-retry-grpc-on)
+_GRPC_RETRY_ON = {
+    b"1": "cancelled",
+    b"4": "deadline-exceeded",
+    b"8": "resource-exhausted",
+    b"13": "internal",
+    b"14": "unavailable",
+}
+_GATEWAY_ERRORS = (502, 503, 504)
+_RESET = frozenset({"reset"})
+_REFUSED = frozenset({"reset", "refused-stream"})
+_CONNECT_FAILURE = frozenset({"reset", "connect-failure"})
 
 
 def grpc_timeout(value: bytes) -> float | None:
@@ -96,6 +124,113 @@ def grpc_timeout(value: bytes) -> float | None:
         return None
     unit = _GRPC_TIMEOUT_UNITS.get(value[-1])
     return int(value[:-1]) * unit if unit is not None else None
+
+
+def _retriable(policy: RetryPolicy, status: int, grpc_status: bytes) -> bool:
+    """Whether an answer's status (or a trailers-only gRPC answer's grpc-status) is one the
+    route's retry_on names."""
+    on = policy.retry_on
+    if status >= 500 and "5xx" in on:
+        return True
+    if status in _GATEWAY_ERRORS and "gateway-error" in on:
+        return True
+    if status == 409 and "retriable-4xx" in on:
+        return True
+    if "retriable-status-codes" in on and status in policy.retriable_status_codes:
+        return True
+    condition = _GRPC_RETRY_ON.get(grpc_status)
+    return condition is not None and condition in on
+
+
+@dataclass(slots=True)
+class GrpcMethodStats:
+    """Envoy's grpc_stats filter counters of one method of one cluster."""
+
+    success: int = 0
+    failure: int = 0
+    total: int = 0
+    request_message_count: int = 0
+    response_message_count: int = 0
+
+
+GRPC_METHOD_COUNTERS = (
+    "success",
+    "failure",
+    "total",
+    "request_message_count",
+    "response_message_count",
+)
+
+
+class GrpcStats:
+    """Per-method gRPC counters, ``cluster.<cluster>.grpc.<package.Service>.<Method>.*``,
+    kept for the process (they survive config changes, like the cluster's own). Method
+    names come from clients: past MAX_METHODS new ones are counted as ``unknown.unknown``
+    of their cluster."""
+
+    MAX_METHODS = 1000
+
+    __slots__ = ("methods",)
+
+    def __init__(self) -> None:
+        self.methods: dict[tuple[str, str, str], GrpcMethodStats] = {}
+
+    def method(self, cluster: str, path: bytes) -> GrpcMethodStats | None:
+        """The counters for a call to ``path`` (``/package.Service/Method``); None for a
+        path that names no gRPC method."""
+        service, sep, name = path[1:].decode("latin-1").partition("/")
+        if not path.startswith(b"/") or not sep or not service or not name or "/" in name:
+            return None
+        key = (cluster, service, name)
+        stats = self.methods.get(key)
+        if stats is None:
+            if len(self.methods) >= self.MAX_METHODS:
+                key = (cluster, "unknown", "unknown")
+                stats = self.methods.get(key)
+                if stats is not None:
+                    return stats
+            stats = self.methods[key] = GrpcMethodStats()
+        return stats
+
+    def counters(self) -> dict[str, int]:
+        """Every counter under its Envoy stat name."""
+        out: dict[str, int] = {}
+        for (cluster, service, name), stats in self.methods.items():
+            prefix = f"cluster.{cluster}.grpc.{service}.{name}."
+            for counter in GRPC_METHOD_COUNTERS:
+                out[prefix + counter] = getattr(stats, counter)
+        return out
+
+
+GRPC_STATS = GrpcStats()
+
+
+class GrpcFrames:
+    """Counts gRPC messages (a 5-byte prefix: flag and big-endian length) in a body that
+    arrives in arbitrary chunks."""
+
+    __slots__ = ("count", "head", "left")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.head = b""  # the part of the current prefix seen so far
+        self.left = 0  # message bytes still to skip
+
+    def feed(self, data: bytes) -> None:
+        i, size = 0, len(data)
+        while i < size:
+            if self.left:
+                take = min(self.left, size - i)
+                self.left -= take
+                i += take
+                continue
+            part = data[i : i + 5 - len(self.head)]
+            i += len(part)
+            head = self.head = self.head + part
+            if len(head) == 5:
+                self.count += 1
+                self.left = int.from_bytes(head[1:], "big")
+                self.head = b""
 
 
 class H2Session(asyncio.Protocol):
@@ -121,6 +256,20 @@ class H2Session(asyncio.Protocol):
         ctx.connections.add(self)
         ctx.stats.downstream_cx_total += 1
         ctx.stats.downstream_cx_active += 1
+        if ctx.filters or ctx.config.max_request_bytes is not None:
+            # HTTP/2 streams do not run HTTP filters: rather than skip them, ask the client
+            # for HTTP/1.1 (codec_type HTTP2 with filters is refused at config time)
+            if ctx.listener.name not in _warned:
+                _warned.add(ctx.listener.name)
+                log.warning(
+                    "listener %s: HTTP/2 connections refused (HTTP_1_1_REQUIRED): its HTTP "
+                    "filters do not run on HTTP/2 streams",
+                    ctx.listener.name,
+                )
+            self.codec.close_connection(HTTP_1_1_REQUIRED, 0)
+            self.flush()
+            self._close()
+            return
         if ctx.draining:
             self.codec.close_connection()
         self.flush()
@@ -212,6 +361,9 @@ class H2Session(asyncio.Protocol):
             stream.downstream_reset(CANCEL)
 
 
+_warned: set[str] = set()  # listeners whose HTTP/2 refusal was logged
+
+
 class H2Stream:
     """One request and its response, both sides HTTP/2."""
 
@@ -226,23 +378,32 @@ class H2Stream:
         "down_ended",
         "duration",
         "grpc",
+        "grpc_method",
         "grpc_status",
         "headers",
         "host",
         "idle_mark",
         "idle_timeout",
         "idle_timer",
+        "last_host",
+        "peer",
         "raw_authority",
         "raw_method",
         "raw_path",
         "replay",
         "request_ended",
+        "request_frames",
         "response_code_details",
         "response_flags",
+        "response_frames",
         "response_headers",
         "response_plan",
         "response_started",
         "retried",
+        "retries",
+        "retries_left",
+        "retry_held",
+        "retry_timer",
         "session",
         "start",
         "started_at",
@@ -267,7 +428,7 @@ class H2Stream:
         self.session = session
         self.stream_id = stream_id
         self.headers = headers
-        method = path = authority = b""
+        method = path = authority = peer = b""
         for name, value in headers:
             if name == b":method":
                 method = value
@@ -275,7 +436,12 @@ class H2Stream:
                 path = value
             elif name == b":authority" or (name == b"host" and not authority):
                 authority = value
+            elif name == PEER_HEADER:
+                peer = value
         self.raw_method, self.raw_path, self.raw_authority = method, path, authority
+        # the caller's x-shoal-peer (inbound, istio_stats), or the callee's (outbound)
+        istio = session.ctx.istio
+        self.peer = peer if istio is not None and istio.destination else b""
         self.grpc = (header_value(headers, b"content-type") or "").startswith("application/grpc")
         self.request_ended = end_stream
         self.start = session.loop.time()
@@ -296,6 +462,15 @@ class H2Stream:
         self.down_ended = False
         self.replay: list[bytes] | None = []
         self.retried = False
+        # retries (the route's retry_policy): attempts left, the cluster's retry slot held
+        self.retries = self.retries_left = 0
+        self.retry_held = False
+        self.retry_timer: asyncio.TimerHandle | None = None
+        self.last_host: Host | None = None
+        # per-method gRPC stats and their message counters
+        self.grpc_method: GrpcMethodStats | None = None
+        self.request_frames: GrpcFrames | None = None
+        self.response_frames: GrpcFrames | None = None
         self.response_plan: HeaderPlan | None = None
         self.response_started = False
         self.response_headers: Headers = []
@@ -349,6 +524,12 @@ class H2Stream:
             return
         cluster.rq_active += 1
         self.cluster = cluster
+        if compiled.retry_policy is not None:
+            self.retries_left = compiled.retry_policy.num_retries
+        if self.grpc:
+            self.grpc_method = GRPC_STATS.method(cluster_name, self.raw_path)
+            if self.grpc_method is not None:
+                self.request_frames, self.response_frames = GrpcFrames(), GrpcFrames()
         self._arm_timers(action)
         self.up_headers = self._upstream_headers(action, compiled)
         self._attempt()
@@ -390,6 +571,9 @@ class H2Stream:
         request_plan, self.response_plan = plan or (compiled.request_plan, compiled.response_plan)
         regular: Headers = []
         remove = request_plan.remove_all
+        istio = self.session.ctx.istio
+        if istio is not None:
+            remove = remove | PEER_HEADERS
         forwarded_proto = request_id = False
         for name, value in self.headers:
             if name[0] == 0x3A or name == b"host" or name in remove:  # ':'
@@ -405,6 +589,8 @@ class H2Stream:
             regular.append((b"x-forwarded-proto", b"http"))
         if not request_id and self.session.ctx.config.generate_request_id:
             regular.append((b"x-request-id", str(uuid.uuid4()).encode()))
+        if istio is not None and istio.request_value:
+            regular.append((PEER_HEADER, istio.request_value))  # who calls, for the callee
         if request_plan.levels and any(options for _, options in request_plan.levels):
             regular = [(n.lower(), v) for n, v in request_plan.apply(regular)]
         return [
@@ -418,11 +604,12 @@ class H2Stream:
     def _attempt(self) -> None:
         cluster = self.cluster
         assert cluster is not None
-        host = cluster.lb.choose(None, None)
+        # a retry goes to another host when there is one
+        host = cluster.lb.choose(None, self.last_host)
         if host is None:
             self.local_reply(503, b"no healthy upstream", "UH", "no_healthy_upstream")
             return
-        self.host = host
+        self.host = self.last_host = host
         self.upstream_host = host.key
         host.active_requests += 1
         cluster.stats.upstream_rq_total += 1
@@ -441,6 +628,8 @@ class H2Stream:
 
     def request_data(self, data: bytes, end_stream: bool) -> None:
         self.bytes_received += len(data)
+        if self.request_frames is not None:
+            self.request_frames.feed(data)
         if data:
             self.to_up.append(data)
         if end_stream:
@@ -501,20 +690,37 @@ class H2Stream:
             return
         cluster = self.cluster
         assert cluster is not None
-        self.replay = None
         status = 0
-        plan = self.response_plan
-        remove = plan.remove_all if plan is not None else frozenset()
-        out: Headers = []
+        grpc_status = b""
         for name, value in headers:
             if name == b":status":
                 status = int(value)
+            elif name == b"grpc-status":
+                grpc_status = value
+        if self._retry_response(status, grpc_status, end_stream):
+            return
+        if self.retries:  # a retry answered: a success unless the policy would retry it
+            policy = self.compiled.retry_policy if self.compiled is not None else None
+            if policy is None or not _retriable(policy, status, grpc_status):
+                cluster.stats.upstream_rq_retry_success += 1
+        self.replay = None
+        self.grpc_status = grpc_status
+        plan = self.response_plan
+        remove = plan.remove_all if plan is not None else frozenset()
+        istio = self.session.ctx.istio
+        if istio is not None:
+            remove = remove | PEER_HEADERS
+        out: Headers = []
+        for name, value in headers:
+            if name[0] == 0x3A:  # ':'
                 continue
             if name in HOP_BY_HOP or name in remove:
+                if name == PEER_HEADER and istio is not None and not istio.destination:
+                    self.peer = value  # the callee's proxy says who answered
                 continue
-            if name == b"grpc-status":
-                self.grpc_status = value
             out.append((name, value))
+        if istio is not None and istio.response_value and self.peer:
+            out.append((PEER_HEADER, istio.response_value))  # a mesh caller: say who answers
         elapsed = self.session.loop.time() - self.start
         cluster.stats.upstream_rq_time.record(elapsed * 1000.0)
         out.append((b"x-envoy-upstream-service-time", b"%d" % int(elapsed * 1000)))
@@ -535,6 +741,8 @@ class H2Stream:
     def upstream_data(self, data: bytes, flow_controlled_length: int, end_stream: bool) -> None:
         if self.done:
             return
+        if self.response_frames is not None:
+            self.response_frames.feed(data)
         if data:
             self.to_down.append(data)
         self.to_down_end = end_stream
@@ -595,6 +803,7 @@ class H2Stream:
     def upstream_reset(self, error_code: int, refused: bool) -> None:
         if self.done:
             return
+        self.up = None  # the stream is gone from its connection
         self._end_attempt()
         cluster = self.cluster
         assert cluster is not None
@@ -607,6 +816,8 @@ class H2Stream:
             self._attempt()
             return
         cluster.stats.upstream_rq_rx_reset += 1
+        if self._maybe_retry(_REFUSED if refused else _RESET):
+            return
         if not self.response_started:
             self.local_reply(503, b"upstream reset", "UR", "upstream_reset_before_response_started")
             return
@@ -621,11 +832,95 @@ class H2Stream:
             cluster.outlier.record_local_failure(host, "connect_failure" if connect else "reset")
         self.up = None
         self._end_attempt()
+        if self._maybe_retry(_CONNECT_FAILURE if connect else _RESET):
+            return
         if not self.response_started:
             flag = "UF" if connect else "UC"
             self.local_reply(503, reason.encode(), flag, reason.replace(" ", "_"))
             return
         self._reset_downstream(INTERNAL_ERROR)
+
+    # retries ----------------------------------------------------------------------------
+
+    def _retry_response(self, status: int, grpc_status: bytes, end_stream: bool) -> bool:
+        """An answer the route's retry policy wants retried (and may have): drop it and
+        try again. The attempt's status still counts for the cluster and its host."""
+        policy = self.compiled.retry_policy if self.compiled is not None else None
+        if policy is None or not _retriable(policy, status, grpc_status):
+            return False
+        if not self._may_retry(policy):
+            return False
+        cluster = self.cluster
+        assert cluster is not None
+        codes = cluster.stats.codes
+        codes[status] = codes.get(status, 0) + 1
+        host = self.host
+        if host is not None and cluster.outlier is not None:
+            cluster.outlier.record_response(host, _GRPC_TO_HTTP.get(grpc_status, status))
+        if self.up is not None:
+            if not end_stream:
+                self.up.reset(self.up_id)  # the rest of this answer is not wanted
+            self.up = None
+        self._end_attempt()
+        self._schedule_retry(policy)
+        return True
+
+    def _maybe_retry(self, conditions: frozenset[str]) -> bool:
+        """A failed attempt (reset, connect failure): retry it if the policy names one of
+        ``conditions`` and a retry is allowed."""
+        policy = self.compiled.retry_policy if self.compiled is not None else None
+        if policy is None or not conditions & policy.retry_on or not self._may_retry(policy):
+            return False
+        self._schedule_retry(policy)
+        return True
+
+    def _may_retry(self, policy: RetryPolicy) -> bool:
+        """Only before the answer is relayed, with the request still at hand (all of it
+        sent so far kept, up to 64 KB), within num_retries and the cluster's retry limit;
+        as in Envoy, the previous retry's slot is given back first, and a retry wanted but
+        not allowed flags the stream URX (out of retries) or UO (overflow)."""
+        self._release_retry()
+        if self.done or self.response_started or self.replay is None:
+            return False
+        if self.retries_left <= 0:
+            self.response_flags = "URX"
+            return False
+        cluster = self.cluster
+        assert cluster is not None
+        if cluster.retries_active >= cluster.retry_limit():
+            cluster.stats.upstream_rq_retry_overflow += 1
+            self.response_flags = "UO"
+            return False
+        return True
+
+    def _schedule_retry(self, policy: RetryPolicy) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        self.retries_left -= 1
+        self.retries += 1
+        cluster.retries_active += 1
+        self.retry_held = True
+        cluster.stats.upstream_rq_retry += 1
+        # what was sent goes again, before what was not sent yet
+        assert self.replay is not None
+        self.to_up[:0] = self.replay
+        self.replay = []
+        ceiling = min(policy.base_interval * ((1 << self.retries) - 1), policy.max_interval)
+        delay = random.uniform(0, max(ceiling, policy.base_interval))
+        self.retry_timer = self.session.loop.call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self.retry_timer = None
+        if not self.done:
+            self._attempt()
+
+    def _release_retry(self) -> None:
+        if self.retry_held:
+            self.retry_held = False
+            assert self.cluster is not None
+            self.cluster.retries_active -= 1
+
+    # timeouts ---------------------------------------------------------------------------
 
     def on_timeout(self) -> None:
         self.deadline_timer = None
@@ -713,7 +1008,10 @@ class H2Stream:
         if self.done:
             return
         self._reset_upstream()
-        self.response_flags = flags
+        # after URX or UO (a retry was wanted, not allowed), as Envoy lists them
+        self.response_flags = (
+            flags if self.response_flags == "-" else f"{self.response_flags},{flags}"
+        )
         self.response_code_details = details
         if self.response_started:
             self._reset_downstream(CANCEL)
@@ -733,6 +1031,7 @@ class H2Stream:
                 (b"grpc-status", self.grpc_status),
                 (b"grpc-message", message),
             ]
+            self._peer_answer(headers)
             codec.send_headers(stream_id, headers, True)
         else:
             self.status = status
@@ -741,6 +1040,7 @@ class H2Stream:
                 headers.append((b"content-type", b"text/plain"))
             headers.append((b"content-length", b"%d" % len(body)))
             headers.append((b"server", session.ctx.server_name))
+            self._peer_answer(headers)
             has_body = bool(body) and self.raw_method != b"HEAD"
             codec.send_headers(stream_id, headers, not has_body)
             if has_body:
@@ -755,6 +1055,11 @@ class H2Stream:
         session.kick()
         self.finish()
 
+    def _peer_answer(self, headers: Headers) -> None:
+        istio = self.session.ctx.istio
+        if istio is not None and istio.response_value and self.peer:
+            headers.append((PEER_HEADER, istio.response_value))
+
     # the end --------------------------------------------------------------------------------
 
     def finish(self) -> None:
@@ -767,6 +1072,10 @@ class H2Stream:
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        self._release_retry()
         session = self.session
         ctx = session.ctx
         self.duration = session.loop.time() - self.start
@@ -789,6 +1098,29 @@ class H2Stream:
                 self._end_attempt()
         if not self.up_ended and self.up is not None:
             self._reset_upstream()  # the response ended before the upload: stop it
+        grpc_ok = self.grpc_status == b"0"
+        method = self.grpc_method
+        if method is not None:
+            method.total += 1
+            if grpc_ok:
+                method.success += 1
+            else:
+                method.failure += 1
+            if self.request_frames is not None and self.response_frames is not None:
+                method.request_message_count += self.request_frames.count
+                method.response_message_count += self.response_frames.count
+        istio = ctx.istio
+        if istio is not None:
+            key = (
+                self.peer,
+                self.cluster_name,
+                self.raw_authority,
+                status,
+                self.response_flags,
+                "grpc" if self.grpc else "http",
+                self.grpc_status.decode("latin-1") if self.grpc else "",
+            )
+            istio.record_stream(key, self.duration, self.bytes_received, self.bytes_sent)
         for access_log in ctx.access_logs:
             access_log(self)
         session.stream_done(self)

@@ -28,7 +28,7 @@ from shoal.config.model import (
 from shoal.filters.base import HttpFilter
 from shoal.filters.chain import build_filters
 from shoal.observe.stats import Histogram, Snapshot
-from shoal.proxy.h2 import H2Session, HttpSniffer
+from shoal.proxy.h2 import GRPC_STATS, H2Session, HttpSniffer
 from shoal.proxy.http import HttpConnection
 from shoal.proxy.listeners import (
     HTTP_COUNTERS,
@@ -393,6 +393,7 @@ class ProxyRuntime:
                 for counter, value in breaker.counters.items():
                     counters[f"{prefix}circuit_breaker.{counter}"] = value
                 gauges[prefix + "circuit_breaker.state"] = breaker.state_code
+        counters.update(GRPC_STATS.counters())  # cluster.<name>.grpc.<service>.<method>.*
         for route_name, breaker in ROUTE_BREAKERS.breakers.items():
             prefix = f"route.{route_name}.circuit_breaker."
             for counter, value in breaker.counters.items():
