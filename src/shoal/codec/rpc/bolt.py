@@ -339,7 +339,7 @@ def _hessian_string(text: str) -> bytes:
     """A hessian2 string: the length counts UTF-16 units, each written as UTF-8 (as Java
     does, so a non-BMP character is two 3-byte surrogates); longer text is cut."""
     units = _NOT_BMP.sub(_surrogate_pair, text)[:_MAX_MESSAGE_UNITS]
-    if units and "\ud800" <= units[-1] <= "\udbff":
+    if units and 0xD800 <= ord(units[-1]) <= 0xDBFF:
         units = units[:-1]  # never end on half a pair
     data = units.encode("utf-8", "surrogatepass")
     if len(units) <= 31:
