@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.conftest import Echo, Proxy, free_port, stop_process
+from tests.conftest import Echo, Proxy, free_port
 from tests.integration.mesh_helpers import (
     PilotProcess,
     eventually,
@@ -28,6 +27,7 @@ from tests.integration.mesh_helpers import (
     served_by,
     sidecar_config,
 )
+from tests.integration.prometheus_server import Prometheus
 
 pytestmark = pytest.mark.slow
 
@@ -56,47 +56,6 @@ def get(url: str) -> tuple[int, Any]:
         return status, json.loads(text)
     except ValueError:
         return status, text
-
-
-class Prometheus:
-    """Debian's ``prometheus`` on a free loopback port, scraping the ``targets``' Istio
-    metrics every second, with its own config and storage; stopped by PID."""
-
-    def __init__(self, workdir: Path, targets: list[str]) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            pytest.fail("prometheus is not installed: run `make setup` (Debian package)")
-        self.port = free_port()
-        config = workdir / "prometheus.yml"
-        scrape = {
-            "job_name": "sidecars",
-            "metrics_path": "/stats/prometheus",
-            "scrape_interval": "1s",
-            "static_configs": [{"targets": targets}],
-        }
-        config.write_text(yaml.safe_dump({"scrape_configs": [scrape]}))
-        self.log = (workdir / "prometheus.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--log.level=warn",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        eventually(lambda: get(f"http://127.0.0.1:{self.port}/-/ready")[0] == 200, timeout=20)
-
-    def count(self, promql: str) -> float:
-        query = urllib.parse.urlencode({"query": promql})
-        result = get(f"http://127.0.0.1:{self.port}/api/v1/query?{query}")[1]["data"]["result"]
-        return float(result[0]["value"][1]) if result else 0.0
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
 
 
 class TelemetryMesh:
@@ -357,7 +316,7 @@ def test_the_same_api_from_a_real_prometheus(mesh: TelemetryMesh, tmp_path: Path
     try:
         # increase() counts from a series' first sample on: every sidecar scraped once
         # (Prometheus starts scraping a few seconds after it is ready)
-        eventually(lambda: prometheus.count("sum(up)") == 2, timeout=30)
+        eventually(lambda: prometheus.value("sum(up)") == 2, timeout=30)
         mesh.traffic(50)
         eventually(lambda: (stat_from(url, "reviews") or {}).get("requests", 0) >= 40, timeout=20)
 

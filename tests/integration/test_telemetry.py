@@ -17,12 +17,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import shutil
-import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -32,7 +28,6 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from tests.conftest import (
     Echo,
@@ -44,10 +39,10 @@ from tests.conftest import (
     http_listener,
     route_to,
     static_cluster,
-    stop_process,
     wait_for_port,
 )
 from tests.integration.mesh_helpers import eventually
+from tests.integration.prometheus_server import Prometheus
 from tests.integration.rpc_peers import RpcServer, run_client
 from tests.rpc_config import action, generic_proxy, matcher
 
@@ -116,57 +111,6 @@ def get(
 
 
 # --- a real Prometheus -------------------------------------------------------------------------
-
-
-class Prometheus:
-    """Debian's ``prometheus`` on a free loopback port, scraping ``targets`` every second;
-    stopped by PID."""
-
-    def __init__(self, workdir: Path, targets: list[str]) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            pytest.fail("prometheus is not installed: run `make setup` (Debian package)")
-        self.port = free_port()
-        config = workdir / "prometheus.yml"
-        scrape = {
-            "job_name": "shoal",
-            "metrics_path": "/stats/prometheus",
-            "scrape_interval": "1s",
-            "static_configs": [{"targets": targets}],
-        }
-        config.write_text(
-            yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": [scrape]})
-        )
-        self.log = (workdir / "prometheus.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--log.level=warn",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        eventually(lambda: self._get("/-/ready") == 200, timeout=20)
-
-    def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as answer:
-            return json.loads(answer.read()) if path.startswith("/api") else answer.status
-
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        answer = self._get("/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
-        assert answer["status"] == "success", answer
-        return list(answer["data"]["result"])
-
-    def value(self, promql: str) -> float | None:
-        result = self.query(promql)
-        return float(result[0]["value"][1]) if result else None
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
 
 
 @pytest.mark.slow
