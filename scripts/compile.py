@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 HOT_MODULES = [
     "shoal/codec/http1.py",
+    "shoal/codec/rpc/base.py",
+    "shoal/codec/rpc/hessian2.py",
+    "shoal/codec/rpc/dubbo.py",
+    "shoal/codec/rpc/bolt.py",
+    "shoal/proxy/rpc.py",
+    "shoal/transport/rpc.py",
     "shoal/codec/http2.py",
     "shoal/codec/h2/hpack.py",
     "shoal/codec/h2/tables.py",

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shoal.codec.rpc.base import Match, RpcErrorKind, RpcFrame, RpcProtocolError
+from shoal.codec.rpc.base import FRAME_FIELDS, Match, RpcErrorKind, RpcFrame, RpcProtocolError
 from shoal.codec.rpc.bolt import (
     CODEC_PROTOBUF,
     RPC_SERVER_EXCEPTION_CLASS,
@@ -1222,7 +1222,7 @@ def wire_bytes(data: bytes) -> bytes:
 
 
 def fields(frame: RpcFrame) -> dict[str, Any]:
-    return {name: getattr(frame, name) for name in RpcFrame.__slots__}
+    return {name: getattr(frame, name) for name in FRAME_FIELDS}
 
 
 def feed_in_pieces(data: bytes, cuts: Iterable[int]) -> list[RpcFrame]:

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.codec.rpc.base import Match, RpcErrorKind, RpcFrame, RpcProtocolError
+from shoal.codec.rpc.base import FRAME_FIELDS, Match, RpcErrorKind, RpcFrame, RpcProtocolError
 from shoal.codec.rpc.motan2 import (
     Byte,
     Float32,
@@ -168,7 +168,7 @@ def feed_in_pieces(data: bytes, cuts: list[int]) -> list[RpcFrame]:
 
 
 def fields(frame: RpcFrame) -> tuple[Any, ...]:
-    return tuple(getattr(frame, name) for name in RpcFrame.__slots__)
+    return tuple(getattr(frame, name) for name in FRAME_FIELDS)
 
 
 # --- decoding golden frames ---------------------------------------------------------------

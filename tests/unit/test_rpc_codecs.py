@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.codec.rpc.base import Match, RpcErrorKind, RpcFrame, RpcProtocolError
+from shoal.codec.rpc.base import FRAME_FIELDS, Match, RpcErrorKind, RpcFrame, RpcProtocolError
 from shoal.codec.rpc.registry import CODECS
 
 NAMES = sorted(CODECS)
@@ -54,3 +54,10 @@ def test_local_replies_answer_the_request_id(name: str) -> None:
     for kind in RpcErrorKind:
         (reply,) = codec.decoder().feed(codec.local_reply(request, kind, f"why: {kind.value}"))
         assert not reply.is_request and reply.request_id == 99 and not reply.ok
+
+
+def test_frame_fields_name_every_field() -> None:
+    frame = RpcFrame(is_request=True, request_id=1)
+    assert all(hasattr(frame, name) for name in FRAME_FIELDS)
+    slots = getattr(RpcFrame, "__slots__", FRAME_FIELDS)  # compiled: no __slots__ to read
+    assert set(slots) == set(FRAME_FIELDS)

@@ -18,6 +18,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import ClassVar
 
+from mypy_extensions import mypyc_attr
+
 from shoal.errors import RemoteProtocolError
 
 DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024  # Dubbo's default payload limit
@@ -131,6 +133,26 @@ class RpcFrame:
         return f"<RpcFrame {kind} id={self.request_id} {what} status={self.status}>"
 
 
+# RpcFrame's fields, for code that walks them (a compiled class has no __slots__ to read)
+FRAME_FIELDS = (
+    "group",
+    "headers",
+    "heartbeat",
+    "is_request",
+    "method",
+    "ok",
+    "oneway",
+    "payload",
+    "raw",
+    "request_id",
+    "service",
+    "status",
+    "timeout",
+    "version",
+)
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)  # compiled, yet a new protocol need not be
 class FrameDecoder:
     """Per-connection, stateful: ``feed`` bytes, get the complete frames so far.
 
@@ -147,6 +169,7 @@ class FrameDecoder:
         raise NotImplementedError
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RpcCodec:
     """One RPC protocol. Stateless: decoders carry the per-connection state.
 
