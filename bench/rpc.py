@@ -769,7 +769,7 @@ def summarize(raw: Path, protocol: str, top: int = 12) -> str:
     inclusive: dict[str, int] = {}
     for frames, n in busy:
         own[frames[-1]] = own.get(frames[-1], 0) + n
-        for name in {f for f in frames if "(shoal/" in f and not f.endswith(OUTER)}:
+        for name in {f for f in frames if is_shoal(f) and not f.endswith(OUTER)}:
             inclusive[name] = inclusive.get(name, 0) + n
     lines = [
         f"\n## py-spy --native, {protocol}: {total} busy samples (raw stacks: {raw.name})",
@@ -790,10 +790,18 @@ IDLE = ("epoll_wait (", "epoll_pwait (")
 OUTER = ("(shoal/cli/main.py)", "(shoal/proxy/server.py)")  # under every sample
 
 
+def is_shoal(frame: str) -> bool:
+    """A frame of Shoal's code, interpreted or compiled."""
+    return "(shoal/" in frame or frame.endswith("(mypyc)")
+
+
 def _frame_name(frame: str) -> str:
     """``func (…/shoal/proxy/rpc.py:123)`` → ``func (shoal/proxy/rpc.py)``, ``write
-    (libc.so.6)`` as is: the lines of one function merged."""
+    (libc.so.6)`` as is, ``CPyDef_proxy___rpc___RpcCall___start (…)`` → ``proxy.rpc.RpcCall
+    .start (mypyc)``: the lines of one function merged."""
     name, _, where = frame.partition(" (")
+    if name.startswith("CPyDef_"):  # a mypyc-compiled function: module___Class___method
+        return f"{name.removeprefix('CPyDef_').replace('___', '.')} (mypyc)"
     if name.startswith("0x"):
         return "(native code without symbols, e.g. mypyc-compiled modules)"
     if not where:
