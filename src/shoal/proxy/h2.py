@@ -71,7 +71,7 @@ from shoal.proxy.http import HttpConnection
 from shoal.proxy.listeners import HttpListenerContext
 from shoal.proxy.routes import CompiledRoute, HeaderPlan
 from shoal.transport.h2 import H2HostPool, H2UpstreamConnection
-from shoal.upstream.cluster import ClusterRuntime
+from shoal.upstream.cluster import ClusterRuntime, retry_delay
 from shoal.upstream.host import Host
 
 log = logging.getLogger(__name__)
@@ -887,10 +887,10 @@ class H2Stream:
             return False
         cluster = self.cluster
         assert cluster is not None
-        if cluster.retries_active >= cluster.retry_limit():
-            cluster.stats.upstream_rq_retry_overflow += 1
+        if not cluster.admit_retry():
             self.response_flags = "UO"
             return False
+        self.retry_held = True
         return True
 
     def _schedule_retry(self, policy: RetryPolicy) -> None:
@@ -898,15 +898,11 @@ class H2Stream:
         assert cluster is not None
         self.retries_left -= 1
         self.retries += 1
-        cluster.retries_active += 1
-        self.retry_held = True
-        cluster.stats.upstream_rq_retry += 1
         # what was sent goes again, before what was not sent yet
         assert self.replay is not None
         self.to_up[:0] = self.replay
         self.replay = []
-        ceiling = min(policy.base_interval * ((1 << self.retries) - 1), policy.max_interval)
-        delay = random.uniform(0, max(ceiling, policy.base_interval))
+        delay = retry_delay(policy, self.retries)
         self.retry_timer = self.session.loop.call_later(delay, self._retry)
 
     def _retry(self) -> None:
@@ -918,7 +914,7 @@ class H2Stream:
         if self.retry_held:
             self.retry_held = False
             assert self.cluster is not None
-            self.cluster.retries_active -= 1
+            self.cluster.release_retry()
 
     # timeouts ---------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from shoal.observe.tracing import Span, trace_id_of
 from shoal.proxy.cookies import generated_value, set_cookie_line
 from shoal.proxy.routes import CompiledRoute, HeaderPlan, split_lines
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
+from shoal.upstream.cluster import retry_delay
 from shoal.upstream.lb import hash_key_of
 
 if TYPE_CHECKING:
@@ -1202,17 +1203,12 @@ class Exchange:
             return False
         cluster = self.cluster
         assert cluster is not None
-        if cluster.retries_active >= cluster.retry_limit():
-            cluster.stats.upstream_rq_retry_overflow += 1
+        if not cluster.admit_retry():
             self.response_flags = "UO"
             return False
         self.retries_left -= 1
-        cluster.retries_active += 1
         self._retry_held = True
-        cluster.stats.upstream_rq_retry += 1
-        attempt = policy.num_retries - self.retries_left
-        ceiling = min(policy.base_interval * ((1 << attempt) - 1), policy.max_interval)
-        delay = random.uniform(0, max(ceiling, policy.base_interval))
+        delay = retry_delay(policy, policy.num_retries - self.retries_left)
         self._retry_timer = self.connection.loop.call_later(delay, self._retry)
         return True
 
@@ -1225,7 +1221,7 @@ class Exchange:
         if self._retry_held:
             self._retry_held = False
             assert self.cluster is not None
-            self.cluster.retries_active -= 1
+            self.cluster.release_retry()
 
     def _end_attempt(self) -> None:
         """Forget the current upstream attempt (its connection is gone or handed off)."""

@@ -328,6 +328,7 @@ class RpcCall:
         "response_code_details",
         "response_flags",
         "retries_left",
+        "retry_held",
         "route",
         "session",
         "started",
@@ -352,6 +353,7 @@ class RpcCall:
         self.breakers: list[ErrorRateBreaker] = []
         self.tried: list[Host] = []
         self.retries_left = 0
+        self.retry_held = False
         self.done = False
         # what access logs read (Envoy's fields; status is the protocol's own code)
         self.cluster_name = self.upstream_host = self.response_code_details = ""
@@ -505,21 +507,25 @@ class RpcCall:
         if self.retries_left <= 0 or policy is None or condition not in policy.retry_on:
             return False
         cluster = self.cluster
-        if cluster.retries_active >= cluster.retry_limit():
-            cluster.stats.upstream_rq_retry_overflow += 1
+        if not cluster.admit_retry():
             return False
+        self.retry_held = True  # until the retried try ends
         self.retries_left -= 1
-        cluster.stats.upstream_rq_retry += 1
         self.session.ctx.stats.downstream_rq_retry += 1
         self.attempt()
         return True
 
     def upstream_done(self) -> None:
-        """The current try is over: give the host its slot back."""
+        """The current try is over: give the host its slot back, and the cluster its retry
+        slot if this try was a retry."""
         host, self.host = self.host, None
         if host is not None:
             host.active_requests -= 1
         self.conn = None
+        if self.retry_held:
+            self.retry_held = False
+            assert self.cluster is not None
+            self.cluster.release_retry()
 
     # endings --------------------------------------------------------------------------------
 

@@ -29,8 +29,7 @@ from shoal.codec.http2 import (
     TrailersReceived,
     WindowUpdated,
 )
-from shoal.transport.rpc import ConnectionCounters
-from shoal.transport.upstream import upstream_transport
+from shoal.transport.upstream import ConnectionCounters, connect_pooled, upstream_transport
 
 
 class H2StreamSink(Protocol):
@@ -228,22 +227,12 @@ class H2HostPool:
         conn = H2UpstreamConnection(self)
         self.connections.append(conn)
         self.counters.upstream_cx_total += 1
-        asyncio.get_running_loop().create_task(self._connect(conn))
+        asyncio.get_running_loop().create_task(
+            connect_pooled(
+                conn, conn.connect_failed, self.address, self.connect_timeout, self.counters
+            )
+        )
         return conn
-
-    async def _connect(self, conn: H2UpstreamConnection) -> None:
-        loop = asyncio.get_running_loop()
-        host, port = self.address
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: conn, host, port)
-        except TimeoutError:
-            self.counters.upstream_cx_connect_fail += 1
-            self.counters.upstream_cx_connect_timeout += 1
-            conn.connect_failed("connection timeout")
-        except OSError as exc:
-            self.counters.upstream_cx_connect_fail += 1
-            conn.connect_failed(f"remote connection failure: {exc.strerror or exc}")
 
     def forget(self, conn: H2UpstreamConnection) -> None:
         """No new streams on ``conn`` (GOAWAY received); it stays open for its streams."""

@@ -13,7 +13,7 @@ import asyncio
 from typing import Protocol
 
 from shoal.codec.rpc.base import RpcCodec, RpcFrame, RpcProtocolError
-from shoal.transport.upstream import upstream_transport
+from shoal.transport.upstream import ConnectionCounters, connect_pooled, upstream_transport
 
 _MAX_ID = 2**31 - 1  # Bolt's ids are 32-bit, the others' 64-bit: stay within both
 
@@ -23,15 +23,6 @@ class RpcExchange(Protocol):
 
     def upstream_response(self, frame: RpcFrame) -> None: ...
     def upstream_failed(self, reason: str, connect: bool) -> None: ...
-
-
-class ConnectionCounters(Protocol):
-    """The cluster's connection counters (``ClusterStats``)."""
-
-    upstream_cx_total: int
-    upstream_cx_connect_fail: int
-    upstream_cx_connect_timeout: int
-    upstream_cx_destroy: int
 
 
 class RpcUpstreamConnection(asyncio.Protocol):
@@ -159,22 +150,12 @@ class RpcHostPool:
         conn = RpcUpstreamConnection(self)
         self.connections.append(conn)
         self.counters.upstream_cx_total += 1
-        asyncio.get_running_loop().create_task(self._connect(conn))
+        asyncio.get_running_loop().create_task(
+            connect_pooled(
+                conn, conn.connect_failed, self.address, self.connect_timeout, self.counters
+            )
+        )
         return conn
-
-    async def _connect(self, conn: RpcUpstreamConnection) -> None:
-        loop = asyncio.get_running_loop()
-        host, port = self.address
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: conn, host, port)
-        except TimeoutError:
-            self.counters.upstream_cx_connect_fail += 1
-            self.counters.upstream_cx_connect_timeout += 1
-            conn.connect_failed("connection timeout")
-        except OSError as exc:
-            self.counters.upstream_cx_connect_fail += 1
-            conn.connect_failed(f"remote connection failure: {exc.strerror or exc}")
 
     def closed(self, conn: RpcUpstreamConnection) -> None:
         if conn in self.connections:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Protocol, cast
 
 from shoal.codec.http1 import END, Event, ResponseDecoder, ResponseHead, Upgrade, no_body_status
@@ -34,6 +35,38 @@ class ResponseSink(Protocol):
 class ConnectionOwner(Protocol):
     def connection_ready(self, conn: UpstreamConnection) -> None: ...
     def connection_closed(self, conn: UpstreamConnection, exc: Exception | None) -> None: ...
+
+
+class ConnectionCounters(Protocol):
+    """The cluster's connection counters (``ClusterStats``)."""
+
+    upstream_cx_total: int
+    upstream_cx_connect_fail: int
+    upstream_cx_connect_timeout: int
+    upstream_cx_destroy: int
+
+
+async def connect_pooled(
+    conn: asyncio.Protocol,
+    failed: Callable[[str], None],
+    address: tuple[str, int],
+    timeout: float,
+    counters: ConnectionCounters,
+) -> None:
+    """Open ``conn``'s connection, as the multiplexed pools (HTTP/2, RPC) do: a failure is
+    counted and told to ``failed`` with Envoy's reason."""
+    loop = asyncio.get_running_loop()
+    host, port = address
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(lambda: conn, host, port)
+    except TimeoutError:
+        counters.upstream_cx_connect_fail += 1
+        counters.upstream_cx_connect_timeout += 1
+        failed("connection timeout")
+    except OSError as exc:
+        counters.upstream_cx_connect_fail += 1
+        failed(f"remote connection failure: {exc.strerror or exc}")
 
 
 def upstream_transport(transport: asyncio.BaseTransport) -> asyncio.Transport:

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shoal.config.model import Cluster, DiscoveryType, DnsLookupFamily, Endpoint, SocketAddress
+from shoal.config.model import (
+    Cluster,
+    DiscoveryType,
+    DnsLookupFamily,
+    Endpoint,
+    RetryPolicy,
+    SocketAddress,
+)
 from shoal.observe.stats import Histogram, int_fields
 from shoal.transport.upstream import UpstreamConnection
 from shoal.upstream.breaker import ErrorRateBreaker
@@ -305,6 +313,19 @@ class ClusterRuntime:
         budget = int(limits.retry_budget * (self.rq_active + self.rq_pending))
         return max(limits.min_retry_concurrency, budget)
 
+    def admit_retry(self) -> bool:
+        """A retry may start now: it is counted and holds one of the concurrent-retry slots
+        (``retry_limit``) until ``release_retry``; or it is refused, counted as overflow."""
+        if self.retries_active >= self.retry_limit():
+            self.stats.upstream_rq_retry_overflow += 1
+            return False
+        self.retries_active += 1
+        self.stats.upstream_rq_retry += 1
+        return True
+
+    def release_retry(self) -> None:
+        self.retries_active -= 1
+
     def waiting_elsewhere(self) -> bool:
         return (
             self.rq_pending > 0 and self.cx_active >= self.config.circuit_breakers.max_connections
@@ -384,6 +405,13 @@ class ClusterRuntime:
         for rpc_pool in self.rpc_pools.values():
             rpc_pool.close()
         self.rpc_pools.clear()
+
+
+def retry_delay(policy: RetryPolicy, attempt: int) -> float:
+    """Envoy's back-off before retry number ``attempt`` (1, 2, ...): uniform in
+    [0, base * (2^attempt - 1)], capped at max_interval, at least up to base."""
+    ceiling = min(policy.base_interval * ((1 << attempt) - 1), policy.max_interval)
+    return random.uniform(0, max(ceiling, policy.base_interval))
 
 
 def select_addresses(
