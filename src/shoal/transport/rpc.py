@@ -26,7 +26,7 @@ class RpcExchange(Protocol):
 
 
 class RpcUpstreamConnection(asyncio.Protocol):
-    __slots__ = ("closed", "codec", "decoder", "next_id", "pending", "pool", "queued", "transport")
+    __slots__ = ("closed", "codec", "decoder", "next_id", "out", "pending", "pool", "transport")
 
     def __init__(self, pool: RpcHostPool) -> None:
         self.pool = pool
@@ -34,15 +34,21 @@ class RpcUpstreamConnection(asyncio.Protocol):
         self.decoder = pool.codec.decoder(pool.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, RpcExchange] = {}
-        self.queued: list[bytes] = []  # written while connecting
+        # requests not yet written: many downstream connections share this one, so what
+        # they send in one loop iteration goes out as one write (one syscall, not one each)
+        self.out: list[bytes] = []
         self.next_id = 0
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = upstream_transport(transport)
-        if self.queued:
-            transport.write(b"".join(self.queued))
-            self.queued.clear()
+        self.transport = upstream_transport(transport)
+        self.flush()
+
+    def flush(self) -> None:
+        out, transport = self.out, self.transport
+        if out and transport is not None and not self.closed:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def send(self, frame: RpcFrame, exchange: RpcExchange | None) -> int:
         """Write ``frame`` under a fresh id; ``exchange`` (None for one-way requests) gets
@@ -51,10 +57,10 @@ class RpcUpstreamConnection(asyncio.Protocol):
         data = self.codec.set_request_id(frame.raw, upstream_id)
         if exchange is not None:
             self.pending[upstream_id] = exchange
-        if self.transport is not None:
-            self.transport.write(data)
-        else:
-            self.queued.append(data)
+        out = self.out
+        if not out and self.transport is not None:
+            asyncio.get_running_loop().call_soon(self.flush)
+        out.append(data)
         return upstream_id
 
     def forget(self, upstream_id: int) -> None:
