@@ -26,6 +26,7 @@ from tests.integration.mesh_helpers import (
     outbound_port,
     served_by,
     sidecar_config,
+    virtual_service,
 )
 from tests.integration.prometheus_server import Prometheus
 
@@ -60,7 +61,9 @@ def get(url: str) -> tuple[int, Any]:
 
 class TelemetryMesh:
     """productpage → reviews, both behind shoal sidecars driven by one pilot (scraping
-    every second); ratings is registered without a sidecar. Stopped by PID."""
+    every second); ratings is registered without a sidecar. reviews has a VirtualService
+    with two routes: ``errors`` (``/status``) and an unnamed one (``reviews-1``), each with
+    its own stats. Stopped by PID."""
 
     def __init__(self, workdir: Path) -> None:
         self.apps: dict[str, Echo] = {}
@@ -71,6 +74,19 @@ class TelemetryMesh:
             for name in ("productpage", "reviews", "ratings"):
                 self.apps[name] = Echo(name)
             self.pilot.register("ratings", self.apps["ratings"].port, service_port=9080)
+            to_reviews = [{"destination": {"host": "reviews"}}]
+            self.pilot.write_rules(
+                "reviews.yaml",
+                virtual_service(
+                    "reviews",
+                    {
+                        "name": "errors",
+                        "match": [{"uri": {"prefix": "/status"}}],
+                        "route": to_reviews,
+                    },
+                    {"route": to_reviews},
+                ),
+            )
             configs = {}
             for name in ("productpage", "reviews"):
                 configs[name] = sidecar_config(
@@ -93,6 +109,10 @@ class TelemetryMesh:
                     f"outbound|9080||{host}::127.0.0.1:" in front.admin("/clusters")[1]
                     for host in ("reviews", "ratings")
                 ),
+                timeout=15,
+            )
+            eventually(
+                lambda: "vhost.reviews:9080.route.errors.upstream_rq_total" in front.stats(),
                 timeout=15,
             )
             eventually(lambda: all(p["scrape_ok"] for p in self.proxies()) and self.proxies())
@@ -120,6 +140,13 @@ class TelemetryMesh:
         self.pilot.stop()
 
 
+def routes_of(mesh: TelemetryMesh) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = get(f"{mesh.url}/api/v1/stat?window={WINDOW}&by=route")[1][
+        "routes"
+    ]
+    return rows
+
+
 def stat_of(mesh: TelemetryMesh, service: str) -> dict[str, Any] | None:
     answer = get(f"{mesh.url}/api/v1/stat?window={WINDOW}&service={service}")[1]
     return next(iter(answer["services"]), None)
@@ -136,6 +163,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryMesh]:
             served_by(running.reviews_inbound, "reviews", 1, path="/status/500" if n < 2 else "/")
         eventually(lambda: (stat_of(running, "reviews") or {}).get("requests") == 110)
         eventually(lambda: (stat_of(running, "ratings") or {}).get("requests") == 10)
+        eventually(lambda: [r["requests"] for r in routes_of(running)] == [10, 20, 80])
         yield running
     finally:
         running.stop()
@@ -185,6 +213,61 @@ def test_stat_table_filter_and_exit_statuses(mesh: TelemetryMesh) -> None:
 
     usage = shoal(mesh.url, "stat", "-w", "soon")
     assert usage.returncode == 2 and "expected a duration such as 10s" in usage.stderr
+
+
+def test_stat_routes_per_route_success_rate_and_rps(mesh: TelemetryMesh) -> None:
+    """Per-route rows from the callers' sidecars (productpage's outbound routes): the
+    VirtualService's ``errors`` route got every 500, its other route none; ratings, with
+    no VirtualService, has pilot's ``default`` route. The calls from outside the mesh,
+    straight to reviews' sidecar, took no outbound route."""
+    result = shoal(mesh.url, "stat", "--routes", "--window", WINDOW, "-o", "json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["service"], r["route"], r["requests"]) for r in rows] == [
+        ("ratings", "default", 10),
+        ("reviews", "errors", 20),
+        ("reviews", "reviews-1", 80),
+    ]
+    by_route = {r["route"]: r for r in rows}
+    errors, ok = by_route["errors"], by_route["reviews-1"]
+    assert (errors["success_rate"], ok["success_rate"]) == (0.0, 1.0)
+    assert by_route["default"]["success_rate"] == 1.0
+    assert ok["rps"] == pytest.approx(80 / 300, abs=0.001) and errors["rps"] > 0
+    for row in rows:
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert set(row) == {
+            "service",
+            "route",
+            "success_rate",
+            "rps",
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+            "requests",
+            "virtual_host",
+        }
+    assert errors["virtual_host"] == "reviews:9080"
+
+    table = shoal(mesh.url, "stat", "reviews", "-r", "-w", WINDOW)
+    assert table.returncode == 0, table.stderr
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == [
+        "SERVICE",
+        "ROUTE",
+        "SUCCESS",
+        "RPS",
+        "LATENCY_P50",
+        "LATENCY_P95",
+        "LATENCY_P99",
+    ]
+    assert [line.split()[:3] for line in lines] == [
+        ["reviews", "errors", "0.00%"],
+        ["reviews", "reviews-1", "100.00%"],
+    ]
+
+    absent = shoal(mesh.url, "stat", "productpage", "--routes", "-w", WINDOW)
+    assert absent.returncode == 1 and absent.stdout == ""
+    assert "no per-route metrics for productpage in the last 5m" in absent.stderr
 
 
 def test_top_once_shows_the_busiest_edge_first(mesh: TelemetryMesh) -> None:
@@ -263,10 +346,17 @@ def test_the_api_the_dashboard_reads(mesh: TelemetryMesh) -> None:
         assert time.time() - proxy["last_scrape"] < 5
     assert proxies["series"] > 0 and proxies["series_dropped"] == 0
 
-    assert get(f"{mesh.url}/api/v1/stat?window=1m&by=route") == (
+    assert get(f"{mesh.url}/api/v1/stat?window=1m&by=method") == (
         400,
-        {"error": "unknown parameter 'by' (known: window, service)"},
+        {"error": "by must be service or route, not 'method'"},
     )
+    assert get(f"{mesh.url}/api/v1/stat?window=1m&route=x") == (
+        400,
+        {"error": "unknown parameter 'route' (known: window, service, by)"},
+    )
+    status, routes = get(f"{mesh.url}/api/v1/stat?window={WINDOW}&by=route&service=reviews")
+    assert status == 200 and (routes["window_s"], routes["source"]) == (300, "embedded")
+    assert [r["route"] for r in routes["routes"]] == ["errors", "reviews-1"]
     assert get(f"{mesh.url}/api/v1/series?window=1m")[0] == 400
     assert get(f"{mesh.url}/api/v1/series?service=x&window=1m&step=10ms")[0] == 400
     status, page = get(f"{mesh.url}/")  # the dashboard, or why it is not there
@@ -347,6 +437,24 @@ def test_the_same_api_from_a_real_prometheus(mesh: TelemetryMesh, tmp_path: Path
         assert ["productpage", "→", "reviews"] in [
             line.split()[:3] for line in top.stdout.splitlines()
         ]
+
+        # per route: Envoy's route stats, by the virtual host and route tags (this pilot
+        # has no services: a route's service is its virtual host's name without the port)
+        def routes() -> dict[str, dict[str, Any]]:
+            answer = get(f"{url}/api/v1/stat?window=1m&by=route&service=reviews")[1]
+            return {row["route"]: row for row in answer["routes"]}
+
+        eventually(lambda: set(routes()) == {"errors", "reviews-1"}, timeout=20)
+        by_route = routes()
+        assert by_route["errors"]["success_rate"] == 0.0
+        assert by_route["reviews-1"]["success_rate"] == 1.0
+        assert by_route["reviews-1"]["rps"] > 0 and by_route["reviews-1"]["p99_ms"] > 0
+        via_cli = shoal(url, "stat", "--routes", "-w", "1m", "-o", "json")
+        assert via_cli.returncode == 0, via_cli.stderr
+        assert {(r["service"], r["route"]) for r in json.loads(via_cli.stdout)} >= {
+            ("reviews", "errors"),
+            ("reviews", "reviews-1"),
+        }
     finally:
         reader.stop()
         prometheus.stop()

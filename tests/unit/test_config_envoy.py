@@ -212,6 +212,7 @@ static_resources:
               retry_policy: {{retry_on: "5xx,connect-failure", num_retries: 2}}
               routes:
               - name: canary
+                stat_prefix: api.canary
                 match:
                   prefix: /api
                   headers: [{{name: x-canary, exact_match: "1"}}]
@@ -295,6 +296,7 @@ def test_realistic_bootstrap(tmp_path: Path) -> None:
     assert vhost.retry_policy is not None and vhost.retry_policy.num_retries == 2
     canary, health, default = vhost.routes
     assert canary.name == "canary" and canary.action is not None
+    assert (canary.stat_prefix, default.stat_prefix) == ("api.canary", "")
     assert [(w.name, w.weight) for w in canary.action.weighted_clusters] == [
         ("web_v1", 90),
         ("web_v2", 10),
@@ -984,11 +986,6 @@ ERRORS = {
         f"{FILTER}.codec_type",
         "HTTP3 is not supported yet",
     ),
-    "HTTP/2 codec to an HTTP/1.1 upstream": (
-        with_hcm(codec_type="HTTP2"),
-        LISTENER,
-        "does not translate between HTTP/1.1 and HTTP/2",
-    ),
     "file data source": (
         with_log(log_format={"text_format_source": {"filename": "/etc/format"}}),
         f"{FILTER}.access_log[0].typed_config.log_format.text_format_source.filename",
@@ -1260,6 +1257,31 @@ ERRORS = {
         ),
         f"{ROUTES}[0].request_headers_to_add[0].append",
         "exclusive",
+    ),
+    "stat_prefix with an empty part": (
+        with_routes(route(), route(stat_prefix="api..v1")),
+        f"{ROUTES}[1].stat_prefix",
+        "'api..v1' has an empty part between dots",
+    ),
+    "stat_prefix ending in a dot": (
+        with_routes(route(stat_prefix="api.")),
+        f"{ROUTES}[0].stat_prefix",
+        "empty part between dots",
+    ),
+    "stat_prefix with a newline": (
+        with_routes(route(stat_prefix="api\nv1")),
+        f"{ROUTES}[0].stat_prefix",
+        "control character",
+    ),
+    "stat_prefix of the wrong type": (
+        with_routes(route(stat_prefix=["api"])),
+        "static_resources.listeners.filter_chains.filters.virtual_hosts.routes.stat_prefix",
+        "expected string",
+    ),
+    "virtual clusters": (
+        with_routes(route(), virtual_clusters=[{"name": "all", "headers": [{"name": ":path"}]}]),
+        f"{FILTER}.route_config.virtual_hosts[0].virtual_clusters",
+        "virtual_clusters are not supported yet; a route's stat_prefix",
     ),
     "virtual host without domains": (
         with_routes(route(), domains=[]),

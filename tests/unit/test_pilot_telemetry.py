@@ -27,6 +27,7 @@ from shoal.pilot.telemetry import (
     MetricsStore,
     ProxyInfo,
     Scrape,
+    Telemetry,
     bucket_quantile,
     format_duration,
     graph,
@@ -95,6 +96,97 @@ def test_parse_keeps_istio_request_series_summed_over_labels_pilot_does_not_use(
         ("source", "web", "api", 5.0): 9.0,
         ("source", "web", "api", math.inf): 13.0,
     }
+
+
+def test_parse_keeps_per_route_series() -> None:
+    """Envoy's per-route stats as shoal and Envoy print them: codes summed into success
+    and failure (5xx) per virtual host and route; other route series skipped."""
+    tags = 'envoy_virtual_host="reviews:9080",envoy_route="{route}"'
+
+    def code(value: int, status: str, route: str = "v2") -> str:
+        labels = f'envoy_response_code="{status}",{tags.format(route=route)}'
+        return f"envoy_vhost_route_upstream_rq{{{labels}}} {value}"
+
+    text = "\n".join(
+        [
+            "# TYPE envoy_vhost_route_upstream_rq counter",
+            code(7, "200"),
+            code(1, "404"),
+            code(2, "503"),
+            code(3, "200", "x"),
+            f"envoy_vhost_route_upstream_rq_total{{{tags.format(route='v2')}}} 12",
+            f"envoy_vhost_route_upstream_rq_completed{{{tags.format(route='v2')}}} 10",
+            f'envoy_vhost_route_upstream_rq_time_bucket{{{tags.format(route="v2")},le="5"}} 8',
+            f'envoy_vhost_route_upstream_rq_time_bucket{{{tags.format(route="v2")},le="+Inf"}} 10',
+            f"envoy_vhost_route_upstream_rq_time_sum{{{tags.format(route='v2')}}} 31.5",
+            # a dotted virtual host name: Envoy's tags keep no route, so nothing to keep
+            'envoy_vhost_local_route_v2_upstream_rq{envoy_response_code="200",'
+            'envoy_virtual_host="shop"} 5',
+        ]
+    )
+    scrape = parse_istio(text)
+    assert scrape.routes == {
+        ("reviews:9080", "v2", True): 8.0,
+        ("reviews:9080", "v2", False): 2.0,
+        ("reviews:9080", "x", True): 3.0,
+    }
+    assert scrape.route_buckets == {
+        ("reviews:9080", "v2", 5.0): 8.0,
+        ("reviews:9080", "v2", math.inf): 10.0,
+    }
+    assert not scrape.requests
+
+
+def test_store_per_route_rows_and_their_services() -> None:
+    store = MetricsStore(retention=900, interval=1)
+    for proxy in ("web-1", "web-2"):
+        store.ingest(proxy, 1000.0, Scrape(), None)
+    latency = {1.0: 40.0, 10.0: 50.0, math.inf: 50.0}
+    for proxy, (ok, failed) in (("web-1", (40.0, 10.0)), ("web-2", (60.0, 0.0))):
+        store.ingest(
+            proxy,
+            1010.0,
+            Scrape(
+                routes={
+                    ("reviews_shop:9080", "v2", True): ok,
+                    ("reviews_shop:9080", "v2", False): failed,
+                    ("old:80", "default", True): 6.0,
+                },
+                route_buckets={("reviews_shop:9080", "v2", le): n for le, n in latency.items()},
+            ),
+            1000.0,
+        )
+    rows = store.routes_stat(60, 1010.0)
+    assert [(r["virtual_host"], r["route"], r["requests"]) for r in rows] == [
+        ("old:80", "default", 12),
+        ("reviews_shop:9080", "v2", 110),
+    ]
+    v2 = rows[1]
+    assert (v2["success_rate"], v2["rps"]) == (round(100 / 110, 4), round(110 / 60, 3))
+    # both proxies' buckets: {1: 80, 10: 100, +Inf: 100}
+    assert v2["p50_ms"] == 0.625 and v2["p99_ms"] == pytest.approx(9.55)
+    assert store.series_count == 2 * 3 + 2 * 3  # per proxy: 3 route series, 3 buckets
+
+    telemetry = Telemetry(
+        list, interval=1, retention=900, vhost_services=lambda: {"reviews_shop:9080": "rev.shop"}
+    )
+    mapped = telemetry.route_rows(rows, None)
+    assert [(r["service"], r["route"], r["virtual_host"]) for r in mapped] == [
+        ("old", "default", "old:80"),  # a virtual host pilot no longer has: its name
+        ("rev.shop", "v2", "reviews_shop:9080"),
+    ]
+    assert list(mapped[1]) == [
+        "service",
+        "route",
+        "success_rate",
+        "rps",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "requests",
+        "virtual_host",
+    ]
+    assert telemetry.route_rows(rows, "rev.shop") == [mapped[1]]
 
 
 def test_bucket_quantile_is_prometheus_histogram_quantile() -> None:

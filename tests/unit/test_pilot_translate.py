@@ -147,6 +147,7 @@ def test_no_virtual_service_routes_the_host_to_the_service_with_istio_defaults()
     assert grpc["routes"][0]["route"]["cluster"] == "outbound|9090||reviews"  # an h2 one
     (only,) = vhost["routes"]
     assert only["route"]["cluster"] == "outbound|9080||reviews"
+    assert (vhost["name"], only["stat_prefix"]) == ("reviews:9080", "default")
     assert only["route"]["timeout"] == "0s"
     assert "retry_policy" not in only["route"]  # the virtual host's, Istio's default
     assert vhost["retry_policy"]["num_retries"] == 2
@@ -188,6 +189,38 @@ def test_virtual_service_routes() -> None:
         ("outbound|9080|v2|reviews", 10),
     ]
     assert split["route"]["timeout"] == "1.500s"  # protobuf's JSON form of 1.5 s
+    # per-route stats: Istio's route name, else the VirtualService's name and the index
+    assert [r["stat_prefix"] for r in routes] == ["jason", "jason", "reviews-1"]
+
+
+def test_every_route_has_stats_named_in_single_tokens() -> None:
+    """Envoy's Prometheus tags take a virtual host and a route stat prefix up to the next
+    dot, so pilot's names for them have none."""
+    host = "reviews.shop.svc.cluster.local"
+    service = Service(host, (ServicePort(9080),))
+    virtual = VirtualService(
+        Meta("reviews.v2"),
+        (host,),
+        (
+            HTTPRoute(name="to.v2", route=(HTTPRouteDestination(Destination(host)),)),
+            HTTPRoute(route=(HTTPRouteDestination(Destination(host)),)),
+        ),
+    )
+    snapshot = Translator().translate(
+        RegistrySnapshot((service, REVIEWS), INSTANCES), RuleSet(virtual_services=(virtual,))
+    )
+    table = outbound_routes(snapshot)
+    names = {v["name"]: [r["stat_prefix"] for r in v["routes"]] for v in table["virtual_hosts"]}
+    assert names == {
+        "reviews_shop_svc_cluster_local:9080": ["to_v2", "reviews_v2-1"],
+        "reviews:9080": ["default"],
+        "reviews:9090": ["default"],
+    }
+    assert snapshot.vhost_services() == {
+        "reviews_shop_svc_cluster_local:9080": host,
+        "reviews:9080": "reviews",
+        "reviews:9090": "reviews",
+    }
 
 
 def test_destination_rule_policy_becomes_cluster_settings() -> None:
@@ -259,24 +292,20 @@ def test_a_shoal_sidecar_carries_grpc_both_ways() -> None:
     assert not translate_cluster(cluster).http2
 
 
-def test_with_faults_a_shoal_sidecar_gives_h2c_its_own_chain() -> None:
-    """A fault filter on the outbound manager would make a shoal proxy refuse h2c, so gRPC
-    gets a chain with istio_stats and the router only; Envoy keeps one chain."""
+def test_with_faults_every_sidecar_has_one_outbound_chain() -> None:
+    """HTTP/2 streams run the HTTP filters too: h2c and HTTP/1.1 share the faulty chain,
+    on shoal sidecars as on Envoy ones."""
     fault = HTTPFaultInjection(abort=FaultAbort(503, 50.0))
     snapshot = translate(route(HTTPRoute(route=(to("v1"),), fault=fault)))
     routes = unpack(snapshot.outbound_routes, route_pb2.RouteConfiguration())
-    shoal = NodeInfo("n", user_agent="shoal")
-    data = unpack(snapshot.sidecar_listeners(shoal)["outbound"], listener_pb2.Listener())
-    outbound = translate_listener(_with_routes(data, routes))
-    assert isinstance(outbound.filter, HttpConnectionManager)
-    assert [f.name for f in outbound.filter.http_filters] == ["envoy.filters.http.fault"]
-    (h2c,) = outbound.protocol_chains
-    assert h2c.application_protocols == {"h2c"}
-    assert isinstance(h2c.filter, HttpConnectionManager)
-    assert h2c.filter.http_filters == ()
-    assert h2c.filter.istio_stats is not None
-    envoy = unpack(snapshot.sidecar_listeners(NodeInfo("n"))["outbound"], listener_pb2.Listener())
-    assert len(envoy.filter_chains) == 1
+    for node in (NodeInfo("n", user_agent="shoal"), NodeInfo("n")):
+        data = unpack(snapshot.sidecar_listeners(node)["outbound"], listener_pb2.Listener())
+        assert len(data.filter_chains) == 1
+        outbound = translate_listener(_with_routes(data, routes))
+        assert isinstance(outbound.filter, HttpConnectionManager)
+        assert outbound.filter.codec_type == "auto"
+        assert [f.name for f in outbound.filter.http_filters] == ["envoy.filters.http.fault"]
+        assert outbound.protocol_chains == ()
 
 
 def test_an_endpoint_change_changes_only_that_assignment() -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from shoal.observe.stats import (
     DEFAULT_BUCKETS,
     Histogram,
+    RouteStatsRegistry,
     Snapshot,
     merge,
     prometheus_name,
@@ -225,6 +226,25 @@ def test_render_text() -> None:
          'envoy_cluster_name="web"'),
         ("route.shop.v1.circuit_breaker.state", "envoy_route_circuit_breaker_state",
          'envoy_route="shop.v1"'),
+        # per-route stats (Route.stat_prefix), as Envoy 1.40 prints them
+        ("vhost.shop.route.status.upstream_rq_503", "envoy_vhost_route_upstream_rq",
+         'envoy_response_code="503",envoy_virtual_host="shop",envoy_route="status"'),
+        ("vhost.shop.route.status.upstream_rq_5xx", "envoy_vhost_route_upstream_rq_xx",
+         'envoy_response_code_class="5",envoy_virtual_host="shop",envoy_route="status"'),
+        ("vhost.shop.route.status.upstream_rq_time", "envoy_vhost_route_upstream_rq_time",
+         'envoy_virtual_host="shop",envoy_route="status"'),
+        ("vhost.reviews:9080.route.v2-canary.upstream_rq_total",
+         "envoy_vhost_route_upstream_rq_total",
+         'envoy_virtual_host="reviews:9080",envoy_route="v2-canary"'),
+        # Envoy's extractors take one dot-separated token: the rest stays in the name
+        ("vhost.shop.local.route.other.upstream_rq_200",
+         "envoy_vhost_local_route_other_upstream_rq",
+         'envoy_response_code="200",envoy_virtual_host="shop"'),
+        ("vhost.shop.route.shop.status.upstream_rq_completed",
+         "envoy_vhost_route_status_upstream_rq_completed",
+         'envoy_virtual_host="shop",envoy_route="shop"'),
+        ("vhost.shop.vcluster.other.upstream_rq_200", "envoy_vhost_vcluster_upstream_rq",
+         'envoy_response_code="200",envoy_virtual_cluster="other",envoy_virtual_host="shop"'),
     ],
 )  # fmt: skip
 def test_prometheus_names_and_tags(stat: str, metric: str, labels: str) -> None:
@@ -285,3 +305,46 @@ def test_render_prometheus_histogram_without_tags_and_default_buckets() -> None:
 def test_render_empty_snapshot() -> None:
     assert render_prometheus(Snapshot()) == ""
     assert render_text(Snapshot()) == ""
+
+
+def test_route_stats_count_like_envoys_and_are_shared_by_name() -> None:
+    registry = RouteStatsRegistry()
+    stats = registry.get("shop", "status")
+    assert registry.get("shop", "status") is stats  # a reloaded route counts on
+    assert registry.get("shop", "other") is not stats
+    stats.upstream_rq_total += 3
+    stats.upstream_rq_retry += 1
+    stats.record(200, 4.0)
+    stats.record(503, 12.0)
+    stats.record(504, -1.0)  # a timeout: a status, no upstream time
+    stats.record(0, -1.0)  # the client left: nothing
+    counters: dict[str, int] = {}
+    histograms: dict[str, Histogram] = {}
+    stats.report(counters, histograms)
+    prefix = "vhost.shop.route.status."
+    assert {name.removeprefix(prefix): value for name, value in counters.items()} == {
+        "upstream_rq_total": 3,
+        "upstream_rq_timeout": 0,
+        "upstream_rq_retry": 1,
+        "upstream_rq_retry_limit_exceeded": 0,
+        "upstream_rq_retry_overflow": 0,
+        "upstream_rq_retry_success": 0,
+        "upstream_rq_200": 1,
+        "upstream_rq_503": 1,
+        "upstream_rq_504": 1,
+        "upstream_rq_2xx": 1,
+        "upstream_rq_5xx": 2,
+        "upstream_rq_completed": 3,
+    }
+    (histogram,) = histograms.values()
+    assert (histogram.count, histogram.sum) == (2, 16.0)
+
+    # a route nobody called has its counters and histogram, but no codes yet (as Envoy)
+    counters.clear()
+    registry.get("shop", "other").report(counters, histograms)
+    assert "vhost.shop.route.other.upstream_rq_completed" not in counters
+    assert counters["vhost.shop.route.other.upstream_rq_total"] == 0
+
+    registry.retain({("shop", "other")})  # "status" left the config
+    assert list(registry.routes) == [("shop", "other")]
+    assert registry.get("shop", "status") is not stats  # back: from zero

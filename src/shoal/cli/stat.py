@@ -1,7 +1,7 @@
 """``shoal stat``: each service's golden metrics (success rate, requests per second, latency
 percentiles) over a recent window, from pilot's metrics API, as ``linkerd viz stat``
-shows them. Also how ``stat``, ``top`` and ``tap`` talk to pilot and what their exit
-statuses mean.
+shows them, or each route's (``--routes``). Also how ``stat``, ``top`` and ``tap`` talk
+to pilot and what their exit statuses mean.
 """
 
 from __future__ import annotations
@@ -152,7 +152,47 @@ def stat_table(services: list[dict[str, Any]]) -> str:
     return columns([header, *rows], right={1, 2, 3, 4, 5})
 
 
+def route_table(routes: list[dict[str, Any]]) -> str:
+    header = ["SERVICE", "ROUTE", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99"]
+    rows = [
+        [
+            r["service"],
+            r["route"],
+            percent(r["success_rate"]),
+            rps(r["rps"]),
+            ms(r["p50_ms"]),
+            ms(r["p95_ms"]),
+            ms(r["p99_ms"]),
+        ]
+        for r in routes
+    ]
+    return columns([header, *rows], right={2, 3, 4, 5, 6})
+
+
+def _stat_routes(args: argparse.Namespace) -> int:
+    params = {"window": f"{args.window:g}s", "service": args.service, "by": "route"}
+    answer = get_json(args.pilot, "/api/v1/stat", params)
+    routes: list[dict[str, Any]] = answer["routes"]
+    window = seconds_text(args.window)
+    if args.service is not None and not routes:
+        raise PilotError(
+            ABSENT,
+            f"no per-route metrics for {args.service} in the last {window}: no caller's "
+            "sidecar has sent a request to it on a route with a stat_prefix (pilot gives "
+            "every route it makes one; `shoal stat` shows the service's own numbers)",
+        )
+    if args.output != "table":
+        print_data(routes, args.output)
+    elif routes:
+        print(route_table(routes))
+    else:
+        print(f"No traffic on routes in the last {window}.", file=sys.stderr)
+    return OK
+
+
 def _stat(args: argparse.Namespace) -> int:
+    if args.routes:
+        return _stat_routes(args)
     params = {"window": f"{args.window:g}s", "service": args.service}
     answer = get_json(args.pilot, "/api/v1/stat", params)
     services: list[dict[str, Any]] = answer["services"]
@@ -181,8 +221,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "metrics (Istio's standard metrics scraped from the sidecars, or Prometheus with "
         "`shoal pilot --prometheus`): success rate (responses that are not 5xx), requests "
         "per second, latency p50/p95/p99. A service's numbers come from its own sidecars, "
-        "else from its callers'. Exit status: 0; 1 when SERVICE has no metrics; 2 for a "
-        "usage error (pilot's too: a window longer than it keeps); 3 when pilot is "
+        "else from its callers'. With --routes, one row per route instead (Envoy's per-route "
+        "stats, from the callers' sidecars). Exit status: 0; 1 when SERVICE has no metrics; "
+        "2 for a usage error (pilot's too: a window longer than it keeps); 3 when pilot is "
         "unreachable.",
     )
     parser.add_argument("service", nargs="?", metavar="SERVICE", help="only this service (host)")
@@ -193,6 +234,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=60.0,
         metavar="DURATION",
         help="how far back to look, e.g. 30s, 5m (default 1m)",
+    )
+    parser.add_argument(
+        "-r",
+        "--routes",
+        action="store_true",
+        help="one row per route (VirtualService http route) of each service, as its callers saw it",
     )
     parser.add_argument(
         "-o", "--output", choices=("table", "json", "yaml"), default="table", help="format"

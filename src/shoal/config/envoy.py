@@ -30,6 +30,7 @@ from shoal.config.envoy_clusters import build_cluster, load_assignment
 from shoal.config.envoy_fields import Ctx, seconds, socket_address, unique
 from shoal.config.envoy_listeners import access_logs, build_listener
 from shoal.config.envoy_routes import build_route_configuration
+from shoal.config.filters import GlobalRateLimit
 from shoal.config.model import (
     Admin,
     AdsSource,
@@ -50,6 +51,7 @@ __all__ = [
     "bootstrap_from_dict",
     "breaker_from_dict",
     "load_bootstrap",
+    "plaintext_service_problem",
     "translate_cluster",
     "translate_listener",
     "translate_load_assignment",
@@ -179,7 +181,7 @@ def _bootstrap(proto: Message, ctx: Ctx) -> Bootstrap:
         for i, item in enumerate(proto.static_resources.listeners)
     )
     unique((item.name for item in listeners), listeners_ctx, "name", "listener name")
-    _check_http2_targets(listeners, clusters, listeners_ctx)
+    _check_plaintext_services(listeners, clusters, listeners_ctx)
     unique(
         (str(item.address) if item.address.port else "" for item in listeners),
         listeners_ctx,
@@ -234,6 +236,8 @@ def _ads_source(proto: Message, clusters: tuple[Cluster, ...], ctx: Ctx) -> AdsS
         raise where.error(f"unknown cluster {name!r} (it must be a static cluster)")
     if not target.http2:
         raise where.error(f"cluster {name!r} needs http2_protocol_options (gRPC)")
+    if target.tls is not None:
+        raise where.error(f"cluster {name!r}: TLS to the ADS server is not supported yet")
     for field_name in ("lds_config", "cds_config"):
         source = getattr(dynamic, field_name)
         if dynamic.HasField(field_name) and not source.HasField("ads"):
@@ -251,42 +255,47 @@ def _ads_source(proto: Message, clusters: tuple[Cluster, ...], ctx: Ctx) -> AdsS
     )
 
 
-def _check_http2_targets(
+def _check_plaintext_services(
     listeners: tuple[Listener, ...], clusters: tuple[Cluster, ...], ctx: Ctx
 ) -> None:
-    """Shoal does not translate between HTTP versions: an HTTP/2 stream goes to an HTTP/2
-    cluster (``http2_protocol_options``) and an HTTP/1.1 request to an HTTP/1.1 one. So a
-    ``codec_type: HTTP1`` connection manager may not route to an HTTP/2 cluster and an
-    ``HTTP2`` one may not route to an HTTP/1.1 cluster; ``AUTO`` may route to both (each
-    connection's requests go where their protocol fits; a mismatch is answered 503 at run
-    time). The rate limit filter's gRPC cluster is not a route target and is fine."""
-    http2 = {c.name for c in clusters if c.http2}
+    problem = plaintext_service_problem(listeners, clusters)
+    if problem is not None:
+        raise ctx.at(problem[0]).error(problem[1])
+
+
+def plaintext_service_problem(
+    listeners: Iterable[Listener], clusters: Iterable[Cluster]
+) -> tuple[int, str] | None:
+    """The rate limit service and trace collectors are reached by clients of their own
+    (grpcio, a small HTTP client) that do not speak TLS yet: a TLS cluster there is refused
+    rather than used in plaintext. Returns (listener index, reason) of the first such use.
+    (The proxy runs this on every config it applies, listeners and clusters from xDS too.)"""
+    tls = {c.name for c in clusters if c.tls is not None}
+    if not tls:
+        return None
     for index, listener in enumerate(listeners):
-        managers = [listener.filter, *(chain.filter for chain in listener.protocol_chains)]
+        managers = [
+            listener.filter,
+            *(chain.filter for chain in listener.protocol_chains),
+            *(chain.filter for chain in listener.server_name_chains),
+        ]
         for manager in managers:
-            if not isinstance(manager, HttpConnectionManager) or manager.codec_type == "auto":
+            if not isinstance(manager, HttpConnectionManager):
                 continue
-            wants_http2 = manager.codec_type == "http2"
-            for vhost in manager.route_config.virtual_hosts:
-                for route in vhost.routes:
-                    action = route.action
-                    names = (
-                        {action.cluster, *(w.name for w in action.weighted_clusters)} - {""}
-                        if action
-                        else set()
+            used = [
+                ("the rate limit service", f.config.cluster)
+                for f in manager.http_filters
+                if isinstance(f.config, GlobalRateLimit)
+            ]
+            if manager.tracing is not None:
+                used.append(("the trace collector", manager.tracing.provider.cluster))
+            for what, name in used:
+                if name in tls:
+                    return index, (
+                        f"cluster {name!r} has a TLS transport_socket: TLS to {what} is"
+                        " not supported yet"
                     )
-                    for name in sorted(names):
-                        if (name in http2) == wants_http2:
-                            continue
-                        kind = "has" if name in http2 else "lacks"
-                        raise ctx.at(index).error(
-                            f"route {route.name or route.match.value!r} in virtual host "
-                            f"{vhost.name!r} targets cluster {name!r}, which {kind} "
-                            f"http2_protocol_options, from a codec_type "
-                            f"{manager.codec_type.upper()} connection manager: shoal does "
-                            "not translate between HTTP/1.1 and HTTP/2 (use codec_type AUTO "
-                            "or a cluster of the same protocol)"
-                        )
+    return None
 
 
 def _admin(admin: Message, ctx: Ctx) -> Admin | None:

@@ -54,8 +54,31 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " listener_filters traffic_direction"
         ),
         "envoy.config.listener.v3.ListenerFilter": "name typed_config",
-        "envoy.config.listener.v3.FilterChain": "name filters filter_chain_match",
-        "envoy.config.listener.v3.FilterChainMatch": "application_protocols",
+        "envoy.config.listener.v3.FilterChain": (
+            "name filters filter_chain_match transport_socket"
+        ),
+        "envoy.config.listener.v3.FilterChainMatch": (
+            "application_protocols server_names transport_protocol"
+        ),
+        # TLS (config/envoy_tls.py)
+        "envoy.config.core.v3.TransportSocket": "name typed_config",
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext": (
+            "common_tls_context require_client_certificate"
+        ),
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext": "common_tls_context sni",
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext": (
+            "tls_params tls_certificates validation_context alpn_protocols"
+        ),
+        "envoy.extensions.transport_sockets.tls.v3.TlsParameters": (
+            "tls_minimum_protocol_version tls_maximum_protocol_version"
+        ),
+        "envoy.extensions.transport_sockets.tls.v3.TlsCertificate": (
+            "certificate_chain private_key"
+        ),
+        "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext": (
+            "trusted_ca match_typed_subject_alt_names"
+        ),
+        "envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher": "san_type matcher",
         "xds.type.v3.TypedStruct": "type_url value",
         # generic proxy (RPC protocols)
         "envoy.extensions.filters.network.generic_proxy.v3.GenericProxy": (
@@ -90,8 +113,10 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " server_name max_request_headers_kb stream_idle_timeout request_timeout"
             " request_headers_timeout drain_timeout access_log use_remote_address"
             " xff_num_trusted_hops skip_xff_append generate_request_id"
-            " strip_matching_host_port upgrade_configs tracing"
+            " strip_matching_host_port upgrade_configs tracing http2_protocol_options"
         ),
+        "envoy.config.core.v3.Http2ProtocolOptions": "connection_keepalive",
+        "envoy.config.core.v3.KeepaliveSettings": "interval timeout",
         # tracing (config/envoy_telemetry.py)
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
         ".Tracing": (
@@ -185,7 +210,7 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         "envoy.config.route.v3.Route": (
             "name match route redirect direct_response request_headers_to_add"
             " request_headers_to_remove response_headers_to_add response_headers_to_remove"
-            " typed_per_filter_config metadata"
+            " typed_per_filter_config metadata stat_prefix"
         ),
         "envoy.config.route.v3.RouteMatch": (
             "prefix path safe_regex case_sensitive headers query_parameters"
@@ -238,7 +263,7 @@ _SUPPORTED: dict[str, frozenset[str]] = {
             " maglev_lb_config least_request_lb_config load_assignment circuit_breakers"
             " dns_refresh_rate dns_lookup_family per_connection_buffer_limit_bytes"
             " typed_extension_protocol_options max_requests_per_connection common_lb_config"
-            " outlier_detection health_checks metadata eds_cluster_config"
+            " outlier_detection health_checks metadata eds_cluster_config transport_socket"
         ),
         # metadata changes nothing in Envoy; shoal reads filter_metadata["shoal.circuit_breaker"]
         # (config/envoy_breaker.py) and ["shoal.backup_request"] (config/envoy_backup.py) and
@@ -312,14 +337,48 @@ _SUPPORTED_AT: dict[tuple[str, str], frozenset[str]] = {
     ): frozenset({"idle_timeout", "max_requests_per_connection"}),
 }
 
+# TLS certificates, keys and CAs may come from files (read when the config is loaded); other
+# DataSources (access log formats) are inline only.
+_TLS_DATA = frozenset({"filename", "inline_string", "inline_bytes"})
+_SUPPORTED_AT.update(
+    {
+        ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", "certificate_chain"): (
+            _TLS_DATA
+        ),
+        ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", "private_key"): _TLS_DATA,
+        (
+            "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
+            "trusted_ca",
+        ): _TLS_DATA,
+    }
+)
+
 # Better reasons than "field not supported by shoal" for fields people often set.
 _WHY_NOT: dict[tuple[str, str], str] = {
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "rds",
     ): "rds is supported in listeners from LDS only; use an inline route_config",
-    ("envoy.config.listener.v3.FilterChain", "transport_socket"): f"TLS {NOT_YET}",
-    ("envoy.config.cluster.v3.Cluster", "transport_socket"): f"TLS {NOT_YET}",
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
+        "tls_certificate_sds_secret_configs",
+    ): f"SDS {NOT_YET}; use tls_certificates (files or inline)",
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
+        "validation_context_sds_secret_config",
+    ): f"SDS {NOT_YET}; use validation_context.trusted_ca",
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
+        "combined_validation_context",
+    ): f"combined_validation_context is {NOT_YET}; use validation_context",
+    (
+        "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
+        "cipher_suites",
+    ): f"cipher_suites is {NOT_YET} (OpenSSL's defaults are used)",
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
+        "match_subject_alt_names",
+    ): "deprecated in Envoy and not supported; use match_typed_subject_alt_names",
     (
         "envoy.config.core.v3.Metadata",
         "typed_filter_metadata",
@@ -335,6 +394,10 @@ _WHY_NOT: dict[tuple[str, str], str] = {
         "envoy.config.cluster.v3.OutlierDetection",
         "monitors",
     ): f"outlier detection monitor extensions are {NOT_YET}",
+    (
+        "envoy.config.route.v3.VirtualHost",
+        "virtual_clusters",
+    ): f"virtual_clusters are {NOT_YET}; a route's stat_prefix gives the same stats per route",
     (
         "envoy.config.route.v3.RouteAction.RequestMirrorPolicy",
         "trace_sampled",

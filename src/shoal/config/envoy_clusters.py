@@ -21,6 +21,7 @@ from shoal.config.envoy_fields import (
     choice,
     duration,
     flag,
+    keepalive,
     required,
     seconds,
     socket_address,
@@ -29,6 +30,7 @@ from shoal.config.envoy_fields import (
     unpack,
 )
 from shoal.config.envoy_headers import headers_to_add
+from shoal.config.envoy_tls import upstream_tls
 from shoal.config.model import (
     DEFAULT_EXPECTED_STATUSES,
     CircuitBreakerThresholds,
@@ -39,6 +41,7 @@ from shoal.config.model import (
     GrpcHealthCheck,
     HealthCheck,
     HttpHealthCheck,
+    Keepalive,
     LbPolicy,
     Locality,
     OutlierDetection,
@@ -102,7 +105,8 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
     endpoints, overprovisioning = _load_assignment(
         proto.load_assignment, ctx.at("load_assignment"), discovery
     )
-    idle_timeout, max_requests, http2 = _upstream_http_options(proto, ctx)
+    idle_timeout, max_requests, http2, h2_keepalive = _upstream_http_options(proto, ctx)
+    tls = upstream_tls(proto, ctx, http2=http2)
     return Cluster(
         name=name,
         type=discovery,
@@ -128,6 +132,7 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
         ),
         idle_timeout=idle_timeout,
         http2=http2,
+        keepalive=h2_keepalive,
         max_requests_per_connection=max_requests,
         overprovisioning_factor=overprovisioning,
         outlier_detection=(
@@ -135,9 +140,10 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
             if proto.HasField("outlier_detection")
             else None
         ),
-        health_checks=_health_checks(proto, ctx, http2=http2),
+        health_checks=_health_checks(proto, ctx, http2=http2, tls=tls is not None),
         breaker=breaker_policy(proto, ctx),
         eds_service_name=eds_service_name,
+        tls=tls,
     )
 
 
@@ -242,12 +248,15 @@ def _load_assignment(
     return tuple(endpoints), overprovisioning
 
 
-def _upstream_http_options(proto: Message, ctx: Ctx) -> tuple[Seconds | None, int | None, bool]:
+def _upstream_http_options(
+    proto: Message, ctx: Ctx
+) -> tuple[Seconds | None, int | None, bool, Keepalive | None]:
     """Upstream connection idle timeout, max requests per connection (from the typed
-    HttpProtocolOptions or the deprecated cluster field) and whether the cluster speaks
-    HTTP/2 (only gRPC services such as the rate limit service may use that yet)."""
+    HttpProtocolOptions or the deprecated cluster field), whether the cluster speaks
+    HTTP/2, and its HTTP/2 PING keepalive."""
     idle_timeout: Seconds | None = 3600.0
     http2 = False
+    h2_keepalive: Keepalive | None = None
     max_requests = uint(proto, "max_requests_per_connection", 0, ctx) or None
     for key, packed in proto.typed_extension_protocol_options.items():
         here = ctx.at(f"typed_extension_protocol_options[{key}]")
@@ -259,6 +268,11 @@ def _upstream_http_options(proto: Message, ctx: Ctx) -> tuple[Seconds | None, in
                 "explicit_http_config is required (http_protocol_options for HTTP/1.1)"
             )
         http2 = options.explicit_http_config.HasField("http2_protocol_options")
+        if http2:
+            h2_keepalive = keepalive(
+                options.explicit_http_config.http2_protocol_options,
+                here.at("explicit_http_config", "http2_protocol_options"),
+            )
         common = options.common_http_protocol_options
         common_ctx = here.at("common_http_protocol_options")
         idle_timeout = timeout(common, "idle_timeout", 3600.0, common_ctx)
@@ -268,7 +282,7 @@ def _upstream_http_options(proto: Message, ctx: Ctx) -> tuple[Seconds | None, in
                     "also set by the deprecated cluster-level max_requests_per_connection"
                 )
             max_requests = uint(common, "max_requests_per_connection", 0, common_ctx) or None
-    return idle_timeout, max_requests, http2
+    return idle_timeout, max_requests, http2, h2_keepalive
 
 
 def _outlier_detection(config: Message, ctx: Ctx) -> OutlierDetection:
@@ -329,9 +343,12 @@ def _outlier_detection(config: Message, ctx: Ctx) -> OutlierDetection:
     )
 
 
-def _health_checks(cluster: Message, ctx: Ctx, *, http2: bool) -> tuple[HealthCheck, ...]:
+def _health_checks(
+    cluster: Message, ctx: Ctx, *, http2: bool, tls: bool
+) -> tuple[HealthCheck, ...]:
     """At most one check: Envoy runs several only when each has a ``name``, a field this
-    version of the API does not have. A gRPC check needs an HTTP/2 cluster, as in Envoy."""
+    version of the API does not have. A gRPC check needs an HTTP/2 cluster, as in Envoy, and
+    (in Shoal) a plaintext one."""
     checks = cluster.health_checks
     if len(checks) > 1:
         raise ctx.at("health_checks").error(
@@ -343,6 +360,11 @@ def _health_checks(cluster: Message, ctx: Ctx, *, http2: bool) -> tuple[HealthCh
             raise ctx.at("health_checks", index, "grpc_health_check").error(
                 f"{cluster.name} cluster must support HTTP/2 for gRPC healthchecking"
                 " (http2_protocol_options)"
+            )
+        if check.HasField("grpc_health_check") and tls:
+            raise ctx.at("health_checks", index, "grpc_health_check").error(
+                "gRPC health checks of a TLS cluster are not supported yet (HTTP and TCP"
+                " checks use the cluster's TLS)"
             )
     return tuple(_health_check(c, ctx.at("health_checks", i)) for i, c in enumerate(checks))
 

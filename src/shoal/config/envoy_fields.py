@@ -21,6 +21,7 @@ from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.generic_proxy.action.v3 import action_pb2
 from envoy.extensions.filters.network.generic_proxy.codecs.dubbo.v3 import dubbo_pb2
 from envoy.extensions.filters.network.generic_proxy.matcher.v3 import matcher_pb2
@@ -33,11 +34,13 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.message import DecodeError, Message
 from xds.type.v3 import typed_struct_pb2
 
-from shoal.config.model import Seconds, SocketAddress, WeightedCluster
+from shoal.config.model import Keepalive, Seconds, SocketAddress, WeightedCluster
 from shoal.errors import ConfigError
 
 T = TypeVar("T")
@@ -62,6 +65,10 @@ EXTENSIONS: dict[str, type[Message]] = {
         http_protocol_options_pb2.HttpProtocolOptions,
         previous_hosts_pb2.PreviousHostsPredicate,
         http_inspector_pb2.HttpInspector,
+        tls_inspector_pb2.TlsInspector,
+        tls_pb2.DownstreamTlsContext,
+        tls_pb2.UpstreamTlsContext,
+        raw_buffer_pb2.RawBuffer,
         typed_struct_pb2.TypedStruct,
         generic_proxy_pb2.GenericProxy,
         generic_router_pb2.Router,
@@ -153,6 +160,23 @@ def timeout(msg: Message, name: str, default: Seconds | None, ctx: Ctx) -> Secon
     if value is None:
         return default
     return value or None
+
+
+def keepalive(options: Message, ctx: Ctx) -> Keepalive | None:
+    """``Http2ProtocolOptions.connection_keepalive``: PINGs only with an ``interval`` (as in
+    Envoy), answered within ``timeout`` (required)."""
+    if not options.HasField("connection_keepalive"):
+        return None
+    settings, here = options.connection_keepalive, ctx.at("connection_keepalive")
+    interval = duration(settings, "interval", here)
+    wait = duration(settings, "timeout", here)
+    if not wait:
+        raise here.at("timeout").error("timeout is required and must be greater than 0")
+    if not interval:
+        raise here.at("interval").error(
+            "only periodic PINGs are supported: interval is required and greater than 0"
+        )
+    return Keepalive(interval, wait)
 
 
 def uint(

@@ -14,6 +14,7 @@ from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.generic_proxy.v3 import generic_proxy_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -28,6 +29,7 @@ from shoal.config.envoy_fields import (
     cluster_ref,
     data_source,
     flag,
+    keepalive,
     required,
     seconds,
     socket_address,
@@ -40,6 +42,7 @@ from shoal.config.envoy_filters import FILTER_TYPES, filter_config
 from shoal.config.envoy_routes import build_route_configuration
 from shoal.config.envoy_rpc import RPC_PROTOCOLS, generic_proxy
 from shoal.config.envoy_telemetry import istio_stats, tracing
+from shoal.config.envoy_tls import downstream_tls
 from shoal.config.filters import HttpFilter
 from shoal.config.model import (
     AccessLog,
@@ -49,10 +52,13 @@ from shoal.config.model import (
     Listener,
     NetworkFilter,
     ProtocolChain,
+    ServerNameChain,
     TcpProxy,
+    TlsContext,
     TrafficDirection,
     WeightedCluster,
 )
+from shoal.config.tls import verify_mode
 
 INSPECTOR = "shoal.filters.listener.protocol_inspector"
 INSPECTOR_TYPE_URL = "type.shoal.io/shoal.listener.v1.ProtocolInspector"
@@ -114,46 +120,87 @@ def _json_format(struct: Message, ctx: Ctx) -> tuple[tuple[str, str], ...]:
 
 
 def build_listener(proto: Message, ctx: Ctx) -> Listener:
-    """One filter chain, or several told apart by ``application_protocols`` that Shoal's
-    protocol inspector (a listener filter) sets from the first bytes of a connection."""
+    """One filter chain, or several told apart by ``application_protocols`` (plaintext: Shoal's
+    protocol inspector reads the first bytes) or by ``server_names`` (TLS: the client's SNI).
+    A TLS listener has TLS on every chain: mixing TLS and plaintext chains on one port is not
+    supported."""
     if not proto.HasField("address"):
         raise ctx.at("address").error("address is required")
     chains = proto.filter_chains
     if not chains:
         raise ctx.at("filter_chains").error("at least one filter chain is required")
-    inspected = _listener_filters(proto.listener_filters, ctx.at("listener_filters"))
+    inspected, tls_inspected = _listener_filters(proto.listener_filters, ctx.at("listener_filters"))
     default: NetworkFilter | None = None
+    default_tls: TlsContext | None = None
     by_protocol: list[ProtocolChain] = []
+    by_name: list[ServerNameChain] = []
     seen: set[str] = set()
+    names_seen: set[str] = set()
+    tls_chains: list[tuple[TlsContext, Ctx]] = []
+    plain_chains: list[Ctx] = []
     for index, chain in enumerate(chains):
         chain_ctx = ctx.at("filter_chains", index)
         network_filter = _chain_filter(chain, chain_ctx)
-        protocols = frozenset(str(p) for p in chain.filter_chain_match.application_protocols)
+        match, match_ctx = chain.filter_chain_match, chain_ctx.at("filter_chain_match")
+        tls = downstream_tls(chain, chain_ctx)
+        _transport_protocol(match, tls, tls_inspected, match_ctx)
+        if tls is None:
+            plain_chains.append(chain_ctx)
+        else:
+            tls_chains.append((tls, chain_ctx))
+        server_names = _server_names(match, tls, tls_inspected, names_seen, match_ctx)
+        protocols = frozenset(str(p) for p in match.application_protocols)
+        if server_names:
+            if protocols:
+                raise match_ctx.at("application_protocols").error(
+                    "not supported: application_protocols together with server_names"
+                )
+            assert tls is not None
+            by_name.append(ServerNameChain(server_names, network_filter, tls))
+            continue
         if not protocols:
             if default is not None:
-                raise chain_ctx.error("two filter chains without application_protocols")
-            default = network_filter
+                raise chain_ctx.error(
+                    "two filter chains without application_protocols or server_names"
+                )
+            default, default_tls = network_filter, tls
             continue
+        if tls is not None:
+            raise match_ctx.at("application_protocols").error(
+                "not supported: application_protocols on a TLS filter chain (Envoy matches"
+                " them against the ALPN of a TLS connection; Shoal picks the HTTP version by"
+                " ALPN within one chain)"
+            )
         if not inspected:
-            raise chain_ctx.at("filter_chain_match").error(
+            raise match_ctx.error(
                 "application_protocols needs a protocol inspector in listener_filters"
                 f" ({INSPECTOR} or envoy.filters.listener.http_inspector)"
             )
         unknown = sorted(protocols - DETECTED_PROTOCOLS)
         if unknown:
             known = ", ".join(sorted(DETECTED_PROTOCOLS))
-            raise chain_ctx.at("filter_chain_match", "application_protocols").error(
+            raise match_ctx.at("application_protocols").error(
                 f"unknown protocol {unknown[0]!r}; the inspector detects {known}"
             )
         if protocols & seen:
-            raise chain_ctx.at("filter_chain_match", "application_protocols").error(
+            raise match_ctx.at("application_protocols").error(
                 f"{sorted(protocols & seen)[0]!r} is matched by an earlier chain"
             )
         seen |= protocols
         by_protocol.append(ProtocolChain(protocols, network_filter))
+    if tls_chains and plain_chains:
+        raise plain_chains[0].error(
+            "not supported: TLS and plaintext filter chains on one listener (every chain"
+            " needs a transport_socket, or none); put them on two listeners"
+        )
+    _same_handshake(tls_chains)
     if default is None:
-        # no catch-all chain: the first one is used when the inspector cannot tell
-        default = by_protocol[0].filter
+        # no catch-all chain: the first one is used when the inspector cannot tell, or for
+        # a client whose SNI no chain names
+        if by_protocol:
+            default = by_protocol[0].filter
+        else:
+            default, default_tls = by_name[0].filter, by_name[0].tls
     return Listener(
         name=str(proto.name),
         address=socket_address(proto.address, ctx.at("address")),
@@ -163,29 +210,113 @@ def build_listener(proto: Message, ctx: Ctx) -> Listener:
         ),
         protocol_chains=tuple(by_protocol),
         traffic_direction=choice(_DIRECTIONS, proto, "traffic_direction", ctx),
+        tls=default_tls,
+        server_name_chains=tuple(by_name),
     )
 
 
-def _listener_filters(filters: Any, ctx: Ctx) -> bool:
-    """Whether a protocol inspector is configured (the only listener filters Shoal has)."""
+def _transport_protocol(
+    match: Message, tls: TlsContext | None, tls_inspected: bool, ctx: Ctx
+) -> None:
+    """``transport_protocol: tls`` on a TLS chain (as Istio writes it) or ``raw_buffer`` on a
+    plaintext one changes nothing in Shoal; anything else would mean TLS passthrough."""
+    transport = str(match.transport_protocol)
+    if not transport:
+        return
+    here = ctx.at("transport_protocol")
+    if transport not in ("tls", "raw_buffer"):
+        raise here.error(f"unknown transport protocol {transport!r} (tls or raw_buffer)")
+    if transport == "tls" and tls is None:
+        raise here.error(
+            "not supported: transport_protocol tls without a transport_socket (TLS passthrough)"
+        )
+    if transport == "raw_buffer" and tls is not None:
+        raise here.error("transport_protocol raw_buffer on a chain that terminates TLS")
+    if transport == "tls" and not tls_inspected:
+        raise here.error(
+            "transport_protocol tls needs envoy.filters.listener.tls_inspector in"
+            " listener_filters (as in Envoy)"
+        )
+
+
+def _server_names(
+    match: Message, tls: TlsContext | None, tls_inspected: bool, seen: set[str], ctx: Ctx
+) -> tuple[str, ...]:
+    """``server_names``: exact names or a leading ``*.`` wildcard, lower-cased, each on one
+    chain only; they need TLS and Envoy's TLS inspector (which reads the SNI in Envoy)."""
+    names = tuple(str(n).lower() for n in match.server_names)
+    if not names:
+        return ()
+    here = ctx.at("server_names")
+    if tls is None:
+        raise here.error("server_names needs a TLS chain (transport_socket)")
+    if not tls_inspected:
+        raise here.error(
+            "server_names needs envoy.filters.listener.tls_inspector in listener_filters"
+            " (as in Envoy)"
+        )
+    for index, name in enumerate(names):
+        bare = name[2:] if name.startswith("*.") else name
+        if not bare or "*" in bare or any(c in bare for c in " /\r\n\x00"):
+            raise here.at(index).error(f"invalid server name {name!r} (an exact name or *.domain)")
+        if name in seen:
+            raise here.at(index).error(f"{name!r} is matched by an earlier chain")
+        seen.add(name)
+    return names
+
+
+def _same_handshake(chains: list[tuple[TlsContext, Ctx]]) -> None:
+    """The TLS version range and whether client certificates are asked for are settled
+    before the SNI picks a chain, so every chain of a listener must agree on them."""
+    if not chains:
+        return
+    first = chains[0][0]
+    for tls, chain_ctx in chains[1:]:
+        here = chain_ctx.at("transport_socket", "typed_config")
+        if (tls.min_version, tls.max_version) != (first.min_version, first.max_version):
+            raise here.at("common_tls_context", "tls_params").error(
+                "not supported: filter chains of one listener with different TLS versions"
+                " (the version is chosen before the SNI picks a chain)"
+            )
+        if verify_mode(tls) != verify_mode(first):
+            raise here.error(
+                "not supported: filter chains of one listener that ask for client"
+                " certificates differently (trusted_ca / require_client_certificate: asked"
+                " before the SNI picks a chain)"
+            )
+
+
+def _listener_filters(filters: Any, ctx: Ctx) -> tuple[bool, bool]:
+    """Whether a protocol inspector and Envoy's TLS inspector are configured (the only
+    listener filters Shoal has; TLS termination reads the SNI itself, so the TLS inspector
+    does nothing more)."""
+    protocol = tls = False
     for index, item in enumerate(filters):
         if not item.HasField("typed_config"):
             raise ctx.at(index).error(
                 f"only the protocol inspector ({INSPECTOR} or"
-                " envoy.filters.listener.http_inspector) is supported"
+                " envoy.filters.listener.http_inspector) and"
+                " envoy.filters.listener.tls_inspector are supported"
             )
-        typed_config(
-            item, ctx.at(index), http_inspector_pb2.HttpInspector, typed_struct_pb2.TypedStruct
+        config = typed_config(
+            item,
+            ctx.at(index),
+            http_inspector_pb2.HttpInspector,
+            tls_inspector_pb2.TlsInspector,
+            typed_struct_pb2.TypedStruct,
         )
-        config = item.typed_config
-        if config.TypeName() == "xds.type.v3.TypedStruct":
-            struct = typed_struct_pb2.TypedStruct()
-            config.Unpack(struct)
-            if struct.type_url != INSPECTOR_TYPE_URL:
-                raise ctx.at(index, "typed_config", "type_url").error(
-                    f"unknown listener filter {struct.type_url!r}; Shoal has {INSPECTOR_TYPE_URL}"
-                )
-    return bool(filters)
+        if isinstance(config, tls_inspector_pb2.TlsInspector):
+            tls = True
+            continue
+        if (
+            isinstance(config, typed_struct_pb2.TypedStruct)
+            and config.type_url != INSPECTOR_TYPE_URL
+        ):
+            raise ctx.at(index, "typed_config", "type_url").error(
+                f"unknown listener filter {config.type_url!r}; Shoal has {INSPECTOR_TYPE_URL}"
+            )
+        protocol = True
+    return protocol, tls
 
 
 def _chain_filter(chain: Message, ctx: Ctx) -> NetworkFilter:
@@ -231,15 +362,6 @@ def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
     common = hcm.common_http_protocol_options
     common_ctx = ctx.at("common_http_protocol_options")
     max_request_bytes, http_filters, stats = _http_filters(hcm.http_filters, ctx.at("http_filters"))
-    if codec_type == "http2" and (http_filters or max_request_bytes is not None):
-        names = [f.name for f in http_filters]
-        if max_request_bytes is not None:
-            names.append("envoy.filters.http.buffer")
-        raise ctx.at("http_filters").error(
-            f"codec_type HTTP2 runs no HTTP filters but the router and"
-            f" shoal.filters.http.istio_stats; remove {', '.join(names)} (codec_type AUTO runs"
-            " them for HTTP/1.1 and asks HTTP/2 clients for HTTP/1.1)"
-        )
     return HttpConnectionManager(
         stat_prefix=required(str(hcm.stat_prefix), ctx.at("stat_prefix"), "stat_prefix"),
         route_config=build_route_configuration(hcm.route_config, ctx.at("route_config")),
@@ -265,6 +387,7 @@ def _http_connection_manager(hcm: Message, ctx: Ctx) -> HttpConnectionManager:
         istio_stats=stats,
         tracing=tracing(hcm, ctx),
         codec_type=codec_type,
+        keepalive=keepalive(hcm.http2_protocol_options, ctx.at("http2_protocol_options")),
     )
 
 

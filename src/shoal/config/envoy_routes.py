@@ -58,6 +58,7 @@ _DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}  # FractionalPercent.Denominat
 # what a generated cookie's name and path may hold: they are written into Set-Cookie
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _COOKIE_PATH = re.compile(r"[\x21-\x3a\x3c-\x7e]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REDIRECT_CODES = {
     route_components_pb2.RedirectAction.MOVED_PERMANENTLY: 301,
     route_components_pb2.RedirectAction.FOUND: 302,
@@ -117,7 +118,22 @@ def _route(route: Message, ctx: Ctx) -> Route:
         per_filter=per_filter_configs(route, ctx),
         breaker=route_breaker_policy(route, ctx),
         backup=route_backup_policy(route, ctx),
+        stat_prefix=_stat_prefix(str(route.stat_prefix), ctx.at("stat_prefix")),
     )
+
+
+def _stat_prefix(prefix: str, ctx: Ctx) -> str:
+    """A route's stat prefix, the ``<stat_prefix>`` of ``vhost.<vhost>.route.<stat_prefix>.``.
+    Envoy takes any string; one with an empty dot-separated part (``.a``, ``a..b``, ``a.``)
+    or a control character would make stat names that cannot be read back, so it is an
+    error here."""
+    if not prefix:
+        return ""
+    if _CONTROL.search(prefix):
+        raise ctx.error(f"{prefix!r} has a control character")
+    if "" in prefix.split("."):
+        raise ctx.error(f"{prefix!r} has an empty part between dots")
+    return prefix
 
 
 def _route_match(match: Message, ctx: Ctx) -> RouteMatch:

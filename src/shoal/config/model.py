@@ -285,6 +285,8 @@ class Route:
     per_filter: tuple[tuple[str, FilterConfig], ...] = ()
     breaker: CircuitBreakerPolicy | None = None  # route-level error-rate breaker
     backup: BackupRequestPolicy | None = None  # backup requests after a latency percentile
+    # per-route stats, vhost.<virtual host>.route.<stat_prefix>.*; "" for none
+    stat_prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +382,15 @@ class AccessLog:
 
 
 @dataclass(frozen=True, slots=True)
+class Keepalive:
+    """HTTP/2 PING keepalive (Envoy's ``connection_keepalive``): a PING every ``interval``;
+    a connection whose peer does not answer one within ``timeout`` is closed."""
+
+    interval: Seconds
+    timeout: Seconds
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConnectionManager:
     stat_prefix: str
     route_config: RouteConfiguration
@@ -404,6 +415,7 @@ class HttpConnectionManager:
     tracing: Tracing | None = None
     # "auto": HTTP/2 for a connection that opens with the h2 preface, else HTTP/1.1
     codec_type: CodecType = "auto"
+    keepalive: Keepalive | None = None  # http2_protocol_options.connection_keepalive
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +496,59 @@ NetworkFilter = HttpConnectionManager | TcpProxy | RpcProxy
 TrafficDirection = Literal["unspecified", "inbound", "outbound"]
 
 
+# --- TLS ----------------------------------------------------------------------------------------
+
+TlsVersion = Literal["1.0", "1.1", "1.2", "1.3"]
+SanType = Literal["dns", "uri", "ip_address", "email"]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsCertificate:
+    """A certificate chain and its private key, PEM, as read from the config (files are
+    read when the config is loaded, so a changed file is a changed config)."""
+
+    certificate_chain: bytes
+    private_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SanMatcher:
+    """``match_typed_subject_alt_names[]``: a peer certificate SAN of ``san_type`` that
+    ``match`` accepts (an exact DNS match honours a ``*.`` wildcard in the certificate)."""
+
+    san_type: SanType
+    match: StringMatch
+
+
+@dataclass(frozen=True, slots=True)
+class TlsContext:
+    """Envoy's ``DownstreamTlsContext`` / ``UpstreamTlsContext`` (``envoy.transport_sockets.
+    tls``): ``common_tls_context`` plus each side's own field. With ``trusted_ca`` the peer's
+    certificate is verified against it (a server asks for a client certificate and, with
+    ``require_client_certificate``, insists on one); without it an upstream's certificate is
+    not verified, as in Envoy. ``alpn_protocols`` empty on a cluster means ``h2`` for an
+    HTTP/2 cluster and ``http/1.1`` otherwise."""
+
+    certificates: tuple[TlsCertificate, ...] = ()
+    alpn_protocols: tuple[str, ...] = ()
+    trusted_ca: bytes = b""
+    subject_alt_names: tuple[SanMatcher, ...] = ()
+    min_version: TlsVersion = "1.2"
+    max_version: TlsVersion = "1.3"
+    require_client_certificate: bool = False  # downstream only
+    sni: str = ""  # upstream only: the server name sent ("" sends none)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerNameChain:
+    """A TLS filter chain picked by the client's SNI (``filter_chain_match.server_names``:
+    exact names, or ``*.example.com`` for any name below it), lower-cased."""
+
+    server_names: tuple[str, ...]
+    filter: NetworkFilter
+    tls: TlsContext
+
+
 @dataclass(frozen=True, slots=True)
 class ProtocolChain:
     """A filter chain picked by the protocol a connection's first bytes show
@@ -495,8 +560,9 @@ class ProtocolChain:
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """``filter`` is the chain without ``application_protocols`` (or the only chain);
-    ``protocol_chains`` are the others, chosen by Shoal's protocol inspector."""
+    """``filter`` is the chain without ``application_protocols`` / ``server_names`` (or the
+    only chain); ``protocol_chains`` are chosen by Shoal's protocol inspector and
+    ``server_name_chains`` by the TLS client's SNI."""
 
     name: str
     address: SocketAddress
@@ -506,6 +572,10 @@ class Listener:
     # Envoy's traffic_direction: tracing names outbound spans egress (CLIENT), others
     # ingress (SERVER)
     traffic_direction: TrafficDirection = "unspecified"
+    # TLS termination (every chain of a TLS listener terminates TLS): ``tls`` is the
+    # default chain's (``filter``); ``server_name_chains`` are chosen by SNI
+    tls: TlsContext | None = None
+    server_name_chains: tuple[ServerNameChain, ...] = ()
 
 
 # --- clusters --------------------------------------------------------------------------------
@@ -686,12 +756,14 @@ class Cluster:
     per_connection_buffer_limit_bytes: int = 1024 * 1024
     idle_timeout: Seconds | None = 3600.0  # upstream connection idle timeout
     max_requests_per_connection: int | None = None
-    http2: bool = False  # explicit http2_protocol_options: for gRPC services, not for routes
+    http2: bool = False  # explicit_http_config.http2_protocol_options: HTTP/2 upstream
+    keepalive: Keepalive | None = None  # http2_protocol_options.connection_keepalive
     overprovisioning_factor: int = 140  # percent, as Envoy's default
     outlier_detection: OutlierDetection | None = None
     health_checks: tuple[HealthCheck, ...] = ()
     breaker: CircuitBreakerPolicy | None = None  # cluster-level error-rate breaker
     eds_service_name: str = ""  # EDS clusters: the ClusterLoadAssignment to follow
+    tls: TlsContext | None = None  # transport_socket envoy.transport_sockets.tls
 
 
 # --- bootstrap ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import pairwise
-from typing import Any
+from typing import Any, Final
 
 # Envoy's default histogram bucket upper bounds, in milliseconds.
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -117,6 +117,112 @@ class Histogram:
 
     def __repr__(self) -> str:
         return f"Histogram(count={self.count}, sum={self.sum}, counts={self.counts})"
+
+
+class RouteStats:
+    """Envoy's stats of one route with a ``stat_prefix``, rooted at
+    ``vhost.<virtual host>.route.<stat_prefix>.`` (the set Envoy documents for virtual
+    clusters): counters as plain ints, bumped by the proxy where it bumps the cluster's,
+    and ``upstream_rq_time``. Every route with the same virtual host name and stat prefix
+    shares one object (see :class:`RouteStatsRegistry`), so counters survive reloads.
+
+    The HTTP/1 and HTTP/2 paths use it the same way: ``upstream_rq_total += 1`` per try
+    started; ``upstream_rq_retry``, ``upstream_rq_retry_overflow``,
+    ``upstream_rq_retry_limit_exceeded`` and ``upstream_rq_retry_success`` where the
+    cluster's retry counters move (the limit: a retriable failure with no retries left);
+    ``upstream_rq_timeout += 1`` when the route's timeout fires; and :meth:`record` once
+    when the request ends.
+    """
+
+    __slots__ = (
+        "codes",
+        "prefix",
+        "upstream_rq_retry",
+        "upstream_rq_retry_limit_exceeded",
+        "upstream_rq_retry_overflow",
+        "upstream_rq_retry_success",
+        "upstream_rq_time",
+        "upstream_rq_timeout",
+        "upstream_rq_total",
+    )
+
+    def __init__(self, vhost: str, stat_prefix: str) -> None:
+        self.prefix = f"vhost.{vhost}.route.{stat_prefix}."
+        self.upstream_rq_total = 0
+        self.upstream_rq_timeout = 0
+        self.upstream_rq_retry = 0
+        self.upstream_rq_retry_limit_exceeded = 0
+        self.upstream_rq_retry_overflow = 0
+        self.upstream_rq_retry_success = 0
+        self.codes: dict[int, int] = {}  # status sent downstream → requests
+        self.upstream_rq_time = Histogram()
+
+    def record(self, status: int, upstream_ms: float) -> None:
+        """A request on this route ended, with ``status`` sent downstream (0: none, not
+        counted) and its upstream time in milliseconds, from the answering try's start to
+        the end of its response (negative: no complete upstream answer, e.g. a timeout or a
+        reset, which counts a status but no time)."""
+        if status:
+            codes = self.codes
+            codes[status] = codes.get(status, 0) + 1
+        if upstream_ms >= 0.0:
+            self.upstream_rq_time.record(upstream_ms)
+
+    def report(self, counters: dict[str, int], histograms: dict[str, Histogram]) -> None:
+        """Add this route's stats to a scrape, named as Envoy names them: the counters
+        and ``upstream_rq_time`` always; ``upstream_rq_<code>``, ``upstream_rq_<N>xx``
+        and ``upstream_rq_completed`` once a response was counted."""
+        prefix = self.prefix
+        counters[prefix + "upstream_rq_total"] = self.upstream_rq_total
+        counters[prefix + "upstream_rq_timeout"] = self.upstream_rq_timeout
+        counters[prefix + "upstream_rq_retry"] = self.upstream_rq_retry
+        counters[prefix + "upstream_rq_retry_limit_exceeded"] = (
+            self.upstream_rq_retry_limit_exceeded
+        )
+        counters[prefix + "upstream_rq_retry_overflow"] = self.upstream_rq_retry_overflow
+        counters[prefix + "upstream_rq_retry_success"] = self.upstream_rq_retry_success
+        histograms[prefix + "upstream_rq_time"] = self.upstream_rq_time
+        if not self.codes:
+            return
+        classes: dict[int, int] = {}
+        for code, count in self.codes.items():
+            counters[f"{prefix}upstream_rq_{code}"] = count
+            classes[code // 100] = classes.get(code // 100, 0) + count
+        for klass, count in classes.items():
+            counters[f"{prefix}upstream_rq_{klass}xx"] = count
+        counters[prefix + "upstream_rq_completed"] = sum(classes.values())
+
+
+class RouteStatsRegistry:
+    """This process's :class:`RouteStats` by (virtual host name, stat prefix): routes of a
+    new config version (or of another listener) with the same names count on into the
+    same object; :meth:`retain` forgets the ones no live config uses."""
+
+    __slots__ = ("routes",)
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], RouteStats] = {}
+
+    def get(self, vhost: str, stat_prefix: str) -> RouteStats:
+        key = (vhost, stat_prefix)
+        stats = self.routes.get(key)
+        if stats is None:
+            stats = self.routes[key] = RouteStats(vhost, stat_prefix)
+        return stats
+
+    def retain(self, keys: set[tuple[str, str]]) -> None:
+        """Forget every route not in ``keys`` (removed from the config): as in Envoy,
+        stats of a route that comes back start from zero."""
+        for key in [key for key in self.routes if key not in keys]:
+            del self.routes[key]
+
+    def report(self, counters: dict[str, int], histograms: dict[str, Histogram]) -> None:
+        for stats in self.routes.values():
+            stats.report(counters, histograms)
+
+
+# the route stats of this process, read by ProxyRuntime.snapshot()
+ROUTE_STATS: Final = RouteStatsRegistry()
 
 
 def _short(value: float) -> str:
@@ -250,6 +356,11 @@ _TAG_EXTRACTORS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     for tag, regex in (
         ("envoy_response_code", r"_rq(_(\d{3}))$"),
         ("envoy_response_code_class", r"_rq_(\d)xx$"),
+        # per-route stats (Route.stat_prefix); like Envoy's tokenized extractors, a name
+        # holding dots gives its first part only, and the rest stays in the metric name
+        ("envoy_virtual_cluster", r"^vhost\.[^.]+\.vcluster\.(([^.]+)\.)"),
+        ("envoy_virtual_host", r"^vhost\.(([^.]+)\.)"),
+        ("envoy_route", r"^vhost\.[^.]+\.route\.(([^.]+)\.)"),
         ("envoy_tcp_prefix", r"^tcp\.((.*?)\.)\w+?$"),
         # RPC listeners (generic proxy) and their per-method stats; services hold dots
         ("envoy_rpc_method", r"^generic_proxy\.[^.]+\.rpc\..*\.(([^.]+)\.)\w+$"),

@@ -203,22 +203,28 @@ class Tracer:
         return None
 
     def headers(self, span: Span) -> bytes:
-        """The header lines that carry ``span`` upstream (replacing the caller's)."""
+        """The HTTP/1.1 header lines that carry ``span`` upstream (replacing the caller's)."""
+        return b"".join(b"%s: %s\r\n" % pair for pair in self.header_pairs(span))
+
+    def header_pairs(self, span: Span) -> Headers:
+        """The headers that carry ``span`` upstream, as (name, value) pairs (HTTP/2)."""
         flag = b"1" if span.sampled else b"0"
         trace, own, parent = span.trace_id.encode(), span.span_id.encode(), span.parent_id.encode()
-        out = b""
+        out: Headers = []
         if self.zipkin is not None:
             if span.b3_single:
-                out = b"b3: %s-%s-%s%s\r\n" % (trace, own, flag, b"-" + parent if parent else b"")
+                out.append(
+                    (b"b3", b"%s-%s-%s%s" % (trace, own, flag, b"-" + parent if parent else b""))
+                )
             else:
-                out = b"x-b3-traceid: %s\r\nx-b3-spanid: %s\r\n" % (trace, own)
+                out += [(b"x-b3-traceid", trace), (b"x-b3-spanid", own)]
                 if parent:
-                    out += b"x-b3-parentspanid: %s\r\n" % parent
-                out += b"x-b3-sampled: %s\r\n" % flag
+                    out.append((b"x-b3-parentspanid", parent))
+                out.append((b"x-b3-sampled", flag))
         if self.w3c:
-            out += b"traceparent: 00-%s-%s-0%s\r\n" % (trace.rjust(32, b"0"), own, flag)
+            out.append((b"traceparent", b"00-%s-%s-0%s" % (trace.rjust(32, b"0"), own, flag)))
             if span.tracestate:
-                out += b"tracestate: %s\r\n" % span.tracestate
+                out.append((b"tracestate", span.tracestate))
         return out
 
     def finish(self, span: Span, record: AccessLogRecord, host: str) -> None:

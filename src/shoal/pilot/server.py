@@ -150,9 +150,14 @@ class Pilot:
                 interval=settings.scrape_interval,
                 retention=settings.metrics_retention,
                 prometheus=settings.prometheus or None,
+                vhost_services=self.vhost_services,
             )
         except ValueError as exc:
             raise StartError(f"--prometheus: {exc}") from None
+
+    def vhost_services(self) -> dict[str, str]:
+        """The current snapshot's virtual hosts' services (the latest, not the one at start)."""
+        return self.mesh.snapshot.vhost_services()
 
     def connected_proxies(self) -> list[ProxyInfo]:
         """Every client with an xDS stream, once (a proxy's workers each hold a stream)."""

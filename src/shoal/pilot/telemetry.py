@@ -213,15 +213,24 @@ class ProxyInfo:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# --- Prometheus text: the Istio series pilot keeps ---------------------------------------------
+# --- Prometheus text: the Istio and per-route series pilot keeps -------------------------------
 
 # (reporter, source_workload, destination_service, request_protocol, success)
 RequestKey = tuple[str, str, str, str, bool]
 # (reporter, source_workload, destination_service, le)
 BucketKey = tuple[str, str, str, float]
+# a route with a stat_prefix: (virtual host, route stat prefix, success)
+RouteKey = tuple[str, str, bool]
+# (virtual host, route stat prefix, le)
+RouteBucketKey = tuple[str, str, float]
 
 _REQUESTS = "istio_requests_total{"
 _BUCKETS = "istio_request_duration_milliseconds_bucket{"
+# Envoy's per-route stats, vhost.<vhost>.route.<stat_prefix>.upstream_rq_<code> and
+# .upstream_rq_time, with the virtual host and route extracted as tags (names without dots)
+_ROUTE_REQUESTS = "envoy_vhost_route_upstream_rq{"
+_ROUTE_BUCKETS = "envoy_vhost_route_upstream_rq_time_bucket{"
+_ROUTE_METRICS = "envoy_vhost_route_upstream_rq"  # the common start of both
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _UNESCAPE = re.compile(r"\\(.)")
 
@@ -233,6 +242,8 @@ class Scrape:
 
     requests: dict[RequestKey, float] = field(default_factory=dict)
     buckets: dict[BucketKey, float] = field(default_factory=dict)
+    routes: dict[RouteKey, float] = field(default_factory=dict)
+    route_buckets: dict[RouteBucketKey, float] = field(default_factory=dict)
 
 
 def succeeded(response_code: str) -> bool:
@@ -241,14 +252,19 @@ def succeeded(response_code: str) -> bool:
 
 
 def parse_istio(text: str) -> Scrape:
-    """``istio_requests_total`` and ``istio_request_duration_milliseconds_bucket`` from
-    Prometheus' text format; every other line is skipped unparsed."""
+    """``istio_requests_total`` and ``istio_request_duration_milliseconds_bucket``, and
+    the per-route ``envoy_vhost_route_upstream_rq`` (per response code) and
+    ``envoy_vhost_route_upstream_rq_time_bucket``, from Prometheus' text format; every
+    other line is skipped unparsed."""
     scrape = Scrape()
     for line in text.splitlines():
         if line.startswith(_REQUESTS):
             start = len(_REQUESTS)
         elif line.startswith(_BUCKETS):
             start = len(_BUCKETS)
+        elif line.startswith(_ROUTE_METRICS):
+            _parse_route_line(line, scrape)
+            continue
         else:
             continue
         end = line.rfind("}")
@@ -283,6 +299,39 @@ def parse_istio(text: str) -> Scrape:
             bucket: BucketKey = (*who, le)
             scrape.buckets[bucket] = scrape.buckets.get(bucket, 0.0) + value
     return scrape
+
+
+def _parse_route_line(line: str, scrape: Scrape) -> None:
+    if line.startswith(_ROUTE_REQUESTS):
+        start = len(_ROUTE_REQUESTS)
+    elif line.startswith(_ROUTE_BUCKETS):
+        start = len(_ROUTE_BUCKETS)
+    else:
+        return
+    end = line.rfind("}")
+    fields = line[end + 1 :].split()
+    if end < start or not fields:
+        return
+    labels = {
+        name: _UNESCAPE.sub(_unescape, value) for name, value in _LABEL.findall(line, start, end)
+    }
+    vhost, route = labels.get("envoy_virtual_host"), labels.get("envoy_route")
+    if vhost is None or route is None:
+        return
+    try:
+        value = float(fields[0])
+    except ValueError:
+        return
+    if start == len(_ROUTE_REQUESTS):
+        key: RouteKey = (vhost, route, succeeded(labels.get("envoy_response_code", "")))
+        scrape.routes[key] = scrape.routes.get(key, 0.0) + value
+    else:
+        try:
+            le = float(labels.get("le", ""))
+        except ValueError:
+            return
+        bucket: RouteBucketKey = (vhost, route, le)
+        scrape.route_buckets[bucket] = scrape.route_buckets.get(bucket, 0.0) + value
 
 
 def _unescape(match: re.Match[str]) -> str:
@@ -427,11 +476,13 @@ class MetricsStore:
         self.max_series = max_series
         self.requests: dict[tuple[str, RequestKey], _Ring] = {}
         self.buckets: dict[tuple[str, BucketKey], _Ring] = {}
+        self.routes: dict[tuple[str, RouteKey], _Ring] = {}
+        self.route_buckets: dict[tuple[str, RouteBucketKey], _Ring] = {}
         self.dropped = 0  # series not kept because the store was full
 
     @property
     def series_count(self) -> int:
-        return len(self.requests) + len(self.buckets)
+        return len(self.requests) + len(self.buckets) + len(self.routes) + len(self.route_buckets)
 
     def ingest(self, proxy: str, when: float, scrape: Scrape, baseline: float | None) -> None:
         """Add one scrape of ``proxy``. ``baseline``: when it was last scraped fine; a
@@ -442,6 +493,14 @@ class MetricsStore:
                 ring.add(when, value)
         for bucket, value in scrape.buckets.items():
             ring = self._ring(self.buckets, (proxy, bucket), baseline)
+            if ring is not None:
+                ring.add(when, value)
+        for route, value in scrape.routes.items():
+            ring = self._ring(self.routes, (proxy, route), baseline)
+            if ring is not None:
+                ring.add(when, value)
+        for route_bucket, value in scrape.route_buckets.items():
+            ring = self._ring(self.route_buckets, (proxy, route_bucket), baseline)
             if ring is not None:
                 ring.add(when, value)
 
@@ -462,8 +521,11 @@ class MetricsStore:
 
     def prune(self, now: float) -> None:
         """Forget series with no sample within the retention (their proxy left)."""
-        _forget(self.requests, now - self.retention)
-        _forget(self.buckets, now - self.retention)
+        horizon = now - self.retention
+        _forget(self.requests, horizon)
+        _forget(self.buckets, horizon)
+        _forget(self.routes, horizon)
+        _forget(self.route_buckets, horizon)
 
     def groups(self, group_of: Callable[[str, str, str], G | None]) -> dict[G, _Group]:
         """Series grouped by ``group_of(reporter, source_workload, destination_service)``
@@ -502,6 +564,31 @@ class MetricsStore:
                     "protocol": measure.protocol,
                 }
             )
+        return rows
+
+    def routes_stat(self, window: float, now: float) -> list[dict[str, Any]]:
+        """Per route with a stat prefix (virtual host, route), summed over every proxy
+        that reported it in the window: what its callers' sidecars saw."""
+        start = now - window
+        groups: dict[tuple[str, str], _Group] = {}
+        for (_, (vhost, route, ok)), ring in self.routes.items():
+            groups.setdefault((vhost, route), _Group()).requests.append((ok, "", ring))
+        for (_, (vhost, route, le)), ring in self.route_buckets.items():
+            group = groups.get((vhost, route))
+            if group is not None:
+                group.buckets.append((le, ring))
+        rows = []
+        for (vhost, route), group in sorted(groups.items()):
+            if group.seen(start, now):
+                measure = group.measure(start, now)
+                rows.append(
+                    {
+                        "virtual_host": vhost,
+                        "route": route,
+                        **measure.summary(window),
+                        "requests": round(measure.total),
+                    }
+                )
         return rows
 
     def edges(self, window: float, now: float) -> list[dict[str, Any]]:
@@ -582,6 +669,8 @@ class Backend(Protocol):
 
     async def stat(self, window: float, service: str | None) -> list[dict[str, Any]]: ...
 
+    async def routes(self, window: float) -> list[dict[str, Any]]: ...
+
     async def edges(self, window: float) -> list[dict[str, Any]]: ...
 
     async def series(
@@ -605,6 +694,9 @@ class EmbeddedBackend:
 
     async def stat(self, window: float, service: str | None) -> list[dict[str, Any]]:
         return self.store.stat(window, time.time(), service)
+
+    async def routes(self, window: float) -> list[dict[str, Any]]:
+        return self.store.routes_stat(window, time.time())
 
     async def edges(self, window: float) -> list[dict[str, Any]]:
         return self.store.edges(window, time.time())
@@ -632,6 +724,8 @@ def _range(seconds: float) -> str:
 
 
 _FAILED = 'response_code=~"5..|0"'
+_VHOST_PORT = re.compile(r":\d+$")
+_ROUTE_FAILED = 'envoy_response_code=~"5.."'
 
 
 class PrometheusBackend:
@@ -728,6 +822,43 @@ class PrometheusBackend:
             )
         return rows
 
+    async def routes(self, window: float) -> list[dict[str, Any]]:
+        now = round(time.time(), 3)
+        by, span = "envoy_virtual_host, envoy_route", _range(window)
+        totals, failed, *quantiles = await asyncio.gather(
+            self._instant(f"sum by ({by}) (increase({_ROUTE_METRICS}{span}))", now),
+            self._instant(
+                f"sum by ({by}) (increase({_ROUTE_METRICS}{_selector(_ROUTE_FAILED)}{span}))",
+                now,
+            ),
+            *(
+                self._instant(
+                    f"histogram_quantile({q}, sum by ({by}, le) "
+                    f"(increase({_ROUTE_METRICS}_time_bucket{span})))",
+                    now,
+                )
+                for q in QUANTILES
+            ),
+        )
+        rows = []
+        for labels, total in sorted(totals, key=lambda item: _route_key(item[0])):
+            vhost, route = _route_key(labels)
+            wanted = {"envoy_virtual_host": vhost, "envoy_route": route}
+            measure = _Measure(total=total, ok=total - _value(failed, wanted, missing=0.0))
+            rows.append(
+                {
+                    "virtual_host": vhost,
+                    "route": route,
+                    **measure.summary(window, ()),
+                    **{
+                        f"p{round(q * 100)}_ms": _ms(_value(result, wanted))
+                        for q, result in zip(QUANTILES, quantiles, strict=True)
+                    },
+                    "requests": round(total),
+                }
+            )
+        return rows
+
     async def edges(self, window: float) -> list[dict[str, Any]]:
         now = round(time.time(), 3)
 
@@ -813,6 +944,10 @@ class PrometheusBackend:
                 }
             )
         return points
+
+
+def _route_key(labels: Mapping[str, str]) -> tuple[str, str]:
+    return labels.get("envoy_virtual_host", UNKNOWN), labels.get("envoy_route", UNKNOWN)
 
 
 def _edge_key(labels: Mapping[str, str]) -> tuple[str, str]:
@@ -1052,7 +1187,8 @@ async def _merged(
 
 class Telemetry:
     """The metrics backend (embedded store fed by the scraper, or Prometheus), the
-    connected proxies, and their routes."""
+    connected proxies, and their routes. ``vhost_services``: the service host of each
+    virtual host pilot made, by name, for per-route stats."""
 
     def __init__(
         self,
@@ -1061,8 +1197,10 @@ class Telemetry:
         interval: float,
         retention: float,
         prometheus: str | None = None,
+        vhost_services: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self.proxies = proxies
+        self.vhost_services = vhost_services
         self.interval = interval
         self.scraper: Scraper | None = None
         self.store: MetricsStore | None = None
@@ -1073,6 +1211,22 @@ class Telemetry:
             self.store = MetricsStore(retention, interval)
             self.scraper = Scraper(self.store, proxies, interval)
             self.backend = EmbeddedBackend(self.store)
+
+    def route_rows(self, rows: list[dict[str, Any]], service: str | None) -> list[dict[str, Any]]:
+        """A backend's per-route rows with their service (the host of the virtual host
+        pilot made for it; for one it does not know, such as a route of a virtual host
+        gone from the config, the virtual host's name without its ``:port``), only
+        ``service``'s when given, sorted by service, route and virtual host."""
+        hosts = self.vhost_services() if self.vhost_services is not None else {}
+        out = []
+        for row in rows:
+            vhost = row["virtual_host"]
+            host = hosts.get(vhost) or _VHOST_PORT.sub("", vhost)
+            if service in (None, host):
+                rest = {k: v for k, v in row.items() if k not in ("virtual_host", "route")}
+                out.append({"service": host, "route": row["route"], **rest, "virtual_host": vhost})
+        out.sort(key=lambda r: (r["service"], r["route"], r["virtual_host"]))
+        return out
 
     def proxies_json(self) -> dict[str, Any]:
         rows = []
@@ -1158,8 +1312,16 @@ def telemetry_routes(telemetry: Telemetry) -> dict[tuple[str, str], Handler]:
 
     async def stat(params: dict[str, str]) -> Answer:
         window = window_of(params, 60.0)
-        services = await backend.stat(window, params.get("service"))
+        by = params.get("by", "service")
+        if by not in ("service", "route"):
+            raise ValueError(f"by must be service or route, not {by!r}")
         seconds = int(window) if window.is_integer() else window
+        if by == "route":
+            routes = telemetry.route_rows(await backend.routes(window), params.get("service"))
+            return json_reply(
+                200, {"window_s": seconds, "source": backend.source, "routes": routes}
+            )
+        services = await backend.stat(window, params.get("service"))
         return json_reply(
             200, {"window_s": seconds, "source": backend.source, "services": services}
         )
@@ -1193,7 +1355,7 @@ def telemetry_routes(telemetry: Telemetry) -> dict[tuple[str, str], Handler]:
         return await open_tap(telemetry.proxies(), tap_spec(params))
 
     return {
-        ("GET", "/api/v1/stat"): answering(("window", "service"), stat),
+        ("GET", "/api/v1/stat"): answering(("window", "service", "by"), stat),
         ("GET", "/api/v1/edges"): answering(("window",), edges),
         ("GET", "/api/v1/series"): answering(("service", "window", "step"), series),
         ("GET", "/api/v1/proxies"): answering((), proxies),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -134,6 +135,22 @@ OUTBOUND_RPC = "outbound_rpc"
 HTTP_PROTOCOLS = frozenset({"HTTP"})
 GRPC_PROTOCOLS = frozenset({"GRPC", "HTTP2"})
 ISTIO_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+DEFAULT_ROUTE = "default"  # the stat prefix of a service's route when no VirtualService has it
+_NOT_STAT = re.compile(r"[^A-Za-z0-9_:-]")
+
+
+def stat_name(text: str) -> str:
+    """``text`` as one token of a stat name. Envoy's Prometheus tag extraction takes a
+    virtual host name, and a route's stat prefix, up to the next dot (the rest stays in
+    the metric's name), so dots, and anything else outside ``[A-Za-z0-9_:-]``, become
+    ``_``: ``reviews.shop.svc:9080`` → ``reviews_shop_svc:9080``."""
+    return _NOT_STAT.sub("_", text)
+
+
+def vhost_name(host: str, port: int) -> str:
+    """A service port's virtual host: Istio's ``host:port``, as one stat name token (the
+    per-route stats are ``vhost.<this>.route.<stat_prefix>.*``)."""
+    return stat_name(f"{host}:{port}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +233,13 @@ class MeshSnapshot:
     _named: dict[tuple[str, str], Resource | None] = field(default_factory=dict)
     _sidecar: dict[tuple[str, NodeInfo], dict[str, Resource]] = field(default_factory=dict)
 
+    def vhost_services(self) -> dict[str, str]:
+        """The service host of every virtual host in the sidecars' ``outbound`` table, by
+        the virtual host's name (what per-route stats carry)."""
+        return {
+            vhost["name"]: host for host, vhosts in self.virtual_hosts.items() for vhost in vhosts
+        }
+
     def lookup(self, type_url: str, name: str) -> Resource | None:
         """A resource asked for by name (what gRPC clients do for every type)."""
         key = (type_url, name)
@@ -291,12 +315,6 @@ class MeshSnapshot:
         stats = node.istio_stats("source")
         manager = _http_connection_manager("outbound", routes, self.fault_used, stats)
         chains = [("", [_network_filter(manager)])]
-        if self.fault_used and node.user_agent == SHOAL_USER_AGENT:
-            # A shoal proxy runs no HTTP filter but istio_stats on HTTP/2 streams, and an
-            # AUTO manager with one refuses h2c: gRPC gets a chain of its own, without
-            # faults (Envoy would refuse Shoal's protocol inspector; it needs no split).
-            plain = _http_connection_manager("outbound", routes, False, stats)
-            chains.insert(0, ("h2c", [_network_filter(plain)]))
         built = {"outbound": listener("outbound", node.outbound_address, chains)}
         if node.rpc_outbound_address is not None and self.rpc_hosts:
             filters = [
@@ -327,10 +345,7 @@ class MeshSnapshot:
         cluster = inbound_cluster_name(node)
         filters = []
         if not ports or any(p.protocol not in RPC_PROTOCOLS for p in ports):
-            grpc = _speaks_grpc(ports)
-            # HTTP/2 streams run no HTTP filters but Istio's stats: a RateLimitPolicy
-            # applies to HTTP/1.1 apps only (docs/pilot.md)
-            limits = [] if grpc else _inbound_filters(self.rate_limits.get(node.service))
+            limits = _inbound_filters(self.rate_limits.get(node.service))
             http = _http_connection_manager(
                 "inbound",
                 {
@@ -921,14 +936,17 @@ def _virtual_host(
     fault = False
     virtual_services = rules.virtual.get(host, [])
     for vs in virtual_services:
-        for http in vs.http:
-            for route in _routes(http, service, port, rules):
+        for index, http in enumerate(vs.http):
+            # per-route stats: Istio's route name, else the VirtualService's and the index
+            prefix = stat_name(http.name or f"{vs.meta.name}-{index}")
+            for route in _routes(http, service, port, rules, prefix):
                 routes.append(route)
                 fault = fault or FAULT_FILTER in route.get("typed_per_filter_config", {})
     if not virtual_services:
         routes.append(
             {
                 "name": f"{host}:{port.number}",
+                "stat_prefix": DEFAULT_ROUTE,
                 "match": {"prefix": "/"},
                 "route": _route_action([(Destination(host, port=port.number), 0)], port, rules),
             }
@@ -938,7 +956,7 @@ def _virtual_host(
         for route in routes:
             route["metadata"] = {"filter_metadata": {"shoal.backup_request": backup}}
     return {
-        "name": f"{host}:{port.number}",
+        "name": vhost_name(host, port.number),
         "domains": domains,
         "routes": routes,
         "retry_policy": DEFAULT_RETRY_POLICY,
@@ -948,14 +966,14 @@ def _virtual_host(
 
 
 def _routes(
-    http: HTTPRoute, service: Service, port: ServicePort, rules: _RulesIndex
+    http: HTTPRoute, service: Service, port: ServicePort, rules: _RulesIndex, stat_prefix: str
 ) -> list[dict[str, Any]]:
     matches = [m for m in http.match if m.port in (None, port.number)] if http.match else [None]
     if not matches:
         return []
     destinations = [(d.destination, d.weight) for d in http.route]
     action = _route_action(destinations, port, rules, http)
-    route: dict[str, Any] = {"route": action}
+    route: dict[str, Any] = {"route": action, "stat_prefix": stat_prefix}
     if http.name:
         route["name"] = http.name
     per_destination = [d.headers for d in http.route]

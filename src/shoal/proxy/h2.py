@@ -29,11 +29,19 @@ routed to a cluster count Envoy's per-method stats (:class:`GrpcStats`).
 byte of the answer was relayed and the request sent so far is kept (``_REPLAY_LIMIT``), on
 another host when there is one. A stream refused by GOAWAY is sent again once regardless.
 
-**Not here yet:** HTTP filters other than ``istio_stats`` (a ``codec_type: HTTP2`` manager
-with one is a config error; an ``AUTO`` one refuses HTTP/2 connections with
-``HTTP_1_1_REQUIRED``), per-try timeouts, mirrors, hash policies and tracing; an HTTP/2
-stream routed to an HTTP/1.1 cluster is answered 503 (the config check forbids it for
-``codec_type: HTTP2``).
+**Filters, breakers, tracing.** The listener's HTTP filters (fault, local and global rate
+limit, adaptive concurrency) run on each stream as on an HTTP/1.1 request, after routing;
+their local answers are gRPC statuses for gRPC streams. The buffer filter
+(``max_request_bytes``) holds the body until it is whole, crediting the client as it
+comes, and answers 413 past the limit. The route's and the cluster's error-rate breakers
+admit the stream (a gRPC answer counts by its ``grpc-status``), and a tracer makes a span
+per stream, sent upstream in the tracer's headers.
+
+**Translation.** A stream routed to an HTTP/1.1 cluster goes over a pooled keep-alive
+connection through :class:`~shoal.upstream.bridge.Http1Leg`, which the stream drives as it
+drives an HTTP/2 upstream connection.
+
+**Not here yet:** per-try timeouts, hedging, mirrors and hash policies.
 """
 
 from __future__ import annotations
@@ -44,13 +52,13 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from shoal.codec.http1 import HOP_BY_HOP, header_value
 from shoal.codec.http2 import (
     CANCEL,
-    HTTP_1_1_REQUIRED,
     INTERNAL_ERROR,
     NO_ERROR,
     PREFACE,
@@ -58,19 +66,26 @@ from shoal.codec.http2 import (
     DataReceived,
     H2Connection,
     Headers,
+    PingAckReceived,
     RequestReceived,
     StreamReset,
     TrailersReceived,
     WindowUpdated,
 )
+from shoal.config.filters import FilterConfig
 from shoal.config.model import Redirect, RetryPolicy, RouteAction
 from shoal.errors import LocalProtocolError
+from shoal.filters.base import LocalReply
+from shoal.filters.run import run_filters
 from shoal.observe.istio import PEER_HEADER, PEER_HEADERS
-from shoal.observe.tracing import trace_id_of
+from shoal.observe.stats import RouteStats
+from shoal.observe.tracing import Span, trace_id_of
 from shoal.proxy.http import HttpConnection
 from shoal.proxy.listeners import HttpListenerContext
 from shoal.proxy.routes import CompiledRoute, HeaderPlan
-from shoal.transport.h2 import H2HostPool, H2UpstreamConnection
+from shoal.transport.h2 import H2UpstreamConnection, Pinger
+from shoal.upstream.breaker import ErrorRateBreaker, admit
+from shoal.upstream.bridge import Http1Leg, h2_pool
 from shoal.upstream.cluster import ClusterRuntime, retry_delay
 from shoal.upstream.host import Host
 
@@ -236,7 +251,7 @@ class GrpcFrames:
 class H2Session(asyncio.Protocol):
     """One downstream HTTP/2 (h2c, prior knowledge) connection."""
 
-    __slots__ = ("closed", "codec", "ctx", "dirty", "id", "loop", "streams", "transport")
+    __slots__ = ("closed", "codec", "ctx", "dirty", "id", "loop", "pinger", "streams", "transport")
 
     def __init__(self, ctx: HttpListenerContext) -> None:
         self.ctx = ctx
@@ -249,6 +264,7 @@ class H2Session(asyncio.Protocol):
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
         self.dirty = False
+        self.pinger: Pinger | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -256,22 +272,10 @@ class H2Session(asyncio.Protocol):
         ctx.connections.add(self)
         ctx.stats.downstream_cx_total += 1
         ctx.stats.downstream_cx_active += 1
-        if ctx.filters or ctx.config.max_request_bytes is not None:
-            # HTTP/2 streams do not run HTTP filters: rather than skip them, ask the client
-            # for HTTP/1.1 (codec_type HTTP2 with filters is refused at config time)
-            if ctx.listener.name not in _warned:
-                _warned.add(ctx.listener.name)
-                log.warning(
-                    "listener %s: HTTP/2 connections refused (HTTP_1_1_REQUIRED): its HTTP "
-                    "filters do not run on HTTP/2 streams",
-                    ctx.listener.name,
-                )
-            self.codec.close_connection(HTTP_1_1_REQUIRED, 0)
-            self.flush()
-            self._close()
-            return
         if ctx.draining:
             self.codec.close_connection()
+        elif ctx.config.keepalive is not None:
+            self.pinger = Pinger(ctx.config.keepalive, self.codec, self.kick, self._close)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -305,6 +309,9 @@ class H2Session(asyncio.Protocol):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream.downstream_reset(event.error_code)
+            elif isinstance(event, PingAckReceived):
+                if self.pinger is not None:
+                    self.pinger.acked(event.ping_data)
             elif isinstance(event, ConnectionTerminated):
                 if not event.remote:
                     self.ctx.stats.downstream_cx_protocol_error += 1
@@ -354,6 +361,8 @@ class H2Session(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if self.pinger is not None:
+            self.pinger.stop()
         ctx = self.ctx
         ctx.connections.discard(self)
         ctx.stats.downstream_cx_active -= 1
@@ -361,13 +370,12 @@ class H2Session(asyncio.Protocol):
             stream.downstream_reset(CANCEL)
 
 
-_warned: set[str] = set()  # listeners whose HTTP/2 refusal was logged
-
-
 class H2Stream:
     """One request and its response, both sides HTTP/2."""
 
     __slots__ = (
+        "attempt_start",
+        "breakers",
         "bytes_received",
         "bytes_sent",
         "cluster",
@@ -377,6 +385,7 @@ class H2Stream:
         "done",
         "down_ended",
         "duration",
+        "finish_callbacks",
         "grpc",
         "grpc_method",
         "grpc_status",
@@ -387,12 +396,14 @@ class H2Stream:
         "idle_timer",
         "last_host",
         "peer",
+        "precredit",
         "raw_authority",
         "raw_method",
         "raw_path",
         "replay",
         "request_ended",
         "request_frames",
+        "request_id",
         "response_code_details",
         "response_flags",
         "response_frames",
@@ -404,7 +415,9 @@ class H2Stream:
         "retries_left",
         "retry_held",
         "retry_timer",
+        "route_stats",
         "session",
+        "span",
         "start",
         "started_at",
         "status",
@@ -449,7 +462,7 @@ class H2Stream:
         self.compiled: CompiledRoute | None = None
         self.cluster: ClusterRuntime | None = None
         self.host: Host | None = None
-        self.up: H2UpstreamConnection | None = None
+        self.up: H2UpstreamConnection | Http1Leg | None = None
         self.up_id = 0
         self.up_headers: Headers = []
         self.up_ended = False
@@ -485,6 +498,15 @@ class H2Stream:
         self.duration = 0.0
         self.cluster_name = self.upstream_host = self.response_code_details = ""
         self.response_flags = "-"
+        # HTTP filters: callbacks told when the stream ends, breakers
+        # that let it through, and body bytes credited to the client before they moved on
+        self.finish_callbacks: list[Callable[[float, bool], None]] | None = None
+        self.breakers: list[ErrorRateBreaker] | None = None
+        self.precredit = 0
+        self.span: Span | None = None
+        self.request_id = b""  # the one the proxy made up, for logs and spans
+        self.route_stats: RouteStats | None = None  # the route's, with a stat_prefix
+        self.attempt_start = 0.0
 
     # routing --------------------------------------------------------------------------------
 
@@ -492,6 +514,8 @@ class H2Stream:
         ctx = self.session.ctx
         ctx.stats.downstream_rq_total += 1
         ctx.stats.downstream_rq_active += 1
+        if ctx.tracer is not None:
+            self.span = ctx.tracer.start(self.headers)
         compiled = ctx.routes.match(
             self.raw_authority.decode("latin-1"), self.raw_path.decode("latin-1"), self.headers
         )
@@ -500,6 +524,13 @@ class H2Stream:
             return
         self.compiled = compiled
         self.response_plan = compiled.response_plan
+        if ctx.filters and run_filters(self, ctx.filters, self.session.loop):
+            return
+        self._dispatch(compiled)
+
+    def _dispatch(self, compiled: CompiledRoute) -> None:
+        """The router: local answers, or the cluster, breakers and the first try."""
+        ctx = self.session.ctx
         route = compiled.route
         if route.direct_response is not None:
             response = route.direct_response
@@ -510,13 +541,15 @@ class H2Stream:
             return
         action = route.action
         assert action is not None
-        cluster_name = self.cluster_name = _pick_cluster(action)
+        cluster_name = _pick_cluster(action)
+        if compiled.breaker is not None or ctx.breakers:
+            cluster_name = self._ask_breakers(compiled, cluster_name)
+            if not cluster_name:
+                return  # refused and answered locally
+        self.cluster_name = cluster_name
         cluster = ctx.clusters.get(cluster_name)
         if cluster is None:
             self.local_reply(503, b"", "NC", "cluster_not_found")
-            return
-        if not cluster.config.http2:
-            self.local_reply(503, b"upstream is HTTP/1.1", "-", "upstream_protocol_mismatch")
             return
         if cluster.rq_active >= cluster.config.circuit_breakers.max_requests:
             cluster.stats.upstream_rq_active_overflow += 1
@@ -524,6 +557,7 @@ class H2Stream:
             return
         cluster.rq_active += 1
         self.cluster = cluster
+        self.route_stats = compiled.stats
         if compiled.retry_policy is not None:
             self.retries_left = compiled.retry_policy.num_retries
         if self.grpc:
@@ -532,7 +566,68 @@ class H2Stream:
                 self.request_frames, self.response_frames = GrpcFrames(), GrpcFrames()
         self._arm_timers(action)
         self.up_headers = self._upstream_headers(action, compiled)
+        if ctx.config.max_request_bytes is not None and not self.request_ended:
+            return  # envoy.filters.http.buffer: nothing goes upstream before the whole body
         self._attempt()
+
+    def _ask_breakers(self, compiled: CompiledRoute, cluster_name: str) -> str:
+        """The cluster to use (a refusing breaker's fallback cluster), or "" when the
+        refusal was answered locally."""
+        ctx = self.session.ctx
+        cluster = ctx.clusters.get(cluster_name)
+        admitted: list[ErrorRateBreaker] = []
+        pair = (compiled.breaker, cluster.breaker if cluster is not None else None)
+        refused = admit(pair, self.session.loop.time(), admitted)
+        self.breakers = admitted or None
+        if refused is None:
+            return cluster_name
+        policy = refused.policy
+        if policy.fallback_cluster:
+            return policy.fallback_cluster
+        reply = policy.local_reply
+        extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+        self.local_reply(reply.status, reply.body, "UO", "circuit_breaker_open", extra)
+        return ""
+
+    # HTTP filters (shoal.filters.base) ------------------------------------------------------
+
+    def filter_reply(self, reply: LocalReply) -> None:
+        self.local_reply(reply.status, reply.body, reply.flags, reply.details, reply.headers)
+
+    def filters_passed(self) -> None:
+        assert self.compiled is not None
+        self._dispatch(self.compiled)
+
+    def cork(self) -> None:
+        pass  # writes are batched per loop iteration already (H2Session.kick)
+
+    def uncork(self) -> None:
+        pass
+
+    @property
+    def request_headers(self) -> Headers:
+        return self.headers
+
+    @property
+    def route_cluster(self) -> str:
+        action = self.compiled.route.action if self.compiled is not None else None
+        return action.cluster if action is not None else ""
+
+    @property
+    def connection_key(self) -> int:
+        return self.session.id
+
+    @property
+    def remote_ip(self) -> str:
+        return self.session.address("peername").rpartition(":")[0]
+
+    def per_filter(self, name: str) -> FilterConfig | None:
+        return self.compiled.per_filter.get(name) if self.compiled is not None else None
+
+    def on_finish(self, callback: Callable[[float, bool], None]) -> None:
+        if self.finish_callbacks is None:
+            self.finish_callbacks = []
+        self.finish_callbacks.append(callback)
 
     def _arm_timers(self, action: RouteAction) -> None:
         loop = self.session.loop
@@ -571,9 +666,12 @@ class H2Stream:
         request_plan, self.response_plan = plan or (compiled.request_plan, compiled.response_plan)
         regular: Headers = []
         remove = request_plan.remove_all
-        istio = self.session.ctx.istio
+        ctx = self.session.ctx
+        istio, tracer, span = ctx.istio, ctx.tracer, self.span
         if istio is not None:
             remove = remove | PEER_HEADERS
+        if tracer is not None:
+            remove = remove | tracer.owned
         forwarded_proto = request_id = False
         for name, value in self.headers:
             if name[0] == 0x3A or name == b"host" or name in remove:  # ':'
@@ -587,10 +685,13 @@ class H2Stream:
             regular.append((name, value))
         if not forwarded_proto:
             regular.append((b"x-forwarded-proto", b"http"))
-        if not request_id and self.session.ctx.config.generate_request_id:
-            regular.append((b"x-request-id", str(uuid.uuid4()).encode()))
+        if not request_id and ctx.config.generate_request_id:
+            self.request_id = str(uuid.uuid4()).encode()
+            regular.append((b"x-request-id", self.request_id))
         if istio is not None and istio.request_value:
             regular.append((PEER_HEADER, istio.request_value))  # who calls, for the callee
+        if tracer is not None and span is not None:
+            regular += tracer.header_pairs(span)
         if request_plan.levels and any(options for _, options in request_plan.levels):
             regular = [(n.lower(), v) for n, v in request_plan.apply(regular)]
         return [
@@ -613,7 +714,14 @@ class H2Stream:
         self.upstream_host = host.key
         host.active_requests += 1
         cluster.stats.upstream_rq_total += 1
-        conn = _pool(cluster, host).connection()
+        self.attempt_start = self.session.loop.time()
+        if self.route_stats is not None:
+            self.route_stats.upstream_rq_total += 1  # per try started, as Envoy counts
+        conn: H2UpstreamConnection | Http1Leg
+        if cluster.config.http2:
+            conn = h2_pool(cluster, host).connection()
+        else:  # the cluster speaks HTTP/1.1: the stream is translated
+            conn = Http1Leg(cluster, host)
         end = self.to_up_end and not self.to_up and self.to_up_trailers is None
         try:
             self.up_id = conn.open_stream(self, self.up_headers, end)
@@ -628,18 +736,31 @@ class H2Stream:
 
     def request_data(self, data: bytes, end_stream: bool) -> None:
         self.bytes_received += len(data)
+        limit = self.session.ctx.config.max_request_bytes
+        if limit is not None and self.last_host is None and data:
+            if self.bytes_received > limit:
+                self.local_reply(413, b"Payload Too Large", "-", "request_payload_too_large")
+                return
+            # the buffer filter holds the body until it is whole: let the client send it
+            self.session.codec.acknowledge_received_data(len(data), self.stream_id)
+            self.precredit += len(data)
         if self.request_frames is not None:
             self.request_frames.feed(data)
         if data:
             self.to_up.append(data)
         if end_stream:
-            self.to_up_end = self.request_ended = True
+            self._request_complete()
         self.pump_up()
 
     def request_trailers(self, headers: Headers) -> None:
         self.to_up_trailers = headers
-        self.to_up_end = self.request_ended = True
+        self._request_complete()
         self.pump_up()
+
+    def _request_complete(self) -> None:
+        self.to_up_end = self.request_ended = True
+        if self.cluster is not None and self.last_host is None and not self.done:
+            self._attempt()  # _dispatch held it for the buffer filter: the body is whole
 
     def pump_up(self) -> None:
         """Move request bytes to the upstream stream as far as its window allows, and give
@@ -671,7 +792,10 @@ class H2Stream:
                 if sum(map(len, replay)) > _REPLAY_LIMIT:
                     self.replay = None
         if moved:
-            session.codec.acknowledge_received_data(moved, self.stream_id)
+            credited = min(moved, self.precredit)  # given while the buffer filter held it
+            self.precredit -= credited
+            if moved > credited:
+                session.codec.acknowledge_received_data(moved - credited, self.stream_id)
             session.kick()
         if not to_up and self.to_up_end and not self.up_ended:
             if self.to_up_trailers is not None:
@@ -703,6 +827,8 @@ class H2Stream:
             policy = self.compiled.retry_policy if self.compiled is not None else None
             if policy is None or not _retriable(policy, status, grpc_status):
                 cluster.stats.upstream_rq_retry_success += 1
+                if self.route_stats is not None:
+                    self.route_stats.upstream_rq_retry_success += 1
         self.replay = None
         self.grpc_status = grpc_status
         plan = self.response_plan
@@ -811,6 +937,8 @@ class H2Stream:
             # GOAWAY: the server never processed it; send it again on a new connection
             self.retried = True
             cluster.stats.upstream_rq_retry += 1
+            if self.route_stats is not None:
+                self.route_stats.upstream_rq_retry += 1
             self.to_up[:0] = self.replay
             self.replay = []
             self._attempt()
@@ -882,14 +1010,21 @@ class H2Stream:
         self._release_retry()
         if self.done or self.response_started or self.replay is None:
             return False
+        route_stats = self.route_stats
         if self.retries_left <= 0:
             self.response_flags = "URX"
+            if route_stats is not None:
+                route_stats.upstream_rq_retry_limit_exceeded += 1
             return False
         cluster = self.cluster
         assert cluster is not None
         if not cluster.admit_retry():
             self.response_flags = "UO"
+            if route_stats is not None:
+                route_stats.upstream_rq_retry_overflow += 1
             return False
+        if route_stats is not None:
+            route_stats.upstream_rq_retry += 1
         self.retry_held = True
         return True
 
@@ -925,6 +1060,8 @@ class H2Stream:
         cluster = self.cluster
         assert cluster is not None
         cluster.stats.upstream_rq_timeout += 1
+        if self.route_stats is not None:
+            self.route_stats.upstream_rq_timeout += 1
         if self.host is not None and cluster.outlier is not None:
             cluster.outlier.record_local_failure(self.host, "timeout")
         self._stream_timeout(504, b"upstream request timeout", "UT", "response_timeout")
@@ -1083,6 +1220,11 @@ class H2Stream:
         cluster = self.cluster
         if cluster is not None:
             cluster.rq_active -= 1
+            route_stats = self.route_stats
+            if route_stats is not None:
+                answered = self.response_code_details == "via_upstream" and self.down_ended
+                upstream_ms = (session.loop.time() - self.attempt_start) * 1000.0
+                route_stats.record(status, upstream_ms if answered else -1.0)
             if status:
                 codes = cluster.stats.codes
                 codes[status] = codes.get(status, 0) + 1
@@ -1094,6 +1236,17 @@ class H2Stream:
                 self._end_attempt()
         if not self.up_ended and self.up is not None:
             self._reset_upstream()  # the response ended before the upload: stop it
+        if self.finish_callbacks is not None or self.breakers is not None:
+            # local failures are 5xx replies too; a gRPC answer counts by its grpc-status
+            verdict = _GRPC_TO_HTTP.get(self.grpc_status, status)
+            ok = 0 < verdict < 500
+            for callback in self.finish_callbacks or ():
+                callback(self.duration, ok)
+            for breaker in self.breakers or ():
+                if status:
+                    breaker.record(session.loop.time(), ok, self.duration)
+                else:
+                    breaker.release()  # the client left before an answer: no verdict
         grpc_ok = self.grpc_status == b"0"
         method = self.grpc_method
         if method is not None:
@@ -1117,6 +1270,9 @@ class H2Stream:
                 self.grpc_status.decode("latin-1") if self.grpc else "",
             )
             istio.record_stream(key, self.duration, self.bytes_received, self.bytes_sent)
+        span = self.span
+        if span is not None and span.sampled and ctx.tracer is not None:
+            ctx.tracer.finish(span, self, self.raw_authority.decode("latin-1"))
         for access_log in ctx.access_logs:
             access_log(self)
         session.stream_done(self)
@@ -1165,9 +1321,13 @@ class H2Stream:
 
     @property
     def trace_id(self) -> str:
+        if self.span is not None:
+            return self.span.trace_id
         return trace_id_of(self.request_header) or ""
 
     def request_header(self, name: str) -> str | None:
+        if name == "x-request-id" and self.request_id:
+            return self.request_id.decode("latin-1")
         return header_value(self.headers, name.encode("latin-1"))
 
     def response_header(self, name: str) -> str | None:
@@ -1180,18 +1340,6 @@ def _pick_cluster(action: RouteAction) -> str:
     return random.choices(
         [w.name for w in action.weighted_clusters], [w.weight for w in action.weighted_clusters]
     )[0]
-
-
-def _pool(cluster: ClusterRuntime, host: Host) -> H2HostPool:
-    """The host's HTTP/2 pool, kept on the cluster so that it closes with it."""
-    key = ("h2", host.key)
-    pool = cluster.rpc_pools.get(key)
-    if pool is None:
-        address = host.address
-        pool = cluster.rpc_pools[key] = H2HostPool(
-            (address.host, address.port), cluster.config.connect_timeout, cluster.stats
-        )
-    return cast(H2HostPool, pool)
 
 
 class HttpSniffer(asyncio.Protocol):

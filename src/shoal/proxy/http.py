@@ -19,7 +19,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
-from functools import partial
 from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qsl
 
@@ -50,19 +49,21 @@ from shoal.config.model import (
     RouteAction,
 )
 from shoal.errors import RemoteProtocolError
-from shoal.filters.base import Delay, HttpFilter, LocalReply, Wait
+from shoal.filters.base import LocalReply
+from shoal.filters.run import run_filters
 from shoal.observe.istio import PEER_HEADER, PEER_HEADERS
+from shoal.observe.stats import RouteStats
 from shoal.observe.tracing import Span, trace_id_of
 from shoal.proxy.cookies import generated_value, set_cookie_line
 from shoal.proxy.routes import CompiledRoute, HeaderPlan, split_lines
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
+from shoal.upstream.breaker import ErrorRateBreaker, admit
 from shoal.upstream.cluster import retry_delay
 from shoal.upstream.lb import hash_key_of
 
 if TYPE_CHECKING:
     from shoal.proxy.listeners import HttpListenerContext
     from shoal.upstream.backup import BackupRequests
-    from shoal.upstream.breaker import ErrorRateBreaker
     from shoal.upstream.cluster import ClusterRuntime
     from shoal.upstream.host import Host
 
@@ -397,7 +398,6 @@ class Exchange:
         "_backup_from",
         "_breakers",
         "_chunked_response",
-        "_held",
         "_idle_bytes",
         "_idle_mark_at",
         "_mirrors",
@@ -441,6 +441,7 @@ class Exchange:
         "response_started",
         "retries_left",
         "route_action",
+        "route_stats",
         "span",
         "start",
         "start_time",
@@ -472,6 +473,7 @@ class Exchange:
         self.upstream_ms = -1
         self.route_action: RouteAction | None = None
         self.cluster: ClusterRuntime | None = None
+        self.route_stats: RouteStats | None = None  # the route's, with a stat_prefix
         self.host: Host | None = None
         self.conn: UpstreamConnection | None = None
         self.pending = False
@@ -501,7 +503,6 @@ class Exchange:
         self._idle_mark_at = 0.0
         self._per_try_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
-        self._held: asyncio.TimerHandle | None = None  # a filter's delay
         # filters watching the end, breakers that let this request through (made on demand:
         # most requests have neither)
         self._on_finish: list[Callable[[float, bool], None]] | None = None
@@ -615,63 +616,21 @@ class Exchange:
             return
         self.compiled = compiled
         self.response_plan = compiled.response_plan
-        if ctx.filters and self._run_filters(ctx.filters):
+        if ctx.filters and run_filters(self, ctx.filters, connection.loop):
             return
         self._dispatch(compiled)
 
-    def _run_filters(self, filters: tuple[HttpFilter, ...]) -> bool:
-        """Run the filter chain; True when a filter answered or is holding the request."""
-        now = self.connection.loop.time()
-        for index, http_filter in enumerate(filters):
-            outcome = http_filter.on_request(self, now)
-            if outcome is None:
-                continue
-            if isinstance(outcome, LocalReply):
-                self._filter_reply(outcome)
-            elif isinstance(outcome, Wait):
-                outcome.start(partial(self._after_wait, rest=filters[index + 1 :]))
-            else:
-                self._held = self.connection.loop.call_later(
-                    outcome.seconds, self._after_delay, outcome, filters[index + 1 :]
-                )
-            return True
-        return False
+    # the filter chain's view (shoal.filters.run.FilterDriven)
 
-    def _after_delay(self, delay: Delay, rest: tuple[HttpFilter, ...]) -> None:
-        self._held = None
-        if delay.ended is not None:
-            delay.ended()
-        if self.done:
-            return
-        self.response_flags = "DI"
-        if delay.then is not None:
-            self._filter_reply(delay.then)
-        elif not (rest and self._run_filters(rest)):
-            assert self.compiled is not None
-            self._dispatch(self.compiled)
-
-    def _after_wait(self, result: LocalReply | None, rest: tuple[HttpFilter, ...]) -> None:
-        """A filter that asked someone (the rate limit service) has its answer."""
-        if self.done:
-            return
-        connection = self.connection
-        connection.cork()  # the answer may be a whole response: one write
-        try:
-            if result is not None:
-                self._filter_reply(result)
-            elif not (rest and self._run_filters(rest)):
-                assert self.compiled is not None
-                self._dispatch(self.compiled)
-        finally:
-            connection.uncork()
-
-    def _filter_reply(self, reply: LocalReply) -> None:
+    def filter_reply(self, reply: LocalReply) -> None:
         flags = (
             reply.flags if self.response_flags == "-" else f"{self.response_flags},{reply.flags}"
         )
         self.local_reply(reply.status, reply.body, flags, reply.details, extra=reply.headers)
 
-    # the FilteredRequest view
+    def filters_passed(self) -> None:
+        assert self.compiled is not None
+        self._dispatch(self.compiled)
 
     @property
     def request_headers(self) -> Headers:
@@ -735,6 +694,7 @@ class Exchange:
             self.local_reply(503, b"", "NC", "cluster_not_found")
             return
         self.cluster = cluster
+        self.route_stats = compiled.stats
         limits = cluster.config.circuit_breakers
         if cluster.rq_active >= limits.max_requests:
             cluster.stats.upstream_rq_active_overflow += 1
@@ -814,32 +774,25 @@ class Exchange:
         fallback cluster when one refuses), or None when a local fallback was sent."""
         now = self.connection.loop.time()
         cluster = self.connection.ctx.clusters.get(cluster_name)
-        for breaker in (compiled.breaker, cluster.breaker if cluster is not None else None):
-            if breaker is None:
-                continue
-            if breaker.allow(now):
-                if self._breakers is None:
-                    self._breakers = []
-                self._breakers.append(breaker)
-                continue
-            for admitted in self._breakers or ():  # a refused request is no verdict on them
-                admitted.release()
-            self._breakers = None
-            policy = breaker.policy
-            if policy.fallback_cluster:
-                breaker.counters["fallback_cluster"] += 1
-                return policy.fallback_cluster
-            breaker.counters["fallback_local"] += 1
-            reply = policy.local_reply
-            self.local_reply(
-                reply.status,
-                reply.body,
-                "UO",
-                "circuit_breaker_open",
-                extra=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers],
-            )
-            return None
-        return cluster_name
+        admitted: list[ErrorRateBreaker] = []
+        refused = admit(
+            (compiled.breaker, cluster.breaker if cluster is not None else None), now, admitted
+        )
+        self._breakers = admitted or None
+        if refused is None:
+            return cluster_name
+        policy = refused.policy
+        if policy.fallback_cluster:
+            return policy.fallback_cluster
+        reply = policy.local_reply
+        self.local_reply(
+            reply.status,
+            reply.body,
+            "UO",
+            "circuit_breaker_open",
+            extra=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers],
+        )
+        return None
 
     def _absolute_form(self, target: bytes) -> bool:
         """``GET http://host/path``: the target names the authority (HTTP_PROXY use)."""
@@ -1077,6 +1030,9 @@ class Exchange:
         self.tried_hosts.append(host)
         host.active_requests += 1
         self.attempt_start = self.connection.loop.time()
+        route_stats = self.route_stats
+        if route_stats is not None:
+            route_stats.upstream_rq_total += 1  # per try started, as Envoy counts a route's
         conn = cluster.acquire(host, self)
         if conn is None:
             self.pending = True
@@ -1198,14 +1154,21 @@ class Exchange:
                 return False
         elif not conditions & policy.retry_on:
             return False
+        route_stats = self.route_stats
         if self.retries_left <= 0:
             self.response_flags = "URX"
+            if route_stats is not None:
+                route_stats.upstream_rq_retry_limit_exceeded += 1
             return False
         cluster = self.cluster
         assert cluster is not None
         if not cluster.admit_retry():
             self.response_flags = "UO"
+            if route_stats is not None:
+                route_stats.upstream_rq_retry_overflow += 1
             return False
+        if route_stats is not None:
+            route_stats.upstream_rq_retry += 1
         self.retries_left -= 1
         self._retry_held = True
         delay = retry_delay(policy, policy.num_retries - self.retries_left)
@@ -1349,14 +1312,19 @@ class Exchange:
         other = cluster.lb.choose(self.hash_key, host)
         if other is None or other is host:
             return  # no other host to ask
+        route_stats = self.route_stats
         if cluster.retries_active >= cluster.retry_limit():
             cluster.stats.upstream_rq_retry_overflow += 1
+            if route_stats is not None:
+                route_stats.upstream_rq_retry_overflow += 1
             backup.counters["capped"] += 1
             return
         if not backup.take():
             return
         backup.counters["sent"] += 1
         cluster.stats.upstream_rq_retry += 1
+        if route_stats is not None:
+            route_stats.upstream_rq_retry += 1
         cluster.retries_active += 1
         self._retry_held = True  # given back when the race is decided
         if self._per_try_timer is not None:  # the backup brings its own
@@ -1442,6 +1410,8 @@ class Exchange:
             return
         assert self.cluster is not None
         self.cluster.stats.upstream_rq_timeout += 1
+        if self.route_stats is not None:
+            self.route_stats.upstream_rq_timeout += 1
         if self.conn is not None:
             self._report_failure("timeout")
         self.reset_upstream()
@@ -1490,6 +1460,8 @@ class Exchange:
             policy = self._policy()
             if policy is None or not _retry_on_status(policy, status):
                 self.cluster.stats.upstream_rq_retry_success += 1
+                if self.route_stats is not None:
+                    self.route_stats.upstream_rq_retry_success += 1
         connection = self.connection
         ctx = connection.ctx
         now = connection.loop.time()
@@ -1737,6 +1709,13 @@ class Exchange:
             if status:
                 codes = cluster.stats.codes
                 codes[status] = codes.get(status, 0) + 1
+            route_stats = self.route_stats
+            if route_stats is not None:
+                # the answering try's time to the end of its response, when it ended well
+                upstream_ms = -1.0
+                if self.upstream_ms >= 0 and self.response_complete:
+                    upstream_ms = (connection.loop.time() - self.attempt_start) * 1000.0
+                route_stats.record(status, upstream_ms)
         if self._on_finish is not None or self._breakers is not None:
             # local failures are 5xx replies too; flags such as DI (delayed) are no failure
             ok = 0 < status < 500

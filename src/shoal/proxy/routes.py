@@ -21,6 +21,7 @@ from shoal.config.model import (
     RouteConfiguration,
     VirtualHost,
 )
+from shoal.observe.stats import ROUTE_STATS, RouteStats
 from shoal.upstream.backup import BackupRequests, build_backup
 from shoal.upstream.breaker import build_breaker
 
@@ -137,6 +138,7 @@ class CompiledRoute:
         "response_plan",
         "retry_policy",
         "route",
+        "stats",
         "timeout_header",
         "value",
         "vhost",
@@ -178,6 +180,11 @@ class CompiledRoute:
         # backup requests: the route's latencies and budget, one per route per config version
         self.backup: BackupRequests | None = (
             build_backup(route.backup, route.name) if route.backup else None
+        )
+        # Envoy's per-route stats (stat_prefix), shared by every config version's route
+        # of the same virtual host and prefix, so counters go on across reloads
+        self.stats: RouteStats | None = (
+            ROUTE_STATS.get(vhost.name, route.stat_prefix) if route.stat_prefix else None
         )
         # typed_per_filter_config: the route's entry wins over the virtual host's
         self.per_filter: dict[str, FilterConfig] = {

@@ -34,7 +34,7 @@ from shoal.observe.telemetry import TELEMETRY
 from shoal.observe.tracing import trace_id_of
 from shoal.proxy.listeners import AccessLogs
 from shoal.transport.rpc import RpcHostPool, RpcUpstreamConnection
-from shoal.upstream.breaker import ErrorRateBreaker, build_breaker
+from shoal.upstream.breaker import ErrorRateBreaker, admit, build_breaker
 from shoal.upstream.cluster import ClusterRuntime
 from shoal.upstream.host import Host
 
@@ -407,21 +407,14 @@ class RpcCall:
         """The route's, then the cluster's error-rate breaker; a refusal goes to the
         breaker's fallback cluster or is answered CIRCUIT_OPEN (None)."""
         cluster = self.session.ctx.clusters.get(cluster_name)
-        for breaker in (route.breaker, cluster.breaker if cluster is not None else None):
-            if breaker is None:
-                continue
-            if breaker.allow(now):
-                self.breakers.append(breaker)
-                continue
-            self.release_breakers()
-            policy = breaker.policy
-            if policy.fallback_cluster:
-                breaker.counters["fallback_cluster"] += 1
-                return policy.fallback_cluster
-            breaker.counters["fallback_local"] += 1
-            self.local_reply(RpcErrorKind.CIRCUIT_OPEN, policy.local_reply.body.decode())
-            return None
-        return cluster_name
+        pair = (route.breaker, cluster.breaker if cluster is not None else None)
+        refused = admit(pair, now, self.breakers)
+        if refused is None:
+            return cluster_name
+        if refused.policy.fallback_cluster:
+            return refused.policy.fallback_cluster
+        self.local_reply(RpcErrorKind.CIRCUIT_OPEN, refused.policy.local_reply.body.decode())
+        return None
 
     def release_breakers(self) -> None:
         for breaker in self.breakers:
@@ -666,5 +659,6 @@ def _pool(cluster: ClusterRuntime, host: Host, ctx: RpcListenerContext) -> RpcHo
             cluster.config.connect_timeout,
             ctx.config.max_frame_bytes,
             cluster.stats,
+            tls=cluster.tls,
         )
     return cast(RpcHostPool, pool)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from shoal.codec.detect import detect
 from shoal.codec.rpc.registry import CODECS
+from shoal.config.envoy import plaintext_service_problem
 from shoal.config.model import (
     Bootstrap,
     Cluster,
@@ -25,9 +27,10 @@ from shoal.config.model import (
     NetworkFilter,
     RpcProxy,
 )
+from shoal.errors import ConfigError
 from shoal.filters.base import HttpFilter
 from shoal.filters.chain import build_filters
-from shoal.observe.stats import Histogram, Snapshot
+from shoal.observe.stats import ROUTE_STATS, Histogram, Snapshot
 from shoal.proxy.h2 import GRPC_STATS, H2Session, HttpSniffer
 from shoal.proxy.http import HttpConnection
 from shoal.proxy.listeners import (
@@ -48,6 +51,14 @@ from shoal.proxy.rpc import (
 )
 from shoal.proxy.tap import TapHub, TapTarget
 from shoal.proxy.tcp import TCP_COUNTERS, TcpSession, TcpStats
+from shoal.proxy.tls import (
+    HANDSHAKE_TIMEOUT,
+    TlsAccept,
+    TlsListenerContext,
+    TlsStats,
+    chain_context,
+    front_context,
+)
 from shoal.upstream.backup import ROUTE_BACKUPS
 from shoal.upstream.breaker import ROUTE_BREAKERS
 from shoal.upstream.cluster import CLUSTER_COUNTERS, ClusterRuntime, ClusterStats
@@ -79,7 +90,7 @@ class DetectingContext:
         return set().union(*(c.connections for c in self.contexts()))
 
 
-Context = ChainContext | DetectingContext
+Context = ChainContext | DetectingContext | TlsListenerContext
 
 
 class ProtocolSniffer(asyncio.Protocol):
@@ -126,6 +137,14 @@ class ListenerSlot:
         self.config = config
         self.context = context
         self.server: asyncio.Server | None = None
+        # a TLS listener's socket is served with this context for its life (proxy/tls.py)
+        self.front: ssl.SSLContext | None = None
+
+    def set_context(self, config: Listener, context: Context) -> None:
+        """A new config version for the same socket."""
+        self.config, self.context = config, context
+        if self.front is not None and isinstance(context, TlsListenerContext):
+            context.configure_front(self.front)
 
     def close(self) -> None:
         if self.server is not None:
@@ -151,12 +170,14 @@ class ProxyRuntime:
         self.downstream_rq_time: dict[str, Histogram] = {}
         self.filters: dict[str, HttpFilter] = {}  # by stat prefix
         self.assignments: dict[str, tuple[Endpoint, ...]] = {}  # EDS, by service name
+        self.tls_stats: dict[str, TlsStats] = {}  # by listener name
         self.taps = TapHub(self._tap_targets)
 
     # applying config ---------------------------------------------------------------------------
 
     async def apply(self, bootstrap: Bootstrap, raw: dict[str, Any] | None = None) -> None:
         """Install ``bootstrap``; on any error nothing changes and the error propagates."""
+        self._check_tls_toggle(bootstrap)
         clusters = await self._build_clusters(bootstrap.clusters)
         # a listener whose config did not change keeps its context and its connections (as
         # in Envoy); it only sees the new clusters
@@ -199,12 +220,13 @@ class ProxyRuntime:
                 _use_clusters(slot.context, clusters)
             elif slot is previous:
                 _drain_context(slot.context)
-                slot.config, slot.context = listener, contexts[listener.name]
+                slot.set_context(listener, contexts[listener.name])
             elif previous is not None:
                 previous.close()
             self.listeners[listener.name] = slot
         for slot in old_slots.values():
             slot.close()
+        ROUTE_STATS.retain(self._route_stat_keys())
         # before the first await: no request on the new contexts escapes an open tap
         self.taps.attach(self._tap_targets())
         for slot in fresh.values():
@@ -222,6 +244,41 @@ class ProxyRuntime:
             len(self.listeners),
             len(self.clusters),
         )
+
+    def _route_stat_keys(self) -> set[tuple[str, str]]:
+        """(virtual host, stat_prefix) of every route with stats in the live config."""
+        return {
+            (vhost.name, route.stat_prefix)
+            for slot in self.listeners.values()
+            for context in _contexts(slot.context)
+            if isinstance(context, HttpListenerContext)
+            for vhost in context.config.route_config.virtual_hosts
+            for route in vhost.routes
+            if route.stat_prefix
+        }
+
+    def _check_tls_toggle(self, bootstrap: Bootstrap) -> None:
+        """A listener keeps its socket across reloads, and a socket is served with TLS or
+        without it for its life: turning TLS on or off needs a new address. (Also: no TLS
+        cluster behind a client that would talk to it in plaintext, for xDS configs.)"""
+        problem = plaintext_service_problem(bootstrap.listeners, bootstrap.clusters)
+        if problem is not None:
+            name = bootstrap.listeners[problem[0]].name
+            raise ConfigError(f"listener {name!r}: {problem[1]}", source=bootstrap.source)
+        for listener in bootstrap.listeners:
+            slot = self.listeners.get(listener.name)
+            if (
+                slot is not None
+                and slot.config.address == listener.address
+                and (slot.config.tls is None) != (listener.tls is None)
+            ):
+                state = "on" if listener.tls is not None else "off"
+                raise ConfigError(
+                    f"listener {listener.name!r}: turning TLS {state} on a bound address is not"
+                    " supported (the socket is kept across reloads); use a new address or"
+                    " restart",
+                    source=bootstrap.source,
+                )
 
     def _tap_targets(self) -> Iterator[TapTarget]:
         for name, slot in self.listeners.items():
@@ -268,7 +325,9 @@ class ProxyRuntime:
     def _context(self, listener: Listener, clusters: dict[str, ClusterRuntime]) -> Context:
         default = self._chain_context(listener, listener.filter, clusters)
         context: Context = default
-        if listener.protocol_chains:
+        if listener.tls is not None:
+            context = self._tls_context(listener, default, clusters)
+        elif listener.protocol_chains:
             context = DetectingContext(
                 default,
                 {
@@ -282,6 +341,25 @@ class ProxyRuntime:
             each.draining = draining
         context.draining = draining
         return context
+
+    def _tls_context(
+        self, listener: Listener, default: ChainContext, clusters: dict[str, ClusterRuntime]
+    ) -> TlsListenerContext:
+        """Each chain's SSL context, pointing at the chain's own listener context (the
+        default chain may also be the first SNI chain: they share one)."""
+        assert listener.tls is not None
+        named = {}
+        for chain in listener.server_name_chains:
+            target = (
+                default
+                if chain.filter is listener.filter
+                else self._chain_context(listener, chain.filter, clusters)
+            )
+            ssl_context = chain_context(chain.tls, target)
+            for name in chain.server_names:
+                named[name] = ssl_context
+        stats = self.tls_stats.setdefault(listener.name, TlsStats())
+        return TlsListenerContext(chain_context(listener.tls, default), named, stats)
 
     def _chain_context(
         self, listener: Listener, config: NetworkFilter, clusters: dict[str, ClusterRuntime]
@@ -306,6 +384,22 @@ class ProxyRuntime:
     async def _bind(self, slot: ListenerSlot) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         address = slot.config.address
+        context = slot.context
+        if isinstance(context, TlsListenerContext):
+            slot.front = front_context(lambda: slot.context)
+            context.configure_front(slot.front)
+            return await loop.create_server(
+                _protocol_factory(slot),
+                host=address.host,
+                port=address.port,
+                family=socket.AF_INET6 if address.is_ipv6 else socket.AF_INET,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+                backlog=1024,
+                start_serving=False,
+                ssl=slot.front,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
         return await loop.create_server(
             _protocol_factory(slot),
             host=address.host,
@@ -394,6 +488,7 @@ class ProxyRuntime:
                     counters[f"{prefix}circuit_breaker.{counter}"] = value
                 gauges[prefix + "circuit_breaker.state"] = breaker.state_code
         counters.update(GRPC_STATS.counters())  # cluster.<name>.grpc.<service>.<method>.*
+        ROUTE_STATS.report(counters, histograms)  # vhost.<vhost>.route.<stat_prefix>.*
         for route_name, breaker in ROUTE_BREAKERS.breakers.items():
             prefix = f"route.{route_name}.circuit_breaker."
             for counter, value in breaker.counters.items():
@@ -434,6 +529,13 @@ class ProxyRuntime:
         for prefix_name, tcp in self.tcp_stats.items():
             for counter in TCP_COUNTERS:
                 counters[f"tcp.{prefix_name}.{counter}"] = getattr(tcp, counter)
+        for listener_name, tls in self.tls_stats.items():
+            slot = self.listeners.get(listener_name)
+            if slot is not None:  # Envoy's listener.<address>.ssl.*
+                address = slot.config.address
+                prefix = f"listener.{address.host}_{address.port}.ssl."
+                for counter, value in tls.counters().items():
+                    counters[prefix + counter] = value
         gauges["server.live"] = int(not self.draining)
         gauges["server.concurrency"] = 1
         gauges["server.taps_active"] = len(self.taps.taps)
@@ -464,12 +566,18 @@ class ProxyRuntime:
         return "\n".join(lines) + "\n"
 
 
-def _session(context: ChainContext) -> asyncio.Protocol:
+def _session(context: ChainContext, alpn: str | None = None) -> asyncio.Protocol:
+    """The session of a new connection; ``alpn`` is what a TLS handshake negotiated (for
+    ``codec_type: AUTO`` it picks the HTTP version; without it the first bytes do)."""
     if isinstance(context, HttpListenerContext):
         codec = context.config.codec_type
         if codec == "http1":
             return HttpConnection(context)
-        return H2Session(context) if codec == "http2" else HttpSniffer(context)
+        if codec == "http2" or alpn == "h2":
+            return H2Session(context)
+        if alpn in ("http/1.1", "http/1.0"):
+            return HttpConnection(context)
+        return HttpSniffer(context)
     if isinstance(context, RpcListenerContext):
         return RpcSession(context)
     return TcpSession(context)
@@ -478,17 +586,29 @@ def _session(context: ChainContext) -> asyncio.Protocol:
 def _protocol_factory(slot: ListenerSlot) -> Callable[[], Any]:
     """The factory reads the slot's context at accept time, so a reload can swap it."""
 
+    if slot.front is not None:  # TLS for the socket's life (a reload cannot turn it off)
+
+        def make_tls() -> Any:
+            # the chain is picked by SNI during the handshake: proxy/tls.py
+            context = slot.context
+            assert isinstance(context, TlsListenerContext)
+            return TlsAccept(_session, context.stats)
+
+        return make_tls
+
     def make() -> Any:
         context = slot.context
         if isinstance(context, DetectingContext):
             return ProtocolSniffer(context)
-        return _session(context)
+        return _session(context)  # type: ignore[arg-type]  # never TLS: see make_tls
 
     return make
 
 
 def _contexts(context: Context) -> list[ChainContext]:
-    return context.contexts() if isinstance(context, DetectingContext) else [context]
+    if isinstance(context, DetectingContext | TlsListenerContext):
+        return context.contexts()
+    return [context]
 
 
 def _use_clusters(context: Context, clusters: dict[str, ClusterRuntime]) -> None:

@@ -180,11 +180,16 @@ class TcpSession(asyncio.Protocol):
             cluster.cx_active += 1
             cluster.stats.upstream_cx_total += 1
             cluster.stats.upstream_rq_total += 1  # Envoy counts each try as a request too
+            tls = cluster.tls
             try:
                 async with asyncio.timeout(cluster.config.connect_timeout):
-                    _, side = await self.loop.create_connection(
-                        lambda: _UpstreamSide(self), host.address.host, host.address.port
-                    )
+                    if tls is None:
+                        _, side = await self.loop.create_connection(
+                            lambda: _UpstreamSide(self), host.address.host, host.address.port
+                        )
+                    else:  # TLS origination: the handshake is part of the connect
+                        side = _UpstreamSide(self)
+                        await tls.connect(side, host.address.host, host.address.port)
             except (OSError, TimeoutError) as exc:
                 cluster.cx_active -= 1
                 cluster.stats.upstream_cx_connect_fail += 1

@@ -10,11 +10,16 @@ The connection knows streams only through :class:`H2StreamSink`: it hands each e
 the stream that opened it and never buffers body bytes itself. Writes are batched: each
 change marks the connection dirty and one ``loop.call_soon`` flushes the codec's bytes,
 so many streams' frames leave in one ``write``.
+
+With ``connection_keepalive`` (:class:`Pinger`, also used by downstream sessions) a PING
+goes out every interval and a peer that does not answer within the timeout loses the
+connection: its streams fail with "keepalive timeout".
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from shoal.codec.http2 import (
@@ -24,12 +29,51 @@ from shoal.codec.http2 import (
     DataReceived,
     H2Connection,
     Headers,
+    PingAckReceived,
     ResponseReceived,
     StreamReset,
     TrailersReceived,
     WindowUpdated,
 )
+from shoal.config.model import Keepalive
+from shoal.transport.tls import UpstreamTls
 from shoal.transport.upstream import ConnectionCounters, connect_pooled, upstream_transport
+
+_PING_DATA = b"shoal-ka"
+
+
+class Pinger:
+    """HTTP/2 PING keepalive of one connection: a PING every ``interval``; ``expired`` is
+    called when one goes unanswered for ``timeout``."""
+
+    __slots__ = ("codec", "expired", "keepalive", "kick", "loop", "timer")
+
+    def __init__(
+        self,
+        keepalive: Keepalive,
+        codec: H2Connection,
+        kick: Callable[[], None],
+        expired: Callable[[], None],
+    ) -> None:
+        self.keepalive = keepalive
+        self.codec = codec
+        self.kick = kick
+        self.expired = expired
+        self.loop = asyncio.get_running_loop()
+        self.timer = self.loop.call_later(keepalive.interval, self._ping)
+
+    def _ping(self) -> None:
+        self.codec.ping(_PING_DATA)
+        self.kick()
+        self.timer = self.loop.call_later(self.keepalive.timeout, self.expired)
+
+    def acked(self, data: bytes) -> None:
+        if data == _PING_DATA:
+            self.timer.cancel()
+            self.timer = self.loop.call_later(self.keepalive.interval, self._ping)
+
+    def stop(self) -> None:
+        self.timer.cancel()
 
 
 class H2StreamSink(Protocol):
@@ -44,7 +88,17 @@ class H2StreamSink(Protocol):
 
 
 class H2UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("closed", "codec", "connected", "dirty", "loop", "pool", "streams", "transport")
+    __slots__ = (
+        "closed",
+        "codec",
+        "connected",
+        "dirty",
+        "loop",
+        "pinger",
+        "pool",
+        "streams",
+        "transport",
+    )
 
     def __init__(self, pool: H2HostPool) -> None:
         self.pool = pool
@@ -61,6 +115,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.connected = False
         self.closed = False
         self.dirty = False
+        self.pinger: Pinger | None = None
 
     # used by the pool and the downstream streams ----------------------------------------------
 
@@ -120,7 +175,14 @@ class H2UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = upstream_transport(transport)
         self.connected = True
+        keepalive = self.pool.keepalive
+        if keepalive is not None:
+            self.pinger = Pinger(keepalive, self.codec, self.kick, self._keepalive_expired)
         self.flush()
+
+    def _keepalive_expired(self) -> None:
+        self.flush()
+        self.fail("keepalive timeout")
 
     def data_received(self, data: bytes) -> None:
         streams = self.streams
@@ -158,6 +220,9 @@ class H2UpstreamConnection(asyncio.Protocol):
                 if sink is not None:
                     refused = event.remote and event.error_code == REFUSED_STREAM
                     sink.upstream_reset(event.error_code, refused)
+            elif isinstance(event, PingAckReceived):
+                if self.pinger is not None:
+                    self.pinger.acked(event.ping_data)
             elif isinstance(event, ConnectionTerminated):
                 self.pool.forget(self)  # no new streams here; open ones may finish
                 if not event.remote or event.error_code:
@@ -192,6 +257,8 @@ class H2UpstreamConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if self.pinger is not None:
+            self.pinger.stop()
         self.pool.closed(self)
         streams, self.streams = self.streams, {}
         for sink in streams.values():
@@ -208,14 +275,30 @@ class H2HostPool:
     """HTTP/2 connections to one host of a cluster (kept in ``ClusterRuntime.rpc_pools``,
     so that they close with the cluster)."""
 
-    __slots__ = ("address", "closing", "connect_timeout", "connections", "counters")
+    __slots__ = (
+        "address",
+        "closing",
+        "connect_timeout",
+        "connections",
+        "counters",
+        "keepalive",
+        "tls",
+    )
 
     def __init__(
-        self, address: tuple[str, int], connect_timeout: float, counters: ConnectionCounters
+        self,
+        address: tuple[str, int],
+        connect_timeout: float,
+        counters: ConnectionCounters,
+        *,
+        tls: UpstreamTls | None = None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self.address = address
+        self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.counters = counters
+        self.tls = tls
         self.closing = False
         self.connections: list[H2UpstreamConnection] = []
 
@@ -229,7 +312,12 @@ class H2HostPool:
         self.counters.upstream_cx_total += 1
         asyncio.get_running_loop().create_task(
             connect_pooled(
-                conn, conn.connect_failed, self.address, self.connect_timeout, self.counters
+                conn,
+                conn.connect_failed,
+                self.address,
+                self.connect_timeout,
+                self.counters,
+                tls=self.tls,
             )
         )
         return conn

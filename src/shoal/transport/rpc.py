@@ -13,6 +13,7 @@ import asyncio
 from typing import Protocol
 
 from shoal.codec.rpc.base import RpcCodec, RpcFrame, RpcProtocolError
+from shoal.transport.tls import UpstreamTls
 from shoal.transport.upstream import ConnectionCounters, connect_pooled, upstream_transport
 
 _MAX_ID = 2**31 - 1  # Bolt's ids are 32-bit, the others' 64-bit: stay within both
@@ -129,6 +130,7 @@ class RpcHostPool:
         "connections",
         "counters",
         "max_frame_bytes",
+        "tls",
     )
 
     def __init__(
@@ -138,7 +140,10 @@ class RpcHostPool:
         connect_timeout: float,
         max_frame_bytes: int,
         counters: ConnectionCounters,
+        *,
+        tls: UpstreamTls | None = None,
     ) -> None:
+        self.tls = tls
         self.codec = codec
         self.address = address
         self.connect_timeout = connect_timeout
@@ -158,7 +163,12 @@ class RpcHostPool:
         self.counters.upstream_cx_total += 1
         asyncio.get_running_loop().create_task(
             connect_pooled(
-                conn, conn.connect_failed, self.address, self.connect_timeout, self.counters
+                conn,
+                conn.connect_failed,
+                self.address,
+                self.connect_timeout,
+                self.counters,
+                tls=self.tls,
             )
         )
         return conn

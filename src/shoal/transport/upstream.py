@@ -14,6 +14,7 @@ from typing import Protocol, cast
 
 from shoal.codec.http1 import END, Event, ResponseDecoder, ResponseHead, Upgrade, no_body_status
 from shoal.errors import RemoteProtocolError
+from shoal.transport.tls import UpstreamTls
 
 HIGH_WATERMARK = 64 * 1024
 
@@ -52,14 +53,20 @@ async def connect_pooled(
     address: tuple[str, int],
     timeout: float,
     counters: ConnectionCounters,
+    *,
+    tls: UpstreamTls | None = None,
 ) -> None:
     """Open ``conn``'s connection, as the multiplexed pools (HTTP/2, RPC) do: a failure is
-    counted and told to ``failed`` with Envoy's reason."""
+    counted and told to ``failed`` with Envoy's reason. With ``tls`` the handshake is part
+    of the connect (and of its timeout)."""
     loop = asyncio.get_running_loop()
     host, port = address
     try:
         async with asyncio.timeout(timeout):
-            await loop.create_connection(lambda: conn, host, port)
+            if tls is None:
+                await loop.create_connection(lambda: conn, host, port)
+            else:
+                await tls.connect(conn, host, port)
     except TimeoutError:
         counters.upstream_cx_connect_fail += 1
         counters.upstream_cx_connect_timeout += 1

@@ -273,6 +273,27 @@ class ErrorRateBreaker:
             self._slow += 1
 
 
+def admit(
+    breakers: tuple[ErrorRateBreaker | None, ...], now: float, admitted: list[ErrorRateBreaker]
+) -> ErrorRateBreaker | None:
+    """Ask a request's breakers in turn (the route's, then the cluster's): those that let it
+    through join ``admitted``; the first that refuses is returned with its fallback counted,
+    and the ones that had admitted the request are released (a refusal is no verdict)."""
+    for breaker in breakers:
+        if breaker is None:
+            continue
+        if breaker.allow(now):
+            admitted.append(breaker)
+            continue
+        for earlier in admitted:
+            earlier.release()
+        admitted.clear()
+        fallback = "fallback_cluster" if breaker.policy.fallback_cluster else "fallback_local"
+        breaker.counters[fallback] += 1
+        return breaker
+    return None
+
+
 class BreakerRegistry:
     """Route-level breakers by route name, for the stats snapshot
     (``route.<name>.circuit_breaker.*``). A breaker registered under a name already taken

@@ -26,8 +26,10 @@ from shoal.config.model import (
     SocketAddress,
 )
 from shoal.observe.stats import Histogram, int_fields
+from shoal.transport.tls import UpstreamTls
 from shoal.transport.upstream import UpstreamConnection
 from shoal.upstream.breaker import ErrorRateBreaker
+from shoal.upstream.bridge import carry_over_h2
 from shoal.upstream.health import HealthChecker
 from shoal.upstream.host import Host
 from shoal.upstream.lb import LoadBalancer, build_lb
@@ -126,11 +128,15 @@ class HostPool:
         cluster = self.cluster
         address = self.host.address
         loop = asyncio.get_running_loop()
+        tls = cluster.tls
         try:
             async with asyncio.timeout(cluster.config.connect_timeout):
-                await loop.create_connection(
-                    lambda: UpstreamConnection(self), address.host, address.port
-                )
+                if tls is None:
+                    await loop.create_connection(
+                        lambda: UpstreamConnection(self), address.host, address.port
+                    )
+                else:  # the handshake is part of the connect, and of its timeout
+                    await tls.connect(UpstreamConnection(self), address.host, address.port)
         except (OSError, TimeoutError) as exc:
             self.connecting -= 1
             cluster.cx_active -= 1
@@ -169,11 +175,16 @@ class ClusterRuntime:
         "rq_active",
         "rq_pending",
         "stats",
+        "tls",
     )
 
     def __init__(self, config: Cluster) -> None:
         self.config = config
         self.stats = ClusterStats()
+        # transport_socket TLS: contexts built once per cluster config
+        self.tls: UpstreamTls | None = None
+        if config.tls is not None:
+            self.tls = UpstreamTls(config.tls, config.http2)
         self.pools: dict[str, HostPool] = {}
         # RPC protocols' pools, by (protocol, host key): shoal.transport.rpc.RpcHostPool
         self.rpc_pools: dict[tuple[str, str], Closeable] = {}
@@ -195,7 +206,7 @@ class ClusterRuntime:
             self.breaker = ErrorRateBreaker(config.breaker, config.name)
         self.health: HealthChecker | None = None
         if config.health_checks:
-            self.health = HealthChecker(config.health_checks[0], self, config.name)
+            self.health = HealthChecker(config.health_checks[0], self, config.name, tls=self.tls)
         if config.type is DiscoveryType.STATIC:
             self.set_endpoints(config.endpoints)
 
@@ -265,6 +276,8 @@ class ClusterRuntime:
     def acquire(self, host: Host, waiter: PoolWaiter) -> UpstreamConnection | bool | None:
         """An idle connection, or None when ``waiter`` will be called back, or False on
         pending overflow (the caller answers 503 UO)."""
+        if self.config.http2:
+            return carry_over_h2(self, host, waiter)  # HTTP/1.1 over one HTTP/2 stream
         pool = self.pools.get(host.key)
         if pool is None:
             pool = self.pools[host.key] = HostPool(self, host)

@@ -47,6 +47,7 @@ from shoal.config.model import (
     TcpHealthCheck,
 )
 from shoal.errors import RemoteProtocolError
+from shoal.transport.tls import UpstreamTls
 from shoal.upstream.host import Host
 
 if TYPE_CHECKING:
@@ -138,8 +139,10 @@ class HealthChecker:
         cluster: CheckedCluster,
         cluster_name: str,
         rng: random.Random | None = None,
+        tls: UpstreamTls | None = None,
     ) -> None:
         self.config = config
+        self.tls = tls  # the cluster's transport_socket: HTTP and TCP checks use it
         self.cluster_name = cluster_name
         self._cluster = cluster
         self._rng = rng if rng is not None else random.Random()
@@ -230,12 +233,21 @@ class HealthChecker:
             session.close()
             return _NETWORK
 
+    async def _open(
+        self, host: Host, *, http1: bool
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to ``host``, over the cluster's TLS if it has one (ALPN http/1.1
+        for HTTP checks, whatever the cluster's protocol)."""
+        address = host.address
+        if self.tls is None:
+            return await asyncio.open_connection(address.host, address.port)
+        return await self.tls.open_connection(address.host, address.port, http1=http1)
+
     async def _check_http(self, session: _Session, checker: HttpHealthCheck) -> str:
         reused = session.conn is not None and not session.conn[0].at_eof()
         if not reused:
             session.close()
-            address = session.host.address
-            session.conn = await asyncio.open_connection(address.host, address.port)
+            session.conn = await self._open(session.host, http1=True)
         try:
             head = await self._exchange(session, checker)
         except (OSError, RemoteProtocolError):
@@ -244,8 +256,7 @@ class HealthChecker:
             # the upstream closed the idle connection just now: Envoy would have seen the
             # close and connected afresh, so that is no failure
             session.close()
-            address = session.host.address
-            session.conn = await asyncio.open_connection(address.host, address.port)
+            session.conn = await self._open(session.host, http1=True)
             head = await self._exchange(session, checker)
         if not self.config.reuse_connection or not head.keep_alive:
             session.close()
@@ -282,8 +293,7 @@ class HealthChecker:
         return head
 
     async def _check_tcp(self, session: _Session, checker: TcpHealthCheck) -> str:
-        address = session.host.address
-        reader, writer = await asyncio.open_connection(address.host, address.port)
+        reader, writer = await self._open(session.host, http1=False)
         session.conn = reader, writer
         if checker.send:
             writer.write(checker.send)
