@@ -31,6 +31,7 @@ HOT_MODULES = [
     "shoal/codec/h2/hpack.py",
     "shoal/codec/h2/tables.py",
     "shoal/proxy/routes.py",
+    "shoal/proxy/hashing.py",
     "shoal/proxy/http.py",
     "shoal/proxy/listeners.py",
     "shoal/transport/upstream.py",

@@ -1,9 +1,12 @@
-"""HTTP filters, error-rate breakers and tracing on HTTP/2 streams: grpcio and curl
+"""What an HTTP/1.1 request gets, an HTTP/2 stream gets too: HTTP filters, error-rate
+breakers, tracing, route stats, hash policies and per-try timeouts. grpcio and curl
 (`--http2-prior-knowledge`) through a ``codec_type: HTTP2`` listener, checked by what the
-clients get, the proxy's stats, and spans at a real Zipkin receiver."""
+clients get, the proxy's stats, and spans at a real OTLP receiver."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from tests.conftest import free_port, route_to, static_cluster
+from tests.conftest import Echo, free_port, route_to, static_cluster
 from tests.integration.test_h2_proxy import (
     SERVICE,
     GrpcServer,
@@ -268,3 +271,51 @@ def test_route_stats_count_grpc_streams(make_proxy: Any, grpc_server: GrpcServer
     prometheus = proxy.admin("/stats/prometheus")[1]
     tags = 'envoy_virtual_host="all",envoy_route="unary"'
     assert f"envoy_vhost_route_upstream_rq_time_count{{{tags}}} 3\n" in prometheus
+
+
+def test_hash_policy_and_generated_cookie_on_http2(
+    make_proxy: Any, echo_a: Echo, echo_b: Echo
+) -> None:
+    """Ring hash by header keeps a user on one host; a cookie policy with a ttl sets its
+    generated cookie on the HTTP/2 answer (the HTTP/1.1 cluster is reached translated)."""
+    port = free_port()
+    ring = static_cluster("ring", echo_a.port, echo_b.port, lb_policy="RING_HASH")
+    by_user = route_to("ring", "/user", hash_policy=[{"header": {"header_name": "x-user"}}])
+    by_cookie = route_to(
+        "ring", "/sticky", hash_policy=[{"cookie": {"name": "sticky", "ttl": "60s"}}]
+    )
+    make_proxy(proxy_config(port, [ring], [by_user, by_cookie]))
+    base = f"http://127.0.0.1:{port}"
+
+    def served_by(user: str) -> set[str]:
+        urls = [f"{base}/user"] * 6
+        got = curl("--http2-prior-knowledge", "-H", f"x-user: {user}", *urls)
+        return {json.loads(line)["service"] for line in got.stdout.splitlines()}
+
+    picks = [served_by(f"user-{n}") for n in range(8)]
+    assert all(len(pick) == 1 for pick in picks)  # each user sticks to one host
+    assert set().union(*picks) == {"a", "b"}  # and users spread over both
+    sticky = curl("--http2-prior-knowledge", "-i", f"{base}/sticky")
+    assert re.search(
+        r'^set-cookie: sticky="[0-9a-f]{16}"; Max-Age=60; HttpOnly', sticky.stdout, re.M
+    )
+
+
+def test_per_try_timeout_on_grpc(make_proxy: Any, grpc_server: GrpcServer) -> None:
+    """Each try gets per_try_timeout; a timed-out try is retried (retry_on 5xx), and the
+    last one's timeout answers DEADLINE_EXCEEDED long before the server would have."""
+    port = free_port()
+    retry = {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.3s"}
+    config = proxy_config(
+        port, [h2_cluster("grpc", grpc_server.port)], [route_to("grpc", retry_policy=retry)]
+    )
+    proxy = make_proxy(config)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as timed_out:
+            call(channel, "Slow")(b"x", timeout=10)  # the server takes 3 s
+        assert timed_out.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0.5 < time.monotonic() - started < 2.5
+    stats = proxy.stats()
+    assert stats["cluster.grpc.upstream_rq_per_try_timeout"] == 2
+    assert stats["cluster.grpc.upstream_rq_retry"] == 1

@@ -78,13 +78,18 @@ def generated_value(remote: str, local: str) -> str:
     return f"{xxhash64((remote + local).encode()):016x}"
 
 
-def set_cookie_line(policy: HashPolicy, value: str) -> bytes:
-    """The ``set-cookie`` header line for a generated value, in Envoy's format:
+def set_cookie(policy: HashPolicy, value: str) -> bytes:
+    """The ``set-cookie`` value for a generated cookie, in Envoy's format:
     ``name="value"; Max-Age=ttl; Path=path; HttpOnly`` (no Max-Age for a 0 ttl, no Path
     for an empty one)."""
-    line = f'set-cookie: {policy.name}="{value}"'
+    text = f'{policy.name}="{value}"'
     if policy.ttl:
-        line += f"; Max-Age={policy.ttl}"
+        text += f"; Max-Age={policy.ttl}"
     if policy.path:
-        line += f"; Path={policy.path}"
-    return (line + "; HttpOnly\r\n").encode("latin-1")
+        text += f"; Path={policy.path}"
+    return (text + "; HttpOnly").encode("latin-1")
+
+
+def set_cookie_line(policy: HashPolicy, value: str) -> bytes:
+    """The HTTP/1.1 ``set-cookie`` header line for a generated cookie."""
+    return b"set-cookie: %s\r\n" % set_cookie(policy, value)

@@ -41,7 +41,10 @@ per stream, sent upstream in the tracer's headers.
 connection through :class:`~shoal.upstream.bridge.Http1Leg`, which the stream drives as it
 drives an HTTP/2 upstream connection.
 
-**Not here yet:** per-try timeouts, hedging, mirrors and hash policies.
+The route's ``hash_policy`` (with generated cookies) and ``per_try_timeout`` apply as for
+HTTP/1.1.
+
+**Not here yet:** hedging and mirrors.
 """
 
 from __future__ import annotations
@@ -73,13 +76,15 @@ from shoal.codec.http2 import (
     WindowUpdated,
 )
 from shoal.config.filters import FilterConfig
-from shoal.config.model import Redirect, RetryPolicy, RouteAction
+from shoal.config.model import HashPolicy, Redirect, RetryPolicy, RouteAction
 from shoal.errors import LocalProtocolError
 from shoal.filters.base import LocalReply
 from shoal.filters.run import run_filters
 from shoal.observe.istio import PEER_HEADER, PEER_HEADERS
 from shoal.observe.stats import RouteStats
 from shoal.observe.tracing import Span, trace_id_of
+from shoal.proxy.cookies import generated_value, set_cookie
+from shoal.proxy.hashing import HASHING_LBS, request_hash
 from shoal.proxy.http import HttpConnection
 from shoal.proxy.listeners import HttpListenerContext
 from shoal.proxy.routes import CompiledRoute, HeaderPlan
@@ -131,6 +136,7 @@ _GATEWAY_ERRORS = (502, 503, 504)
 _RESET = frozenset({"reset"})
 _REFUSED = frozenset({"reset", "refused-stream"})
 _CONNECT_FAILURE = frozenset({"reset", "connect-failure"})
+_PER_TRY_TIMEOUT = frozenset({"5xx", "gateway-error", "reset"})
 
 
 def grpc_timeout(value: bytes) -> float | None:
@@ -389,6 +395,7 @@ class H2Stream:
         "grpc",
         "grpc_method",
         "grpc_status",
+        "hash_key",
         "headers",
         "host",
         "idle_mark",
@@ -396,6 +403,7 @@ class H2Stream:
         "idle_timer",
         "last_host",
         "peer",
+        "per_try_timer",
         "precredit",
         "raw_authority",
         "raw_method",
@@ -417,6 +425,7 @@ class H2Stream:
         "retry_timer",
         "route_stats",
         "session",
+        "set_cookies",
         "span",
         "start",
         "started_at",
@@ -507,6 +516,9 @@ class H2Stream:
         self.request_id = b""  # the one the proxy made up, for logs and spans
         self.route_stats: RouteStats | None = None  # the route's, with a stat_prefix
         self.attempt_start = 0.0
+        self.per_try_timer: asyncio.TimerHandle | None = None
+        self.hash_key: int | None = None  # for ring-hash and Maglev, from the hash policy
+        self.set_cookies: Headers = []  # cookies the hash policy generated, for the answer
 
     # routing --------------------------------------------------------------------------------
 
@@ -560,6 +572,15 @@ class H2Stream:
         self.route_stats = compiled.stats
         if compiled.retry_policy is not None:
             self.retries_left = compiled.retry_policy.num_retries
+        if action.hash_policy:
+            hashing = cluster.config.lb_policy in HASHING_LBS
+            self.hash_key = request_hash(
+                action.hash_policy,
+                self.headers,
+                self.raw_path.decode("latin-1"),
+                self.remote_ip,
+                self._generate_cookie if hashing else None,
+            )
         if self.grpc:
             self.grpc_method = GRPC_STATS.method(cluster_name, self.raw_path)
             if self.grpc_method is not None:
@@ -706,7 +727,7 @@ class H2Stream:
         cluster = self.cluster
         assert cluster is not None
         # a retry goes to another host when there is one
-        host = cluster.lb.choose(None, self.last_host)
+        host = cluster.lb.choose(self.hash_key, self.last_host)
         if host is None:
             self.local_reply(503, b"no healthy upstream", "UH", "no_healthy_upstream")
             return
@@ -730,7 +751,19 @@ class H2Stream:
             return
         self.up = conn
         self.up_ended = end
+        policy = self.compiled.retry_policy if self.compiled is not None else None
+        if policy is not None and policy.per_try_timeout:
+            self.per_try_timer = self.session.loop.call_later(
+                policy.per_try_timeout, self._on_per_try_timeout
+            )
         self.pump_up()
+
+    def _generate_cookie(self, policy: HashPolicy) -> str:
+        """Envoy's generated cookie: one value per downstream connection, set on the answer."""
+        session = self.session
+        value = generated_value(session.address("peername"), session.address("sockname"))
+        self.set_cookies.append((b"set-cookie", set_cookie(policy, value)))
+        return value
 
     # request body ---------------------------------------------------------------------------
 
@@ -850,6 +883,8 @@ class H2Stream:
         elapsed = self.session.loop.time() - self.start
         cluster.stats.upstream_rq_time.record(elapsed * 1000.0)
         out.append((b"x-envoy-upstream-service-time", b"%d" % int(elapsed * 1000)))
+        if self.set_cookies and b"set-cookie" not in remove:  # route edits come after it
+            out += self.set_cookies
         if plan is not None and any(options for _, options in plan.levels):
             out = [(n.lower(), v) for n, v in plan.apply(out)]
         self.status = status
@@ -1066,6 +1101,22 @@ class H2Stream:
             cluster.outlier.record_local_failure(self.host, "timeout")
         self._stream_timeout(504, b"upstream request timeout", "UT", "response_timeout")
 
+    def _on_per_try_timeout(self) -> None:
+        """The route's per_try_timeout: this try is dropped, and retried if the policy
+        retries 5xx, gateway errors or resets (as Envoy does), else answered 504."""
+        self.per_try_timer = None
+        if self.done:
+            return
+        cluster = self.cluster
+        assert cluster is not None
+        cluster.stats.upstream_rq_per_try_timeout += 1
+        if self.host is not None and cluster.outlier is not None:
+            cluster.outlier.record_local_failure(self.host, "timeout")
+        self._reset_upstream()
+        if self._maybe_retry(_PER_TRY_TIMEOUT):
+            return
+        self.local_reply(504, b"upstream request timeout", "UT", "upstream_per_try_timeout")
+
     def _check_idle(self) -> None:
         """Envoy's stream idle timeout; a stream whose window stays closed (a zero-window
         stall) moves nothing and ends here too."""
@@ -1111,6 +1162,9 @@ class H2Stream:
         self._end_attempt()
 
     def _end_attempt(self) -> None:
+        if self.per_try_timer is not None:
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
         host, self.host = self.host, None
         if host is not None:
             host.active_requests -= 1

@@ -20,7 +20,6 @@ from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
-from urllib.parse import parse_qsl
 
 from shoal.codec.http1 import (
     CONTINUE_RESPONSE,
@@ -42,7 +41,6 @@ from shoal.codec.http1 import (
 from shoal.config.filters import FilterConfig
 from shoal.config.model import (
     HashPolicy,
-    LbPolicy,
     Redirect,
     RequestMirrorPolicy,
     RetryPolicy,
@@ -55,11 +53,11 @@ from shoal.observe.istio import PEER_HEADER, PEER_HEADERS
 from shoal.observe.stats import RouteStats
 from shoal.observe.tracing import Span, trace_id_of
 from shoal.proxy.cookies import generated_value, set_cookie_line
+from shoal.proxy.hashing import HASHING_LBS, request_hash
 from shoal.proxy.routes import CompiledRoute, HeaderPlan, split_lines
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
 from shoal.upstream.breaker import ErrorRateBreaker, admit
 from shoal.upstream.cluster import retry_delay
-from shoal.upstream.lb import hash_key_of
 
 if TYPE_CHECKING:
     from shoal.proxy.listeners import HttpListenerContext
@@ -103,10 +101,9 @@ _NOT_FORWARDED = frozenset(
 _UPGRADE_HEADERS = frozenset({b"connection", b"upgrade"})
 # response headers the proxy writes itself, replacing any the upstream sent
 _SET_BY_PROXY = frozenset({b"server", b"date", b"x-envoy-upstream-service-time"})
+
+
 # balancers that use a request's hash; Envoy evaluates hash policies only for them
-_HASHING_LBS = (LbPolicy.RING_HASH, LbPolicy.MAGLEV)
-
-
 class _Date:
     """The ``date`` header of the current second, formatted once per second."""
 
@@ -709,7 +706,14 @@ class Exchange:
             self.body_buffer = list(self.unsent)  # a queued request's body may be here
             self.body_buffered_bytes = sum(map(len, self.unsent))
         if action.hash_policy:
-            self.hash_key = self._hash(action.hash_policy, cluster.config.lb_policy in _HASHING_LBS)
+            hashing = cluster.config.lb_policy in HASHING_LBS
+            self.hash_key = request_hash(
+                action.hash_policy,
+                head.headers,
+                self.path,
+                connection.remote_ip,
+                self._generate_cookie if hashing else None,
+            )
         if head.expect_continue and not connection.closing:
             connection.write(CONTINUE_RESPONSE)
         self.request_plan = request_plan
@@ -821,31 +825,6 @@ class Exchange:
             if point < 0:
                 return weighted.name
         return action.weighted_clusters[-1].name
-
-    def _hash(self, policies: tuple[HashPolicy, ...], hashing_lb: bool) -> int | None:
-        """The request's hash key; a missing cookie is generated (and set on the response)
-        only for a balancer that uses the hash, as only those make Envoy evaluate policies."""
-        combined: int | None = None
-        for policy in policies:
-            value: str | None
-            if policy.kind == "header":
-                value = header_value(self.head.headers, policy.name.encode("latin-1"))
-            elif policy.kind == "source_ip":
-                value = self.connection.remote_ip
-            elif policy.kind == "cookie":
-                value = _cookie(self.head.headers, policy.name) or None
-                if value is None and policy.ttl is not None and hashing_lb:
-                    value = self._generate_cookie(policy)
-            else:
-                value = _query_param(self.path, policy.name)
-            if value is None:
-                continue
-            key = hash_key_of(value)
-            combined = key if combined is None else ((combined << 1 | combined >> 63) ^ key)
-            combined &= 0xFFFFFFFFFFFFFFFF
-            if policy.terminal:
-                break
-        return combined
 
     def _generate_cookie(self, policy: HashPolicy) -> str:
         """Envoy's generated cookie: one value per downstream connection, set on the response."""
@@ -1736,26 +1715,6 @@ class Exchange:
         for access_log in ctx.access_logs:
             access_log(self)
         connection.exchange_done(self)
-
-
-def _cookie(headers: Headers, name: str) -> str | None:
-    raw = header_value(headers, b"cookie")
-    if raw is None:
-        return None
-    for part in raw.replace(",", ";").split(";"):
-        key, _, value = part.strip().partition("=")
-        if key == name:
-            # a value may be quoted (RFC 6265), as generated cookies are; Envoy unquotes it
-            quoted = len(value) >= 2 and value[0] == value[-1] == '"'
-            return value[1:-1] if quoted else value
-    return None
-
-
-def _query_param(path: str, name: str) -> str | None:
-    for key, value in parse_qsl(path.partition("?")[2], keep_blank_values=True):
-        if key == name:
-            return value
-    return None
 
 
 class HttpConnection(asyncio.Protocol):
