@@ -9,7 +9,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from tests.conftest import Echo, free_port, route_to, static_cluster
+from tests.integration.mesh_helpers import eventually
 from tests.integration.test_h2_proxy import (
     SERVICE,
     GrpcServer,
@@ -28,9 +29,10 @@ from tests.integration.test_h2_proxy import (
     h2_upstream,
     proxy_config,
 )
+from tests.integration.test_mirror_and_cookie import Recorder, recorder, settled
 from tests.integration.test_telemetry import Collector, collector, tracing
 
-__all__ = ["collector", "grpc_server", "h2_upstream"]  # fixtures used here
+__all__ = ["collector", "grpc_server", "h2_upstream", "recorder"]  # fixtures used here
 
 FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
@@ -319,3 +321,38 @@ def test_per_try_timeout_on_grpc(make_proxy: Any, grpc_server: GrpcServer) -> No
     stats = proxy.stats()
     assert stats["cluster.grpc.upstream_rq_per_try_timeout"] == 2
     assert stats["cluster.grpc.upstream_rq_retry"] == 1
+
+
+def test_grpc_calls_are_mirrored(
+    make_proxy: Any, grpc_server: GrpcServer, recorder: Callable[..., Recorder]
+) -> None:
+    """request_mirror_policies copy each whole gRPC call to the mirror cluster (HTTP/1.1
+    here) with a -shadow host, fire and forget; the caller's answer is the main one's."""
+    shadow = recorder()
+    port = free_port()
+    mirrored = route_to("grpc", request_mirror_policies=[{"cluster": "shadow"}])
+    config = proxy_config(
+        port,
+        [h2_cluster("grpc", grpc_server.port), static_cluster("shadow", shadow.port)],
+        [mirrored],
+    )
+    proxy = make_proxy(config)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for word in (b"one", b"two"):
+            assert call(channel, "Unary")(word, timeout=5) == b"hello " + word
+        parts = iter([b"a", b"b", b"c"])
+        assert call(channel, "Join", "stream_unary")(parts, timeout=5) == b"a+b+c"
+    eventually(lambda: len(shadow.seen) == 3)
+    copies = sorted(shadow.seen, key=lambda seen: seen.body)
+    unary = [seen for seen in copies if seen.target == f"/{SERVICE}/Unary"]
+    assert [seen.body[5:] for seen in unary] == [b"one", b"two"]  # after the gRPC prefix
+    assert all(seen.method == "POST" for seen in copies)
+    assert unary[0].headers["host"] == f"127.0.0.1-shadow:{port}"
+    assert unary[0].headers["content-type"] == "application/grpc"
+    assert unary[0].headers["x-envoy-internal"] == "true"
+    (joined,) = [seen for seen in copies if seen.target == f"/{SERVICE}/Join"]
+    assert len(joined.body) == 3 * 6  # three 1-byte messages, 5-byte prefix each
+    eventually(settled(proxy, "shadow"))
+    stats = proxy.stats()
+    assert stats["cluster.shadow.upstream_rq_200"] == 3
+    assert stats["cluster.grpc.upstream_rq_200"] == 3

@@ -23,7 +23,7 @@ from tests.unit.test_config_envoy import (
 from shoal.config.envoy import translate_route_configuration
 from shoal.config.model import HashPolicy, RequestMirrorPolicy
 from shoal.proxy.cookies import generated_value, set_cookie_line, xxhash64
-from shoal.proxy.http import _mirror_head
+from shoal.proxy.http import mirror_head
 
 ACTION = f"{ROUTES}[0].route"
 MIRROR = f"{ACTION}.request_mirror_policies[0]"
@@ -175,7 +175,7 @@ def test_generated_cookie_is_envoys() -> None:
 )
 def test_mirror_head(host: bytes, shadow: bytes) -> None:
     head = b"GET / HTTP/1.1\r\nx-host: %s\r\nhost: %s\r\nx-a: b\r\n\r\n" % (host, host)
-    assert _mirror_head(head) == (
+    assert mirror_head(head) == (
         b"GET / HTTP/1.1\r\nx-host: %s\r\nhost: %s\r\nx-a: b\r\nx-envoy-internal: true\r\n\r\n"
         % (host, shadow)
     )

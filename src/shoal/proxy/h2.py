@@ -44,7 +44,10 @@ drives an HTTP/2 upstream connection.
 The route's ``hash_policy`` (with generated cookies) and ``per_try_timeout`` apply as for
 HTTP/1.1.
 
-**Not here yet:** hedging and mirrors.
+``request_mirror_policies`` send each copy, once the request is whole, as an HTTP/1.1
+request (:class:`~shoal.proxy.http.Mirror`, carried over HTTP/2 to an HTTP/2 cluster).
+
+**Not here yet:** hedging.
 """
 
 from __future__ import annotations
@@ -76,7 +79,13 @@ from shoal.codec.http2 import (
     WindowUpdated,
 )
 from shoal.config.filters import FilterConfig
-from shoal.config.model import HashPolicy, Redirect, RetryPolicy, RouteAction
+from shoal.config.model import (
+    HashPolicy,
+    Redirect,
+    RequestMirrorPolicy,
+    RetryPolicy,
+    RouteAction,
+)
 from shoal.errors import LocalProtocolError
 from shoal.filters.base import LocalReply
 from shoal.filters.run import run_filters
@@ -85,12 +94,12 @@ from shoal.observe.stats import RouteStats
 from shoal.observe.tracing import Span, trace_id_of
 from shoal.proxy.cookies import generated_value, set_cookie
 from shoal.proxy.hashing import HASHING_LBS, request_hash
-from shoal.proxy.http import HttpConnection
+from shoal.proxy.http import HttpConnection, Mirror, mirror_head
 from shoal.proxy.listeners import HttpListenerContext
 from shoal.proxy.routes import CompiledRoute, HeaderPlan
 from shoal.transport.h2 import H2UpstreamConnection, Pinger
 from shoal.upstream.breaker import ErrorRateBreaker, admit
-from shoal.upstream.bridge import Http1Leg, h2_pool
+from shoal.upstream.bridge import BODY_METHODS, Http1Leg, h2_pool, http1_request
 from shoal.upstream.cluster import ClusterRuntime, retry_delay
 from shoal.upstream.host import Host
 
@@ -402,6 +411,8 @@ class H2Stream:
         "idle_timeout",
         "idle_timer",
         "last_host",
+        "mirror_body",
+        "mirrors",
         "peer",
         "per_try_timer",
         "precredit",
@@ -519,6 +530,9 @@ class H2Stream:
         self.per_try_timer: asyncio.TimerHandle | None = None
         self.hash_key: int | None = None  # for ring-hash and Maglev, from the hash policy
         self.set_cookies: Headers = []  # cookies the hash policy generated, for the answer
+        # mirror clusters drawn for this stream, and its body kept for them (None: too big)
+        self.mirrors: list[ClusterRuntime] | None = None
+        self.mirror_body: list[bytes] | None = None
 
     # routing --------------------------------------------------------------------------------
 
@@ -587,9 +601,44 @@ class H2Stream:
                 self.request_frames, self.response_frames = GrpcFrames(), GrpcFrames()
         self._arm_timers(action)
         self.up_headers = self._upstream_headers(action, compiled)
+        if compiled.mirrors:
+            self._pick_mirrors(compiled.mirrors)
         if ctx.config.max_request_bytes is not None and not self.request_ended:
             return  # envoy.filters.http.buffer: nothing goes upstream before the whole body
         self._attempt()
+        if self.mirrors is not None and self.request_ended and not self.done:
+            self._send_mirrors()
+
+    def _pick_mirrors(self, policies: tuple[RequestMirrorPolicy, ...]) -> None:
+        """Draw which mirror clusters get a copy (an unknown one, removed by CDS, is
+        skipped); the body is kept for them from now on."""
+        clusters = self.session.ctx.clusters
+        chosen = [
+            cluster
+            for policy in policies
+            if (cluster := clusters.get(policy.cluster)) is not None
+            and (policy.fraction >= 1.0 or random.random() < policy.fraction)
+        ]
+        if chosen:
+            self.mirrors, self.mirror_body = chosen, []
+
+    def _send_mirrors(self) -> None:
+        """The whole request is here and its first try under way: send each copy as an
+        HTTP/1.1 request (carried over HTTP/2 to an HTTP/2 mirror cluster), fire and
+        forget. A body past the listener's buffer limit was not kept: not mirrored."""
+        clusters, self.mirrors = self.mirrors or [], None
+        body, self.mirror_body = self.mirror_body, None
+        if body is None:
+            return
+        data = b"".join(body)
+        head, method, has_length = http1_request(self.up_headers)
+        if not has_length and (data or method in BODY_METHODS):
+            head += b"content-length: %d\r\n" % len(data)
+        request = mirror_head(head + b"\r\n") + data
+        action = self.compiled.route.action if self.compiled is not None else None
+        timeout = action.timeout if action is not None and action.timeout else 0.0
+        for cluster in clusters:
+            Mirror(cluster, request, method == b"HEAD", self.session.loop).send(timeout)
 
     def _ask_breakers(self, compiled: CompiledRoute, cluster_name: str) -> str:
         """The cluster to use (a refusing breaker's fallback cluster), or "" when the
@@ -779,6 +828,11 @@ class H2Stream:
             self.precredit += len(data)
         if self.request_frames is not None:
             self.request_frames.feed(data)
+        mirror_body = self.mirror_body
+        if mirror_body is not None and data:
+            mirror_body.append(data)
+            if self.bytes_received > self.session.ctx.buffer_limit:
+                self.mirror_body = None  # too big to keep for the copies
         if data:
             self.to_up.append(data)
         if end_stream:
@@ -794,6 +848,8 @@ class H2Stream:
         self.to_up_end = self.request_ended = True
         if self.cluster is not None and self.last_host is None and not self.done:
             self._attempt()  # _dispatch held it for the buffer filter: the body is whole
+        if self.mirrors is not None and self.last_host is not None and not self.done:
+            self._send_mirrors()
 
     def pump_up(self) -> None:
         """Move request bytes to the upstream stream as far as its window allows, and give

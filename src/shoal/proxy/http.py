@@ -179,11 +179,11 @@ class _Discard:
 
 
 class _MirrorAnswer(_Discard):
-    """A mirrored request's answer: reported to its ``_Mirror``, its bytes thrown away."""
+    """A mirrored request's answer: reported to its ``Mirror``, its bytes thrown away."""
 
     __slots__ = ("mirror",)
 
-    def __init__(self, mirror: _Mirror, host: Host, conn: UpstreamConnection) -> None:
+    def __init__(self, mirror: Mirror, host: Host, conn: UpstreamConnection) -> None:
         super().__init__(mirror.cluster, host, conn)
         self.mirror = mirror
 
@@ -198,7 +198,7 @@ class _MirrorAnswer(_Discard):
         self.mirror.failed()
 
 
-class _Mirror:
+class Mirror:
     """One copy of a request for a mirror cluster (Envoy's request_mirror_policies), fire
     and forget: it takes a connection from the mirror cluster's own pool, runs under the
     route's timeout and counts in the mirror cluster's stats as any request does, and
@@ -319,7 +319,7 @@ class _Mirror:
         codes[status] = codes.get(status, 0) + 1
 
 
-def _mirror_head(head: bytes) -> bytes:
+def mirror_head(head: bytes) -> bytes:
     """The upstream request head as Envoy's mirror sends it: ``-shadow`` after the host part
     of Host (``reviews:9080`` → ``reviews-shadow:9080``), and ``x-envoy-internal: true``,
     which Envoy's internal client adds."""
@@ -753,7 +753,7 @@ class Exchange:
             self.body_buffer = list(self.unsent)  # a queued request's body may be here
             self.body_buffered_bytes = sum(map(len, self.unsent))
         # before the first try: auto_host_rewrite must not reach the copies (as in Envoy)
-        self._mirrors = (_mirror_head(self.upstream_head_bytes), chosen)
+        self._mirrors = (mirror_head(self.upstream_head_bytes), chosen)
 
     def _send_mirrors(self) -> None:
         """The whole request is here and its first try under way: send the copies. A body
@@ -771,7 +771,7 @@ class Exchange:
         timeout = action.timeout if action is not None else 0.0
         head_only = self.head.method == b"HEAD"
         for cluster in clusters:
-            _Mirror(cluster, data, head_only, self.connection.loop).send(timeout)
+            Mirror(cluster, data, head_only, self.connection.loop).send(timeout)
 
     def _ask_breakers(self, compiled: CompiledRoute, cluster_name: str) -> str | None:
         """Ask the route's and the cluster's error-rate breakers; the cluster to use (the

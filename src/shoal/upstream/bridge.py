@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from shoal.upstream.cluster import ClusterRuntime, PoolWaiter
     from shoal.upstream.host import Host
 
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})  # framed even when empty
 _NOT_CARRIED = frozenset({b"host", b"expect"})  # :authority says the one; 100-continue is ours
 
 
@@ -327,6 +327,34 @@ class H2Carrier(asyncio.Transport):
 # --- HTTP/2 client, HTTP/1.1 cluster --------------------------------------------------------
 
 
+def http1_request(headers: Headers) -> tuple[bytes, bytes, bool]:
+    """An HTTP/2 request as HTTP/1.1 head lines (without the blank line that ends them):
+    the pseudo-headers become the request line and ``host``, split cookies one header
+    again (RFC 9113 §8.2.3), hop-by-hop fields go. Also its method, and whether it has a
+    ``content-length`` (else the caller frames the body)."""
+    method = path = authority = b""
+    has_length = False
+    cookies: list[bytes] = []
+    fields: Headers = []
+    for name, value in headers:
+        if name[0] == 0x3A:  # ':'
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+        elif name == b"cookie":
+            cookies.append(value)
+        elif name not in HOP_BY_HOP:
+            has_length = has_length or name == b"content-length"
+            fields.append((name, value))
+    head = b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method, path, authority)
+    if cookies:
+        head += b"cookie: %s\r\n" % b"; ".join(cookies)
+    return head + encode_headers(fields), method, has_length
+
+
 class Http1Leg:
     """One HTTP/2 stream's request on a pooled HTTP/1.1 connection."""
 
@@ -417,34 +445,13 @@ class Http1Leg:
             conn.abort()
 
     def _head(self, headers: Headers, end_stream: bool) -> bytes:
-        method = path = authority = b""
-        length: bytes | None = None
-        cookies: list[bytes] = []
-        fields: Headers = []
-        for name, value in headers:
-            if name[0] == 0x3A:  # ':'
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-            elif name == b"cookie":
-                cookies.append(value)  # one header again in HTTP/1.1 (RFC 9113 §8.2.3)
-            elif name not in HOP_BY_HOP:
-                if name == b"content-length":
-                    length = value
-                fields.append((name, value))
+        head, method, has_length = http1_request(headers)
         self.head_only = method == b"HEAD"
-        head = b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method, path, authority)
-        if cookies:
-            head += b"cookie: %s\r\n" % b"; ".join(cookies)
-        head += encode_headers(fields)
-        if length is None:
+        if not has_length:
             if not end_stream:
                 self.chunked = True
                 head += b"transfer-encoding: chunked\r\n"
-            elif method in _BODY_METHODS:
+            elif method in BODY_METHODS:
                 head += b"content-length: 0\r\n"
         return head + b"\r\n"
 
