@@ -33,6 +33,8 @@ HOT_MODULES = [
     "shoal/proxy/routes.py",
     "shoal/proxy/hashing.py",
     "shoal/proxy/http.py",
+    "shoal/proxy/h2.py",
+    "shoal/transport/h2.py",
     "shoal/proxy/listeners.py",
     "shoal/transport/upstream.py",
     "shoal/upstream/cluster.py",

@@ -57,7 +57,6 @@ import itertools
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -94,7 +93,7 @@ from shoal.observe.stats import RouteStats
 from shoal.observe.tracing import Span, trace_id_of
 from shoal.proxy.cookies import generated_value, set_cookie
 from shoal.proxy.hashing import HASHING_LBS, request_hash
-from shoal.proxy.http import HttpConnection, Mirror, mirror_head
+from shoal.proxy.http import HttpConnection, Mirror, mirror_head, new_request_id
 from shoal.proxy.listeners import HttpListenerContext
 from shoal.proxy.routes import CompiledRoute, HeaderPlan
 from shoal.transport.h2 import H2UpstreamConnection, Pinger
@@ -756,7 +755,7 @@ class H2Stream:
         if not forwarded_proto:
             regular.append((b"x-forwarded-proto", b"http"))
         if not request_id and ctx.config.generate_request_id:
-            self.request_id = str(uuid.uuid4()).encode()
+            self.request_id = new_request_id()
             regular.append((b"x-request-id", self.request_id))
         if istio is not None and istio.request_value:
             regular.append((PEER_HEADER, istio.request_value))  # who calls, for the callee

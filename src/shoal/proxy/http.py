@@ -125,7 +125,7 @@ class _Date:
 _DATE = _Date()
 
 
-def _new_request_id() -> bytes:
+def new_request_id() -> bytes:
     """A UUID4-shaped id: no randomness drawn per request, unique within the process."""
     return b"%s%012x" % (_REQUEST_ID_PREFIX, next(_request_ids) & 0xFFFFFFFFFFFF)
 
@@ -909,7 +909,7 @@ class Exchange:
         if not forwarded_proto:
             append(b"x-forwarded-proto: http\r\n")
         if not request_id and config.generate_request_id:
-            request_id = self.request_id or _new_request_id()  # the same id on every try
+            request_id = self.request_id or new_request_id()  # the same id on every try
             append(b"x-request-id: %s\r\n" % request_id)
         self.request_id = request_id
         if self.original_path:
