@@ -3,7 +3,9 @@ HTTP/2 upstream (grpcio servers only speak gRPC).
 
 ``GET /size/<n>`` answers ``n`` bytes; anything else answers ``h2 <method> <path>
 <bytes received>`` once the request body has been read (so uploads are counted). Responses
-respect the client's flow-control windows.
+respect the client's flow-control windows. A connection that does not open with the HTTP/2
+preface is served as HTTP/1.1 instead (bodiless requests, answered ``h1 <method> <path>``),
+so tests can tell which protocol reached the upstream.
 
 Run: ``python -m tests.integration.h2_upstream --port N``.
 """
@@ -15,6 +17,7 @@ import asyncio
 from typing import cast
 
 from shoal.codec.http2 import (
+    PREFACE,
     DataReceived,
     H2Connection,
     RequestReceived,
@@ -29,12 +32,25 @@ class _Server(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.requests: dict[int, tuple[bytes, bytes, int]] = {}
         self.pending: dict[int, bytes] = {}
+        self.http1: bool | None = None  # None until the first bytes tell
+        self.buffer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.codec.data_to_send())
 
     def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.http1 is None:
+            self.buffer += data
+            if PREFACE.startswith(self.buffer) and len(self.buffer) < len(PREFACE):
+                return  # maybe the preface: wait for the rest
+            self.http1 = not self.buffer.startswith(PREFACE)
+            data, self.buffer = self.buffer, b""
+            if not self.http1:
+                self.transport.write(self.codec.data_to_send())  # our SETTINGS
+        if self.http1:
+            self._http1(data)
+            return
         for event in self.codec.receive_data(data):
             if isinstance(event, RequestReceived):
                 headers = dict(event.headers)
@@ -54,6 +70,17 @@ class _Server(asyncio.Protocol):
                 self.pending.pop(event.stream_id, None)
         assert self.transport is not None
         self.transport.write(self.codec.data_to_send())
+
+    def _http1(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            method, path = head.split(b" ", 2)[:2]
+            body = b"h1 %s %s" % (method, path)
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
 
     def _respond(self, stream_id: int) -> None:
         method, path, size = self.requests.pop(stream_id)

@@ -136,3 +136,25 @@ def test_translated_failures_answer_as_envoy_does(make_proxy: Any, h2_upstream: 
     stats = proxy.stats()
     assert stats["cluster.dead.upstream_cx_connect_fail"] >= 1
     assert stats["cluster.mixed.upstream_rq_retry"] >= 1
+
+
+def test_use_downstream_protocol_config(make_proxy: Any, h2_upstream: H2Upstream) -> None:
+    """A cluster with use_downstream_protocol_config gets each request in the protocol it
+    came in (the upstream serves both and says which it saw)."""
+    key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    options = {
+        "@type": f"type.googleapis.com/{key}",
+        "use_downstream_protocol_config": {
+            "http_protocol_options": {},
+            "http2_protocol_options": {},
+        },
+    }
+    both = static_cluster("both", h2_upstream.port, typed_extension_protocol_options={key: options})
+    port = free_port()
+    proxy = make_proxy(proxy_config(port, [both], [route_to("both")], "AUTO"))
+    base = f"http://127.0.0.1:{port}"
+    assert curl("--http2-prior-knowledge", f"{base}/a").stdout == "h2 GET /a 0"
+    assert curl("--http1.1", f"{base}/b").stdout == "h1 GET /b"
+    stats = proxy.stats()
+    assert stats["cluster.both.upstream_rq_200"] == 2
+    assert stats["cluster.both.upstream_cx_total"] == 2  # one h2c, one HTTP/1.1

@@ -317,7 +317,10 @@ _SUPPORTED: dict[str, frozenset[str]] = {
         "envoy.config.endpoint.v3.LbEndpoint": "endpoint health_status load_balancing_weight",
         "envoy.config.endpoint.v3.Endpoint": "address hostname",
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": (
-            "common_http_protocol_options explicit_http_config"
+            "common_http_protocol_options explicit_http_config use_downstream_protocol_config"
+        ),
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig": (
+            "http_protocol_options http2_protocol_options"
         ),
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig": (
             "http_protocol_options http2_protocol_options"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
@@ -105,8 +105,13 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
     endpoints, overprovisioning = _load_assignment(
         proto.load_assignment, ctx.at("load_assignment"), discovery
     )
-    idle_timeout, max_requests, http2, h2_keepalive = _upstream_http_options(proto, ctx)
+    http = _upstream_http_options(proto, ctx)
+    http2 = http.http2
     tls = upstream_tls(proto, ctx, http2=http2)
+    if tls is not None and http.downstream_http2:
+        raise ctx.at("transport_socket").error(
+            "not supported yet: TLS with use_downstream_protocol_config (use explicit_http_config)"
+        )
     return Cluster(
         name=name,
         type=discovery,
@@ -130,10 +135,11 @@ def build_cluster(proto: Message, ctx: Ctx) -> Cluster:
         per_connection_buffer_limit_bytes=uint(
             proto, "per_connection_buffer_limit_bytes", 1024 * 1024, ctx
         ),
-        idle_timeout=idle_timeout,
+        idle_timeout=http.idle_timeout,
         http2=http2,
-        keepalive=h2_keepalive,
-        max_requests_per_connection=max_requests,
+        downstream_http2=http.downstream_http2,
+        keepalive=http.keepalive,
+        max_requests_per_connection=http.max_requests,
         overprovisioning_factor=overprovisioning,
         outlier_detection=(
             _outlier_detection(proto.outlier_detection, ctx.at("outlier_detection"))
@@ -248,41 +254,49 @@ def _load_assignment(
     return tuple(endpoints), overprovisioning
 
 
-def _upstream_http_options(
-    proto: Message, ctx: Ctx
-) -> tuple[Seconds | None, int | None, bool, Keepalive | None]:
-    """Upstream connection idle timeout, max requests per connection (from the typed
-    HttpProtocolOptions or the deprecated cluster field), whether the cluster speaks
-    HTTP/2, and its HTTP/2 PING keepalive."""
+class _HttpOptions(NamedTuple):
     idle_timeout: Seconds | None = 3600.0
-    http2 = False
-    h2_keepalive: Keepalive | None = None
-    max_requests = uint(proto, "max_requests_per_connection", 0, ctx) or None
+    max_requests: int | None = None
+    http2: bool = False  # every request goes upstream as HTTP/2
+    downstream_http2: bool = False  # HTTP/2 streams do (use_downstream_protocol_config)
+    keepalive: Keepalive | None = None
+
+
+def _upstream_http_options(proto: Message, ctx: Ctx) -> _HttpOptions:
+    """The typed HttpProtocolOptions: upstream connection idle timeout, max requests per
+    connection (or the deprecated cluster field), which requests go upstream as HTTP/2
+    (``explicit_http_config``: all, or ``use_downstream_protocol_config``: those that came
+    as HTTP/2), and the HTTP/2 PING keepalive."""
+    found = _HttpOptions(max_requests=uint(proto, "max_requests_per_connection", 0, ctx) or None)
     for key, packed in proto.typed_extension_protocol_options.items():
         here = ctx.at(f"typed_extension_protocol_options[{key}]")
         if key != _HTTP_OPTIONS_KEY:
             raise here.error(f"unsupported protocol options {key!r}; expected {_HTTP_OPTIONS_KEY}")
         options = unpack(packed, here, http_protocol_options_pb2.HttpProtocolOptions)
-        if not options.HasField("explicit_http_config"):
+        kind = options.WhichOneof("upstream_protocol_options")
+        if kind not in ("explicit_http_config", "use_downstream_protocol_config"):
             raise here.at("explicit_http_config").error(
-                "explicit_http_config is required (http_protocol_options for HTTP/1.1)"
+                "explicit_http_config or use_downstream_protocol_config is required"
             )
-        http2 = options.explicit_http_config.HasField("http2_protocol_options")
-        if http2:
-            h2_keepalive = keepalive(
-                options.explicit_http_config.http2_protocol_options,
-                here.at("explicit_http_config", "http2_protocol_options"),
-            )
+        chosen, chosen_ctx = getattr(options, kind), here.at(kind)
+        if kind == "explicit_http_config":
+            found = found._replace(http2=chosen.HasField("http2_protocol_options"))
+        else:
+            found = found._replace(downstream_http2=chosen.HasField("http2_protocol_options"))
+        if chosen.HasField("http2_protocol_options"):
+            h2_ctx = chosen_ctx.at("http2_protocol_options")
+            found = found._replace(keepalive=keepalive(chosen.http2_protocol_options, h2_ctx))
         common = options.common_http_protocol_options
         common_ctx = here.at("common_http_protocol_options")
-        idle_timeout = timeout(common, "idle_timeout", 3600.0, common_ctx)
+        found = found._replace(idle_timeout=timeout(common, "idle_timeout", 3600.0, common_ctx))
         if common.HasField("max_requests_per_connection"):
-            if max_requests is not None:
+            if found.max_requests is not None:
                 raise common_ctx.at("max_requests_per_connection").error(
                     "also set by the deprecated cluster-level max_requests_per_connection"
                 )
-            max_requests = uint(common, "max_requests_per_connection", 0, common_ctx) or None
-    return idle_timeout, max_requests, http2, h2_keepalive
+            limit = uint(common, "max_requests_per_connection", 0, common_ctx) or None
+            found = found._replace(max_requests=limit)
+    return found
 
 
 def _outlier_detection(config: Message, ctx: Ctx) -> OutlierDetection:

@@ -757,6 +757,7 @@ class Cluster:
     idle_timeout: Seconds | None = 3600.0  # upstream connection idle timeout
     max_requests_per_connection: int | None = None
     http2: bool = False  # explicit_http_config.http2_protocol_options: HTTP/2 upstream
+    downstream_http2: bool = False  # use_downstream_protocol_config: HTTP/2 for HTTP/2 streams
     keepalive: Keepalive | None = None  # http2_protocol_options.connection_keepalive
     overprovisioning_factor: int = 140  # percent, as Envoy's default
     outlier_detection: OutlierDetection | None = None

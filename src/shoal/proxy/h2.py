@@ -787,7 +787,7 @@ class H2Stream:
         if self.route_stats is not None:
             self.route_stats.upstream_rq_total += 1  # per try started, as Envoy counts
         conn: H2UpstreamConnection | Http1Leg
-        if cluster.config.http2:
+        if cluster.config.http2 or cluster.config.downstream_http2:
             conn = h2_pool(cluster, host).connection()
         else:  # the cluster speaks HTTP/1.1: the stream is translated
             conn = Http1Leg(cluster, host)
