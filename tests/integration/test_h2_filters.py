@@ -356,3 +356,51 @@ def test_grpc_calls_are_mirrored(
     stats = proxy.stats()
     assert stats["cluster.shadow.upstream_rq_200"] == 3
     assert stats["cluster.grpc.upstream_rq_200"] == 3
+
+
+class NamedServer:
+    """A gRPC server whose Unary answers its name after ``delay`` seconds."""
+
+    def __init__(self, name: str, delay: float) -> None:
+        self.port = free_port()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+
+        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+            time.sleep(delay)
+            return name.encode()
+
+        handler = grpc.unary_unary_rpc_method_handler(unary)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Unary": handler}),)
+        )
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+
+def test_hedging_on_per_try_timeout(make_proxy: Any) -> None:
+    """hedge_on_per_try_timeout: a slow try keeps running beside its retry and the first
+    answer wins. "early" answers in 0.5 s, "late" in 2 s, each try gets 0.3 s: a call that
+    starts on "early" is still answered by it (a plain retry would get "late", at 2.3 s)."""
+    early, late = NamedServer("early", 0.5), NamedServer("late", 2.0)
+    try:
+        port = free_port()
+        cluster = h2_cluster("pair", early.port)
+        cluster["load_assignment"] = static_cluster("pair", early.port, late.port)[
+            "load_assignment"
+        ]
+        retry = {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.3s"}
+        hedge = {"hedge_on_per_try_timeout": True}
+        route = route_to("pair", retry_policy=retry, hedge_policy=hedge)
+        config = proxy_config(port, [cluster], [route])
+        proxy = make_proxy(config)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(2):  # round robin: one call starts on each host
+                started = time.monotonic()
+                assert call(channel, "Unary")(b"", timeout=10) == b"early"
+                assert time.monotonic() - started < 1.5
+        stats = proxy.stats()
+        assert stats["cluster.pair.upstream_rq_per_try_timeout"] == 2
+        assert stats["cluster.pair.upstream_rq_retry"] == 2
+    finally:
+        early.server.stop(0)
+        late.server.stop(0)

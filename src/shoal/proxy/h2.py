@@ -47,7 +47,10 @@ HTTP/1.1.
 ``request_mirror_policies`` send each copy, once the request is whole, as an HTTP/1.1
 request (:class:`~shoal.proxy.http.Mirror`, carried over HTTP/2 to an HTTP/2 cluster).
 
-**Not here yet:** hedging.
+``hedge_on_per_try_timeout`` keeps a slow try running (:class:`_Racer`) beside its retry;
+the first to answer wins.
+
+**Not here yet:** backup requests (``shoal.backup_request``).
 """
 
 from __future__ import annotations
@@ -415,6 +418,7 @@ class H2Stream:
         "peer",
         "per_try_timer",
         "precredit",
+        "racer",
         "raw_authority",
         "raw_method",
         "raw_path",
@@ -532,6 +536,7 @@ class H2Stream:
         # mirror clusters drawn for this stream, and its body kept for them (None: too big)
         self.mirrors: list[ClusterRuntime] | None = None
         self.mirror_body: list[bytes] | None = None
+        self.racer: _Racer | None = None  # the earlier try still running, when hedging
 
     # routing --------------------------------------------------------------------------------
 
@@ -911,6 +916,9 @@ class H2Stream:
                 grpc_status = value
         if self._retry_response(status, grpc_status, end_stream):
             return
+        if self.racer is not None:  # this try answered first: the earlier one is dropped
+            self.racer.abandon()
+            self.racer = None
         if self.retries:  # a retry answered: a success unless the policy would retry it
             policy = self.compiled.retry_policy if self.compiled is not None else None
             if policy is None or not _retriable(policy, status, grpc_status):
@@ -1034,7 +1042,7 @@ class H2Stream:
             self._attempt()
             return
         cluster.stats.upstream_rq_rx_reset += 1
-        if self._maybe_retry(_REFUSED if refused else _RESET):
+        if self._maybe_retry(_REFUSED if refused else _RESET) or self._wait_for_racer():
             return
         if not self.response_started:
             self.local_reply(503, b"upstream reset", "UR", "upstream_reset_before_response_started")
@@ -1050,7 +1058,7 @@ class H2Stream:
             cluster.outlier.record_local_failure(host, "connect_failure" if connect else "reset")
         self.up = None
         self._end_attempt()
-        if self._maybe_retry(_CONNECT_FAILURE if connect else _RESET):
+        if self._maybe_retry(_CONNECT_FAILURE if connect else _RESET) or self._wait_for_racer():
             return
         if not self.response_started:
             flag = "UF" if connect else "UC"
@@ -1167,10 +1175,61 @@ class H2Stream:
         cluster.stats.upstream_rq_per_try_timeout += 1
         if self.host is not None and cluster.outlier is not None:
             cluster.outlier.record_local_failure(self.host, "timeout")
+        compiled = self.compiled
+        if compiled is not None and compiled.hedge and self.up is not None and self.up_ended:
+            self._hedge()
+            return
         self._reset_upstream()
-        if self._maybe_retry(_PER_TRY_TIMEOUT):
+        if self._maybe_retry(_PER_TRY_TIMEOUT) or self._wait_for_racer():
             return
         self.local_reply(504, b"upstream request timeout", "UT", "upstream_per_try_timeout")
+
+    # hedging ----------------------------------------------------------------------------
+
+    def _hedge(self) -> None:
+        """The try is slow: keep it running and start another (a retry), as Envoy's
+        hedge_on_per_try_timeout does; whichever answers first wins. Without a retry left
+        the slow try just goes on."""
+        if not self._maybe_retry(_PER_TRY_TIMEOUT):
+            return
+        if self.racer is not None:  # only the newest earlier try is kept
+            self.racer.abandon()
+        up, host = self.up, self.host
+        assert up is not None and host is not None
+        self.racer = _Racer(self, up, self.up_id, host, self.attempt_start)
+        up.retarget(self.up_id, self.racer)
+        self.up, self.host = None, None  # the racer keeps the host's active request
+
+    def adopt_racer(self, racer: _Racer) -> None:
+        """The earlier try answered first: drop the newer one and carry on with it."""
+        if self.racer is not racer:
+            return
+        self.racer = None
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        self._release_retry()
+        self._reset_upstream()
+        self.up, self.up_id, self.host = racer.conn, racer.stream_id, racer.host
+        self.attempt_start, self.up_ended = racer.started, True
+        racer.conn.retarget(racer.stream_id, self)
+
+    def racer_lost(self, racer: _Racer) -> None:
+        """The earlier try failed: the newer one (or its retry) carries on."""
+        if self.racer is racer:
+            self.racer = None
+            racer.host.active_requests -= 1
+            cluster = self.cluster
+            if cluster is not None and cluster.outlier is not None:
+                cluster.outlier.record_local_failure(racer.host, "reset")
+
+    def _wait_for_racer(self) -> bool:
+        """The newest try failed for good while an earlier one still runs: wait for that."""
+        racer = self.racer
+        if racer is None or self.done:
+            return False
+        self.adopt_racer(racer)
+        return True
 
     def _check_idle(self) -> None:
         """Envoy's stream idle timeout; a stream whose window stays closed (a zero-window
@@ -1317,6 +1376,9 @@ class H2Stream:
         if self.retry_timer is not None:
             self.retry_timer.cancel()
             self.retry_timer = None
+        if self.racer is not None:
+            self.racer.abandon()
+            self.racer = None
         self._release_retry()
         session = self.session
         ctx = session.ctx
@@ -1441,6 +1503,47 @@ class H2Stream:
 
     def response_header(self, name: str) -> str | None:
         return header_value(self.response_headers, name.encode("latin-1"))
+
+
+class _Racer:
+    """An earlier try kept running by hedging: until it answers (and wins) or fails, its
+    stream's events come here."""
+
+    __slots__ = ("conn", "host", "started", "stream", "stream_id")
+
+    def __init__(
+        self,
+        stream: H2Stream,
+        conn: H2UpstreamConnection | Http1Leg,
+        stream_id: int,
+        host: Host,
+        started: float,
+    ) -> None:
+        self.stream, self.conn, self.stream_id = stream, conn, stream_id
+        self.host, self.started = host, started
+
+    def upstream_headers(self, headers: Headers, end_stream: bool) -> None:
+        self.stream.adopt_racer(self)
+        self.stream.upstream_headers(headers, end_stream)
+
+    def upstream_data(self, data: bytes, flow_controlled_length: int, end_stream: bool) -> None:
+        pass  # nothing comes before the headers, which hand the stream over
+
+    def upstream_trailers(self, headers: Headers) -> None:
+        pass
+
+    def upstream_window(self) -> None:
+        pass  # the whole request was sent before the race began
+
+    def upstream_reset(self, error_code: int, refused: bool) -> None:
+        self.stream.racer_lost(self)
+
+    def upstream_failed(self, reason: str, connect: bool) -> None:
+        self.stream.racer_lost(self)
+
+    def abandon(self) -> None:
+        self.conn.reset(self.stream_id)
+        self.host.active_requests -= 1
 
 
 def _pick_cluster(action: RouteAction) -> str:

@@ -151,6 +151,11 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.codec.acknowledge_received_data(size, stream_id)
         self.kick()
 
+    def retarget(self, stream_id: int, sink: H2StreamSink) -> None:
+        """Send the stream's events to ``sink`` from now on (a hedged try changing hands)."""
+        if stream_id in self.streams:
+            self.streams[stream_id] = sink
+
     def reset(self, stream_id: int, error_code: int = CANCEL) -> None:
         """Forget the stream (timeout, the client left) and tell the server."""
         if self.streams.pop(stream_id, None) is not None:

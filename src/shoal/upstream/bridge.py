@@ -432,6 +432,9 @@ class Http1Leg:
             self.reading_paused = False
             conn.resume_reading()
 
+    def retarget(self, stream_id: int, sink: H2StreamSink) -> None:
+        self.sink = sink
+
     def reset(self, stream_id: int, error_code: int = CANCEL) -> None:
         """The stream is abandoned: a connection mid-exchange cannot be reused."""
         if self.done:
