@@ -277,3 +277,45 @@ def test_a_backup_that_fails_leaves_the_first_try_to_answer(make_proxy: Any) -> 
         assert _rq_active(proxy) == [0, 0]
     finally:
         hosts.stop()
+
+
+def _h2load(port: int, path: str, total: int) -> str:
+    """``total`` h2c GETs, 4 connections x 2 streams; h2load's report."""
+    run = subprocess.run(
+        ["h2load", "-n", str(total), "-c", "4", "-m", "2", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert f"{total} succeeded" in run.stdout, run.stdout
+    return run.stdout
+
+
+def _max_ms(report: str) -> float:
+    """The slowest request's time in h2load's report (``time for request: min max ...``)."""
+    fields = next(line for line in report.splitlines() if "time for request:" in line).split()
+    value = fields[4]
+    return float(value[:-2]) if value.endswith("ms") else float(value[:-2]) / 1000.0
+
+
+def test_backups_on_http2_streams(make_proxy: Any, one_slow: Hosts) -> None:
+    """The same for HTTP/2 clients (h2load; the hosts speak HTTP/1.1, so each stream is
+    translated): streams that reach the slow host are overtaken by their backup."""
+    policy = {
+        "percentile": 50,
+        "max_ratio": 0.5,
+        "min_delay": "50ms",
+        "max_delay": "100ms",
+        "window": 100,
+        "minimum_samples": 20,
+    }
+    proxy = _proxy(make_proxy, one_slow, [_route("backup", "a", policy)])
+    _h2load(proxy.port, "/backup", 40)  # learn the latencies
+    assert proxy.stats()["route.backup.backup_request.delay_ms"] == 50
+    report = _h2load(proxy.port, "/backup", 200)
+    assert _max_ms(report) < 250, report  # not the slow host's 300 ms
+    stats = proxy.stats()
+    sent, won = stats["route.backup.backup_request.sent"], stats["route.backup.backup_request.won"]
+    assert won >= 30 and sent >= won  # about a quarter of the 240 met the slow host
+    assert stats["cluster.a.upstream_rq_retry"] == sent
+    wait_for(lambda: one_slow.stats()[0]["active"] == 0)
+    wait_for(lambda: _rq_active(proxy) == [0] * 4)
+    assert proxy.stats()["cluster.a.upstream_rq_active"] == 0

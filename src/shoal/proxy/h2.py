@@ -47,10 +47,9 @@ HTTP/1.1.
 ``request_mirror_policies`` send each copy, once the request is whole, as an HTTP/1.1
 request (:class:`~shoal.proxy.http.Mirror`, carried over HTTP/2 to an HTTP/2 cluster).
 
-``hedge_on_per_try_timeout`` keeps a slow try running (:class:`_Racer`) beside its retry;
-the first to answer wins.
-
-**Not here yet:** backup requests (``shoal.backup_request``).
+``hedge_on_per_try_timeout`` keeps a slow try running (:class:`_Racer`) beside its retry,
+and a route's backup requests (``shoal.backup_request``) send one more try to another host
+after the route's delay; the first to answer wins.
 """
 
 from __future__ import annotations
@@ -392,6 +391,8 @@ class H2Stream:
 
     __slots__ = (
         "attempt_start",
+        "backup_from",
+        "backup_timer",
         "breakers",
         "bytes_received",
         "bytes_sent",
@@ -537,6 +538,10 @@ class H2Stream:
         self.mirrors: list[ClusterRuntime] | None = None
         self.mirror_body: list[bytes] | None = None
         self.racer: _Racer | None = None  # the earlier try still running, when hedging
+        # backup requests: when the whole request had its first try under way (0: not
+        # tracked), and the timer of its backup
+        self.backup_from = 0.0
+        self.backup_timer: asyncio.TimerHandle | None = None
 
     # routing --------------------------------------------------------------------------------
 
@@ -610,8 +615,19 @@ class H2Stream:
         if ctx.config.max_request_bytes is not None and not self.request_ended:
             return  # envoy.filters.http.buffer: nothing goes upstream before the whole body
         self._attempt()
-        if self.mirrors is not None and self.request_ended and not self.done:
+        if self.request_ended and not self.done:
+            self._request_sent()
+
+    def _request_sent(self) -> None:
+        """The whole request is here and its first try under way: mirror it, and start
+        its backup clock."""
+        if self.mirrors is not None:
             self._send_mirrors()
+        backup = self.compiled.backup if self.compiled is not None else None
+        if backup is not None and not self.backup_from and self.replay is not None:
+            self.backup_from = self.session.loop.time()
+            backup.admit()
+            self.backup_timer = self.session.loop.call_later(backup.delay, self._send_backup)
 
     def _pick_mirrors(self, policies: tuple[RequestMirrorPolicy, ...]) -> None:
         """Draw which mirror clusters get a copy (an unknown one, removed by CDS, is
@@ -852,8 +868,8 @@ class H2Stream:
         self.to_up_end = self.request_ended = True
         if self.cluster is not None and self.last_host is None and not self.done:
             self._attempt()  # _dispatch held it for the buffer filter: the body is whole
-        if self.mirrors is not None and self.last_host is not None and not self.done:
-            self._send_mirrors()
+        if self.last_host is not None and not self.done:
+            self._request_sent()
 
     def pump_up(self) -> None:
         """Move request bytes to the upstream stream as far as its window allows, and give
@@ -916,9 +932,16 @@ class H2Stream:
                 grpc_status = value
         if self._retry_response(status, grpc_status, end_stream):
             return
-        if self.racer is not None:  # this try answered first: the earlier one is dropped
-            self.racer.abandon()
+        racer = self.racer
+        if racer is not None:  # this try answered first: the earlier one is dropped
+            if racer.backup and self.compiled is not None and self.compiled.backup is not None:
+                self.compiled.backup.counters["won"] += 1
+            racer.abandon()
             self.racer = None
+        backup = self.compiled.backup if self.compiled is not None else None
+        if backup is not None and self.backup_from and status < 500:
+            # errors are left out: often fast, they would shorten the delay in bad times
+            backup.record(self.session.loop.time() - self.backup_from)
         if self.retries:  # a retry answered: a success unless the policy would retry it
             policy = self.compiled.retry_policy if self.compiled is not None else None
             if policy is None or not _retriable(policy, status, grpc_status):
@@ -1200,6 +1223,54 @@ class H2Stream:
         up.retarget(self.up_id, self.racer)
         self.up, self.host = None, None  # the racer keeps the host's active request
 
+    def _send_backup(self) -> None:
+        """The stream waited longer than the route's backup delay. Unless it is answering,
+        being retried or racing already, its try keeps running as a racer and one backup
+        try goes to another host, within max_ratio and, like a hedged try, counted as a
+        retry under the cluster's retry circuit breaker."""
+        self.backup_timer = None
+        compiled, cluster, up, host = self.compiled, self.cluster, self.up, self.host
+        if (
+            self.done
+            or compiled is None
+            or compiled.backup is None
+            or cluster is None
+            or up is None
+            or host is None
+            or not self.up_ended
+            or self.replay is None
+            or self.response_started
+            or self.racer is not None
+            or self.retry_held
+        ):
+            return
+        backup = compiled.backup
+        other = cluster.lb.choose(self.hash_key, host)
+        if other is None or other is host:
+            return  # no other host to ask
+        if cluster.retries_active >= cluster.retry_limit():
+            cluster.stats.upstream_rq_retry_overflow += 1
+            if self.route_stats is not None:
+                self.route_stats.upstream_rq_retry_overflow += 1
+            backup.counters["capped"] += 1
+            return
+        if not backup.take():
+            return
+        cluster.admit_retry()  # a retry, holding its slot until the race is decided
+        backup.counters["sent"] += 1
+        if self.route_stats is not None:
+            self.route_stats.upstream_rq_retry += 1
+        self.retry_held = True  # given back when the race is decided
+        if self.per_try_timer is not None:  # the backup brings its own
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
+        self.racer = _Racer(self, up, self.up_id, host, self.attempt_start, backup=True)
+        up.retarget(self.up_id, self.racer)
+        self.up, self.host = None, None  # the racer keeps the host's active request
+        self.to_up[:0] = self.replay
+        self.replay = []
+        self._attempt()
+
     def adopt_racer(self, racer: _Racer) -> None:
         """The earlier try answered first: drop the newer one and carry on with it."""
         if self.racer is not racer:
@@ -1379,6 +1450,9 @@ class H2Stream:
         if self.racer is not None:
             self.racer.abandon()
             self.racer = None
+        if self.backup_timer is not None:
+            self.backup_timer.cancel()
+            self.backup_timer = None
         self._release_retry()
         session = self.session
         ctx = session.ctx
@@ -1509,7 +1583,7 @@ class _Racer:
     """An earlier try kept running by hedging: until it answers (and wins) or fails, its
     stream's events come here."""
 
-    __slots__ = ("conn", "host", "started", "stream", "stream_id")
+    __slots__ = ("backup", "conn", "host", "started", "stream", "stream_id")
 
     def __init__(
         self,
@@ -1518,9 +1592,12 @@ class _Racer:
         stream_id: int,
         host: Host,
         started: float,
+        *,
+        backup: bool = False,
     ) -> None:
         self.stream, self.conn, self.stream_id = stream, conn, stream_id
         self.host, self.started = host, started
+        self.backup = backup  # a backup try was sent beside this one
 
     def upstream_headers(self, headers: Headers, end_stream: bool) -> None:
         self.stream.adopt_racer(self)
