@@ -169,47 +169,35 @@ def route_table(routes: list[dict[str, Any]]) -> str:
     return columns([header, *rows], right={2, 3, 4, 5, 6})
 
 
-def _stat_routes(args: argparse.Namespace) -> int:
-    params = {"window": f"{args.window:g}s", "service": args.service, "by": "route"}
-    answer = get_json(args.pilot, "/api/v1/stat", params)
-    routes: list[dict[str, Any]] = answer["routes"]
-    window = seconds_text(args.window)
-    if args.service is not None and not routes:
-        raise PilotError(
-            ABSENT,
-            f"no per-route metrics for {args.service} in the last {window}: no caller's "
-            "sidecar has sent a request to it on a route with a stat_prefix (pilot gives "
-            "every route it makes one; `shoal stat` shows the service's own numbers)",
-        )
-    if args.output != "table":
-        print_data(routes, args.output)
-    elif routes:
-        print(route_table(routes))
-    else:
-        print(f"No traffic on routes in the last {window}.", file=sys.stderr)
-    return OK
-
-
 def _stat(args: argparse.Namespace) -> int:
-    if args.routes:
-        return _stat_routes(args)
+    by_route = args.routes
     params = {"window": f"{args.window:g}s", "service": args.service}
+    if by_route:
+        params["by"] = "route"
     answer = get_json(args.pilot, "/api/v1/stat", params)
-    services: list[dict[str, Any]] = answer["services"]
+    rows: list[dict[str, Any]] = answer["routes" if by_route else "services"]
     window = seconds_text(args.window)
-    if args.service is not None and not services:
-        raise PilotError(
-            ABSENT,
-            f"no metrics for {args.service} in the last {window}: no sidecar with Istio "
-            "metrics has seen a request to it (`shoal stat` lists what was seen; "
-            "`shoal tap` shows live requests)",
-        )
+    if args.service is not None and not rows:
+        if by_route:
+            why = (
+                f"no per-route metrics for {args.service} in the last {window}: no caller's "
+                "sidecar has sent a request to it on a route with a stat_prefix (pilot gives "
+                "every route it makes one; `shoal stat` shows the service's own numbers)"
+            )
+        else:
+            why = (
+                f"no metrics for {args.service} in the last {window}: no sidecar with Istio "
+                "metrics has seen a request to it (`shoal stat` lists what was seen; "
+                "`shoal tap` shows live requests)"
+            )
+        raise PilotError(ABSENT, why)
     if args.output != "table":
-        print_data(services, args.output)
-    elif services:
-        print(stat_table(services))
+        print_data(rows, args.output)
+    elif rows:
+        print(route_table(rows) if by_route else stat_table(rows))
     else:
-        print(f"No traffic in the last {window}.", file=sys.stderr)
+        what = "on routes " if by_route else ""
+        print(f"No traffic {what}in the last {window}.", file=sys.stderr)
     return OK
 
 

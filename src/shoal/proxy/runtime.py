@@ -385,21 +385,11 @@ class ProxyRuntime:
         loop = asyncio.get_running_loop()
         address = slot.config.address
         context = slot.context
+        tls: dict[str, Any] = {}
         if isinstance(context, TlsListenerContext):
             slot.front = front_context(lambda: slot.context)
             context.configure_front(slot.front)
-            return await loop.create_server(
-                _protocol_factory(slot),
-                host=address.host,
-                port=address.port,
-                family=socket.AF_INET6 if address.is_ipv6 else socket.AF_INET,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-                backlog=1024,
-                start_serving=False,
-                ssl=slot.front,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            )
+            tls = {"ssl": slot.front, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT}
         return await loop.create_server(
             _protocol_factory(slot),
             host=address.host,
@@ -409,6 +399,7 @@ class ProxyRuntime:
             reuse_port=self.reuse_port or None,
             backlog=1024,
             start_serving=False,
+            **tls,
         )
 
     # drain and shutdown ------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from shoal.codec.http2 import (
 )
 from shoal.config.model import Keepalive
 from shoal.transport.tls import UpstreamTls
-from shoal.transport.upstream import ConnectionCounters, connect_pooled, upstream_transport
+from shoal.transport.upstream import ConnectionCounters, start_connect, upstream_transport
 
 _PING_DATA = b"shoal-ka"
 
@@ -314,17 +314,7 @@ class H2HostPool:
                 return conn
         conn = H2UpstreamConnection(self)
         self.connections.append(conn)
-        self.counters.upstream_cx_total += 1
-        asyncio.get_running_loop().create_task(
-            connect_pooled(
-                conn,
-                conn.connect_failed,
-                self.address,
-                self.connect_timeout,
-                self.counters,
-                tls=self.tls,
-            )
-        )
+        start_connect(conn, conn.connect_failed, self)
         return conn
 
     def forget(self, conn: H2UpstreamConnection) -> None:

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from shoal.codec.rpc.base import RpcCodec, RpcFrame, RpcProtocolError
 from shoal.transport.tls import UpstreamTls
-from shoal.transport.upstream import ConnectionCounters, connect_pooled, upstream_transport
+from shoal.transport.upstream import ConnectionCounters, start_connect, upstream_transport
 
 _MAX_ID = 2**31 - 1  # Bolt's ids are 32-bit, the others' 64-bit: stay within both
 
@@ -160,17 +160,7 @@ class RpcHostPool:
                 return conn
         conn = RpcUpstreamConnection(self)
         self.connections.append(conn)
-        self.counters.upstream_cx_total += 1
-        asyncio.get_running_loop().create_task(
-            connect_pooled(
-                conn,
-                conn.connect_failed,
-                self.address,
-                self.connect_timeout,
-                self.counters,
-                tls=self.tls,
-            )
-        )
+        start_connect(conn, conn.connect_failed, self)
         return conn
 
     def closed(self, conn: RpcUpstreamConnection) -> None:

@@ -76,6 +76,27 @@ async def connect_pooled(
         failed(f"remote connection failure: {exc.strerror or exc}")
 
 
+class PooledTarget(Protocol):
+    """A host pool of a multiplexed protocol (HTTP/2, RPC): where and how to connect."""
+
+    address: tuple[str, int]
+    connect_timeout: float
+    counters: ConnectionCounters
+    tls: UpstreamTls | None
+
+
+def start_connect(
+    conn: asyncio.Protocol, failed: Callable[[str], None], pool: PooledTarget
+) -> None:
+    """Count a new connection of ``pool`` and open it in the background."""
+    pool.counters.upstream_cx_total += 1
+    asyncio.get_running_loop().create_task(
+        connect_pooled(
+            conn, failed, pool.address, pool.connect_timeout, pool.counters, tls=pool.tls
+        )
+    )
+
+
 def upstream_transport(transport: asyncio.BaseTransport) -> asyncio.Transport:
     """A new upstream connection's transport, set up the same way for every protocol:
     no Nagle delay (requests are small and latency-bound), our write watermark."""

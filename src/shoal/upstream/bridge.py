@@ -188,13 +188,18 @@ class H2Carrier(asyncio.Transport):
         self.abort()
 
     def abort(self) -> None:
+        if self._drop_stream():
+            self.loop.call_soon(self.conn.connection_lost, None)  # as a socket's close does
+
+    def _drop_stream(self) -> bool:
+        """Forget the stream, resetting it if still open; False when it was gone already."""
         if self.closed:
-            return
+            return False
         self.closed = True
         up, self.up = self.up, None
         if up is not None:
             up.reset(self.stream_id, CANCEL)
-        self.loop.call_soon(self.conn.connection_lost, None)
+        return True
 
     # request -----------------------------------------------------------------------------------
 
@@ -315,13 +320,8 @@ class H2Carrier(asyncio.Transport):
 
     def _lost(self, reason: str) -> None:
         """The stream is gone: to the exchange, the connection closed under it."""
-        if self.closed:
-            return
-        self.closed = True
-        up, self.up = self.up, None
-        if up is not None:
-            up.reset(self.stream_id, CANCEL)
-        self.conn.connection_lost(ConnectionResetError(reason))
+        if self._drop_stream():
+            self.conn.connection_lost(ConnectionResetError(reason))
 
 
 # --- HTTP/2 client, HTTP/1.1 cluster --------------------------------------------------------
