@@ -316,6 +316,11 @@ def _check_views(page: Any, mesh: Mesh, shots: Shots) -> None:
     page.wait_for_function("() => document.querySelectorAll('table.tap tbody tr').length >= 3")
     tapped = page.locator("table.tap tbody tr").first.inner_text()
     assert "api" in tapped, tapped
+    # traffic by route: the canary VirtualService's route, as web's sidecar counted it
+    by_route = "section[aria-labelledby=traffic-h] tbody tr"
+    page.wait_for_function(f"() => document.querySelectorAll('{by_route} td code').length >= 1")
+    route_row = page.locator(by_route).first.inner_text()
+    assert "api" in route_row and "%" in route_row, route_row
     shots.take("service-api")
 
     # --- tap: a live stream, filtered -----------------------------------------------------

@@ -19,6 +19,25 @@ export interface Stat {
   services: ServiceStat[];
 }
 
+/** One route's golden metrics (`/api/v1/stat?by=route`), from the callers' sidecars. */
+export interface RouteStat {
+  service: string;
+  route: string;
+  virtual_host: string;
+  success_rate: number | null;
+  rps: number;
+  p50_ms: number | null;
+  p95_ms: number | null;
+  p99_ms: number | null;
+  requests: number;
+}
+
+export interface RouteStats {
+  window_s: number;
+  source: string;
+  routes: RouteStat[];
+}
+
 export interface GraphNode {
   id: string;
   kind: "service" | "workload" | "unknown" | string;
@@ -159,6 +178,11 @@ export async function getJson<T>(path: string, signal?: AbortSignal): Promise<T>
 export const api = {
   stat: (windowS: number, service?: string, signal?: AbortSignal) =>
     getJson<Stat>(`/api/v1/stat${query({ window: `${windowS}s`, service })}`, signal),
+  routes: (windowS: number, service: string, signal?: AbortSignal) =>
+    getJson<RouteStats>(
+      `/api/v1/stat${query({ window: `${windowS}s`, service, by: "route" })}`,
+      signal,
+    ),
   edges: (windowS: number, signal?: AbortSignal) =>
     getJson<Edges>(`/api/v1/edges${query({ window: `${windowS}s` })}`, signal),
   series: (service: string, windowS: number, stepS: number, signal?: AbortSignal) =>

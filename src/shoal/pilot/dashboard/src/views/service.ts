@@ -9,6 +9,7 @@ import {
   type DebugMesh,
   type EndpointInfo,
   type GraphEdge,
+  type RouteStat,
   type Series,
   type TapRecord,
 } from "../api";
@@ -81,6 +82,7 @@ export function serviceView(root: HTMLElement, route: Route, scope: Scope): stri
   scope.onDispose(() => Object.values(charts).forEach((chart) => chart.destroy()));
   const chartNote = h("p", { class: "chart-note" });
   const connections = h("section", { "aria-labelledby": "conn-h" });
+  const traffic = h("section", { "aria-labelledby": "traffic-h" });
   const routes = h("section", { "aria-labelledby": "routes-h" });
   const endpoints = h("section", { "aria-labelledby": "ep-h" });
   const tapBody = h("tbody");
@@ -118,6 +120,7 @@ export function serviceView(root: HTMLElement, route: Route, scope: Scope): stri
     ),
     chartNote,
     h("div", { class: "columns" }, connections, routes),
+    traffic,
     endpoints,
     h(
       "section",
@@ -141,10 +144,11 @@ export function serviceView(root: HTMLElement, route: Route, scope: Scope): stri
   );
 
   scope.every(REFRESH_MS, async (signal) => {
-    const [stat, series, edges] = await Promise.all([
+    const [stat, series, edges, routeStats] = await Promise.all([
       api.stat(60, service, signal),
       api.series(service, windowS, step, signal),
       api.edges(60, signal),
+      api.routes(60, service, signal),
     ]);
     if (scope.disposed) return;
     setSource(stat.source);
@@ -184,6 +188,16 @@ export function serviceView(root: HTMLElement, route: Route, scope: Scope): stri
         "No calls seen.",
       ),
     );
+    replace(
+      traffic,
+      h("h2", { id: "traffic-h" }, "Traffic by route (1 min)"),
+      table(
+        `Golden metrics of each route to ${service}, as its callers' sidecars saw them`,
+        ["Route", "Virtual host", "RPS", "Success", "p50", "p99", "Requests"],
+        routeStats.routes.map(routeCells),
+        "No requests on this service's routes in the last minute.",
+      ),
+    );
     countRefresh("service");
   });
 
@@ -205,6 +219,20 @@ export function serviceView(root: HTMLElement, route: Route, scope: Scope): stri
 
   runTap(service, scope, tapBody, tapState, pause);
   return service;
+}
+
+/** One route's golden metrics as table cells. */
+function routeCells(row: RouteStat): (Node | string)[] {
+  const band = fmt.health(row.requests > 0 ? row.success_rate : null);
+  return [
+    h("code", {}, row.route),
+    row.virtual_host,
+    h("span", { class: "num" }, fmt.rps(row.rps)),
+    h("span", { class: `badge ${band}` }, fmt.percent(row.success_rate)),
+    h("span", { class: "num" }, fmt.ms(row.p50_ms)),
+    h("span", { class: "num" }, fmt.ms(row.p99_ms)),
+    h("span", { class: "num" }, fmt.count(row.requests)),
+  ];
 }
 
 /** One edge as table cells, named after the service at its other end. */
