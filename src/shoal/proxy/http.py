@@ -57,7 +57,7 @@ from shoal.proxy.hashing import HASHING_LBS, request_hash
 from shoal.proxy.routes import CompiledRoute, HeaderPlan, split_lines
 from shoal.transport.upstream import HIGH_WATERMARK, UpstreamConnection
 from shoal.upstream.breaker import ErrorRateBreaker, admit
-from shoal.upstream.cluster import retry_delay
+from shoal.upstream.cluster import retry_delay, retry_on_status
 
 if TYPE_CHECKING:
     from shoal.proxy.listeners import HttpListenerContext
@@ -76,7 +76,7 @@ _request_ids = itertools.count(random.getrandbits(40))
 # retry_on conditions that a failure before response headers satisfies
 _RESET_CONDITIONS = frozenset({"5xx", "gateway-error", "reset", "reset-before-request"})
 _CONNECT_CONDITIONS = frozenset({"5xx", "gateway-error", "connect-failure", "reset"})
-_GATEWAY_ERRORS = frozenset({502, 503, 504})
+PER_TRY_CONDITIONS = frozenset({"5xx", "gateway-error", "reset"})  # a per-try timeout's
 # answered or rewritten by the proxy itself, never passed on
 _NOT_FORWARDED = frozenset(
     {
@@ -128,17 +128,6 @@ _DATE = _Date()
 def new_request_id() -> bytes:
     """A UUID4-shaped id: no randomness drawn per request, unique within the process."""
     return b"%s%012x" % (_REQUEST_ID_PREFIX, next(_request_ids) & 0xFFFFFFFFFFFF)
-
-
-def _retry_on_status(policy: RetryPolicy, status: int) -> bool:
-    on = policy.retry_on
-    if status >= 500 and "5xx" in on:
-        return True
-    if status in _GATEWAY_ERRORS and "gateway-error" in on:
-        return True
-    if status == 409 and "retriable-4xx" in on:
-        return True
-    return "retriable-status-codes" in on and status in policy.retriable_status_codes
 
 
 class _Discard:
@@ -1129,25 +1118,16 @@ class Exchange:
         if policy is None or self.response_started or self.done:
             return False
         if status:
-            if not _retry_on_status(policy, status):
+            if not retry_on_status(policy, status):
                 return False
         elif not conditions & policy.retry_on:
             return False
-        route_stats = self.route_stats
-        if self.retries_left <= 0:
-            self.response_flags = "URX"
-            if route_stats is not None:
-                route_stats.upstream_rq_retry_limit_exceeded += 1
-            return False
         cluster = self.cluster
         assert cluster is not None
-        if not cluster.admit_retry():
-            self.response_flags = "UO"
-            if route_stats is not None:
-                route_stats.upstream_rq_retry_overflow += 1
+        refused = cluster.try_retry(self.retries_left, self.route_stats)
+        if refused:
+            self.response_flags = refused
             return False
-        if route_stats is not None:
-            route_stats.upstream_rq_retry += 1
         self.retries_left -= 1
         self._retry_held = True
         delay = retry_delay(policy, policy.num_retries - self.retries_left)
@@ -1186,7 +1166,7 @@ class Exchange:
         if conn is not None:
             conn.abort()
         self._end_attempt()
-        if self._maybe_retry(frozenset({"5xx", "gateway-error", "reset"})):
+        if self._maybe_retry(PER_TRY_CONDITIONS):
             return
         if self._wait_for_racer():
             return
@@ -1199,7 +1179,7 @@ class Exchange:
     def _hedge(self, conn: UpstreamConnection) -> None:
         """The try is slow: keep it running and start another (a retry), as Envoy's
         hedge_on_per_try_timeout does. Without retries left the slow try just goes on."""
-        if not self._maybe_retry(frozenset({"5xx", "gateway-error", "reset"})):
+        if not self._maybe_retry(PER_TRY_CONDITIONS):
             return
         if self._racer is not None:  # only the newest earlier try is kept
             self._racer.abandon()
@@ -1437,7 +1417,7 @@ class Exchange:
         self.response_code_details = "via_upstream"
         if retried:  # a retry or a backup answered, with nothing the policy would retry
             policy = self._policy()
-            if policy is None or not _retry_on_status(policy, status):
+            if policy is None or not retry_on_status(policy, status):
                 self.cluster.stats.upstream_rq_retry_success += 1
                 if self.route_stats is not None:
                     self.route_stats.upstream_rq_retry_success += 1

@@ -25,7 +25,7 @@ from shoal.config.model import (
     RetryPolicy,
     SocketAddress,
 )
-from shoal.observe.stats import Histogram, int_fields
+from shoal.observe.stats import Histogram, RouteStats, int_fields
 from shoal.transport.tls import UpstreamTls
 from shoal.transport.upstream import UpstreamConnection
 from shoal.upstream.breaker import ErrorRateBreaker
@@ -336,6 +336,22 @@ class ClusterRuntime:
         self.stats.upstream_rq_retry += 1
         return True
 
+    def try_retry(self, retries_left: int, route: RouteStats | None) -> str:
+        """A retry the route's policy wants: "" when it may start (counted, holding a slot
+        until ``release_retry``), else the response flag saying why not, URX (no retries
+        left) or UO (the retry limit), counted on the route's stats too."""
+        if retries_left <= 0:
+            if route is not None:
+                route.upstream_rq_retry_limit_exceeded += 1
+            return "URX"
+        if not self.admit_retry():
+            if route is not None:
+                route.upstream_rq_retry_overflow += 1
+            return "UO"
+        if route is not None:
+            route.upstream_rq_retry += 1
+        return ""
+
     def release_retry(self) -> None:
         self.retries_active -= 1
 
@@ -418,6 +434,21 @@ class ClusterRuntime:
         for rpc_pool in self.rpc_pools.values():
             rpc_pool.close()
         self.rpc_pools.clear()
+
+
+_GATEWAY_ERRORS = frozenset({502, 503, 504})
+
+
+def retry_on_status(policy: RetryPolicy, status: int) -> bool:
+    """Whether the route's ``retry_on`` names an answer with this HTTP status."""
+    on = policy.retry_on
+    if status >= 500 and "5xx" in on:
+        return True
+    if status in _GATEWAY_ERRORS and "gateway-error" in on:
+        return True
+    if status == 409 and "retriable-4xx" in on:
+        return True
+    return "retriable-status-codes" in on and status in policy.retriable_status_codes
 
 
 def retry_delay(policy: RetryPolicy, attempt: int) -> float:
