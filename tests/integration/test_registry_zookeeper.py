@@ -254,7 +254,9 @@ def test_server_restart_keeps_the_view_and_resyncs(tmp_path: Path) -> None:
             # The session (and its ephemeral node) outlives a short outage; what changes
             # after it is seen.
             app.register(provider("10.0.0.2"))
-            await running.until(lambda s: len(s.instances) == 2)
+            # both clients (ours and the app's) reconnect on their own back-off (up to 5 s
+            # between tries) to a JVM that is still starting: 10 s was seen to be too tight
+            await running.until(lambda s: len(s.instances) == 2, timeout=30.0)
         finally:
             app.exit()
         await running.until(lambda s: s == RegistrySnapshot())
